@@ -1,0 +1,367 @@
+"""The recipe: one typed schema that the local runner, the rendered Jobs, the chart's values schema and the
+in-pod entrypoint all read. Declare a setting here once; everything else derives from it.
+
+Unknown keys are errors, and every problem in a recipe is reported at once with its field path
+(``finetune.lora.r: Input should be greater than 0``). Overrides use ``a.b.c=value`` (value parsed as YAML).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from kubetune.errors import RecipeError
+
+# The original notebook's template; the only change is that context and question are joined with ". ".
+DEFAULT_PROMPT_TEMPLATE = (
+    "# Instruction:\nUse the context below to produce the result\n# context:\n{context}. {question}\n# result:\n"
+)
+PROMPT_PLACEHOLDERS = ("context", "question")
+
+STAGE_NAMES = ("finetune", "merge", "quantize", "infer", "evaluate")
+# Which stage produces each model that infer/evaluate can use ("base" is the recipe's model itself).
+MODEL_PRODUCERS: dict[str, str | None] = {"base": None, "adapter": "finetune", "merged": "merge",
+                                          "quantized": "quantize"}
+ModelName = Literal["base", "adapter", "merged", "quantized"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class RunSection(Section):
+    name: Annotated[str, Field(pattern=r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")] = "demo"
+    """Run name: a DNS label (lower case, digits, '-'; at most 40 characters) used in paths and Kubernetes labels."""
+    artifacts_root: str = "artifacts"
+    """Folder (on the shared PVC in a cluster) under which ``<run>/<stage>/`` artifacts are written."""
+
+
+class ModelSection(Section):
+    name_or_path: str = Field(min_length=1)
+    """Hub id (``bigscience/bloom-1b1``) or local folder of the base model."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit); pin a commit for reproducible runs."""
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """Load dtype of unquantized weights; auto = bfloat16 on GPUs that have it, else float32."""
+    trust_remote_code: bool = False
+    """Run Python code shipped with the model. Off unless you trust the model's authors."""
+    gguf_file: str | None = None
+    """File name of a GGUF checkpoint inside name_or_path (loaded dequantized; see ``kubetune import-gguf``)."""
+
+
+class ColumnMap(Section):
+    context: str = "context"
+    question: str = "question"
+    answer: str = "answer"
+
+
+class DataSection(Section):
+    source: str = "builtin:text2sql"
+    """``builtin:text2sql``, a local .json/.jsonl/.csv/.parquet file or folder, or a hub data set id."""
+    split: str = "train"
+    """Split of a hub data set or folder to read."""
+    columns: ColumnMap = ColumnMap()
+    builtin_examples: Annotated[int, Field(ge=10, le=1_000_000)] = 2000
+    """Number of examples the builtin generator makes (ignored for other sources)."""
+    eval_size: Annotated[float, Field(gt=0)] = 0.1
+    """Held-out evaluation examples: a fraction if < 1, else a count."""
+    train_fraction: Annotated[float, Field(gt=0, le=1)] = 1.0
+    """Fraction of the remaining examples used for training (the original used 0.1)."""
+    max_eval_examples: Annotated[int, Field(ge=1)] | None = None
+    """Cap on evaluation examples used by infer/evaluate (generation is the slow part)."""
+    seed: int = 42
+
+
+class PromptSection(Section):
+    template: str = DEFAULT_PROMPT_TEMPLATE
+    """Prompt with ``{context}`` and ``{question}``; the answer follows it, then the end-of-sequence token."""
+    allow_mismatch: bool = False
+    """Let a stage use a model trained with another template (normally refused)."""
+
+    @field_validator("template")
+    @classmethod
+    def _placeholders(cls, template: str) -> str:
+        import string
+
+        try:
+            fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+        except ValueError as exc:
+            raise ValueError(f"not a valid template ({exc}); write literal braces as {{{{ and }}}}") from None
+        unknown = fields - set(PROMPT_PLACEHOLDERS)
+        if unknown:
+            raise ValueError(f"unknown placeholder(s) {sorted(unknown)}; use {{context}} and {{question}}")
+        if "question" not in fields:
+            raise ValueError("must contain {question}")
+        return template
+
+
+class LoraSection(Section):
+    r: Annotated[int, Field(ge=1, le=1024)] = 16  # higher: more capacity, more memory
+    alpha: Annotated[float, Field(gt=0)] = 32
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.05
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class BitsAndBytesSection(Section):
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    """Quantize the quantization constants too: about 0.4 bits/parameter saved."""
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+
+
+class FinetuneSection(Section):
+    lora: LoraSection = LoraSection()
+    base_precision: Literal["none", "8bit", "4bit"] = "none"
+    """Load the frozen base in 8 or 4 bits with bitsandbytes (QLoRA); none = the model dtype."""
+    bnb: BitsAndBytesSection = BitsAndBytesSection()
+    epochs: Annotated[float, Field(gt=0)] = 1.0
+    max_steps: Annotated[int, Field(ge=1)] | None = None
+    """Stop after this many optimizer steps (overrides epochs); the schedule is planned for them."""
+    batch_size: Annotated[int, Field(ge=1)] = 8
+    grad_accum: Annotated[int, Field(ge=1)] = 1
+    learning_rate: Annotated[float, Field(gt=0, le=1)] = 2e-4
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.03
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    max_length: Annotated[int, Field(ge=16)] = 512
+    """Tokens per sequence (prompt + answer); longer rows are truncated."""
+    packing: bool = False
+    """Pack several examples into each sequence (faster on short rows; TRL's padding-free BFD packing)."""
+    completion_only_loss: bool = True
+    """Learn only the answer tokens, not the prompt."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward: much less memory, about 30% slower."""
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """auto = bf16 on GPUs that support it, else fp32."""
+    save_steps: Annotated[int, Field(ge=1)] = 100
+    """Checkpoint every N steps; a restarted fine-tune resumes from the latest complete one."""
+    save_total_limit: Annotated[int, Field(ge=1)] = 2
+    eval_steps: Annotated[int, Field(ge=1)] | None = None
+    logging_steps: Annotated[int, Field(ge=1)] = 10
+    seed: int = 42
+
+
+class VerifySection(Section):
+    enabled: bool = True
+    prompts: Annotated[int, Field(ge=1)] = 4
+    """How many training prompts to compare merged vs adapter-on-base logits on."""
+    tolerance: Annotated[float, Field(gt=0)] = 0.05
+    """Largest allowed absolute logit difference (bf16 rounding alone gives ~0.01–0.03)."""
+
+
+class MergeSection(Section):
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    """Dtype the base is loaded and merged in; never 4/8-bit (merging into quantized weights loses the update)."""
+    max_shard_size: str = "2GB"
+    verify: VerifySection = VerifySection()
+
+
+class CalibrationSection(Section):
+    source: Literal["train", "eval"] = "train"
+    """Calibrate on the recipe's own training prompts (not c4): the model is quantized for the task it does."""
+    samples: Annotated[int, Field(ge=1)] = 128
+    max_length: Annotated[int, Field(ge=8)] = 512
+
+
+class QuantizeSection(Section):
+    method: Literal["gptq"] = "gptq"
+    bits: Literal[4, 8] = 8
+    group_size: Annotated[int, Field(ge=-1)] = 128
+    """Columns sharing one scale; -1 = one per row. Must divide the layers' input size."""
+    desc_act: bool = False
+    """Quantize columns in order of activation size: slightly better accuracy, slower kernels."""
+    sym: bool = True
+    damp_percent: Annotated[float, Field(gt=0, lt=1)] = 0.05
+    calibration: CalibrationSection = CalibrationSection()
+    batch_size: Annotated[int, Field(ge=1)] = 8
+    backend: Literal["auto", "torch", "triton", "exllama_v2", "marlin"] = "auto"
+    """Kernel used when the quantized model is loaded (auto = torch on CPU, triton on GPU: no JIT download)."""
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, v: int) -> int:
+        if v == 0:
+            raise ValueError("must be -1 (per row) or a positive divisor of the hidden size")
+        return v
+
+
+class InferSection(Section):
+    models: list[ModelName] = ["base", "adapter", "merged", "quantized"]
+    """Which models generate answers for the evaluation split (each needs its stage to have run)."""
+    prompts: list[str] = []
+    """Extra free-form prompts (already in template form) to answer, besides the evaluation split."""
+    max_new_tokens: Annotated[int, Field(ge=1, le=4096)] = 128
+    greedy: bool = True
+    temperature: Annotated[float, Field(gt=0)] = 0.7
+    """Used only when greedy is false."""
+    batch_size: Annotated[int, Field(ge=1)] = 8
+
+
+class EvaluateSection(Section):
+    timeout_s: Annotated[float, Field(gt=0)] = 2.0
+    """Wall-clock limit for one SQL query in SQLite."""
+    gates: dict[str, float] = {}
+    """Named limits that fail the pipeline, e.g. quantized_max_drop: 2.0 (points of execution accuracy)."""
+
+
+class Resources(Section):
+    gpus: Annotated[int, Field(ge=0, le=16)] = 1
+    gpu_type: str | None = None
+    """Node label value of ``nvidia.com/gpu.product`` to schedule on, e.g. NVIDIA-H100-80GB-HBM3."""
+    cpu: str = "4"
+    memory: str = "32Gi"
+
+
+class ResourcesSection(Section):
+    finetune: Resources = Resources()
+    merge: Resources = Resources()
+    quantize: Resources = Resources()
+    infer: Resources = Resources()
+    evaluate: Resources = Resources(gpus=0, cpu="2", memory="4Gi")
+
+
+class Recipe(Section):
+    """A whole experiment: what model, what data, which stages and how."""
+
+    run: RunSection = RunSection()
+    model: ModelSection
+    data: DataSection = DataSection()
+    prompt: PromptSection = PromptSection()
+    finetune: FinetuneSection = FinetuneSection()
+    merge: MergeSection = MergeSection()
+    quantize: QuantizeSection = QuantizeSection()
+    infer: InferSection = InferSection()
+    evaluate: EvaluateSection = EvaluateSection()
+    resources: ResourcesSection = ResourcesSection()
+    stages: list[Literal["finetune", "merge", "quantize", "infer", "evaluate"]] = list(STAGE_NAMES)
+    """Stages this recipe runs, in pipeline order."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Recipe":
+        problems = []
+        ordered = [s for s in STAGE_NAMES if s in self.stages]
+        if ordered != list(self.stages):
+            problems.append(f"stages: list them once each, in pipeline order {list(STAGE_NAMES)}")
+        if "infer" in self.stages:
+            for m in self.infer.models:
+                producer = MODEL_PRODUCERS[m]
+                if producer is not None and producer not in self.stages:
+                    problems.append(f"infer.models: '{m}' needs stage '{producer}' in stages")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    # ---- derived facts -------------------------------------------------------------------------------
+    def upstream(self, stage: str) -> list[str]:
+        """Stages whose artifacts ``stage`` reads."""
+        if stage == "finetune":
+            return []
+        if stage == "merge":
+            return ["finetune"]
+        if stage == "quantize":
+            return ["merge"] if "merge" in self.stages else ["finetune"]
+        if stage == "infer":
+            return [p for m in self.infer.models if (p := MODEL_PRODUCERS[m])]
+        if stage == "evaluate":
+            return ["infer"]
+        raise KeyError(stage)
+
+    def fingerprint(self, stage: str) -> str:
+        """Hash of everything that decides ``stage``'s output: its inputs and its own section.
+
+        Changing ``infer.max_new_tokens`` leaves the fine-tune's fingerprint alone, so a rerun skips it.
+        """
+        parts: dict[str, Any] = {
+            "stage": stage,
+            "model": self.model.model_dump(),
+            "prompt": self.prompt.template,
+            "own": getattr(self, stage).model_dump(),
+            "upstream": {u: self.fingerprint(u) for u in self.upstream(stage)},
+        }
+        if stage in ("finetune", "quantize", "infer", "evaluate"):
+            parts["data"] = self.data.model_dump()
+        return _sha256(parts)[:16]
+
+    def recipe_hash(self) -> str:
+        return _sha256(self.model_dump())[:16]
+
+
+def _sha256(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# ---- loading ------------------------------------------------------------------------------------------
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``finetune.lora.r=8`` → (['finetune', 'lora', 'r'], 8). The value is parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not re.fullmatch(r"[A-Za-z_][\w-]*(\.[A-Za-z_][\w-]*)*", key.strip()):
+        raise RecipeError("--set", [f"{text!r}: expected KEY.PATH=VALUE, e.g. finetune.lora.r=8"])
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = node[part] = {}
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def format_validation_error(exc: ValidationError) -> list[str]:
+    problems = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(recipe)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check its spelling and section)"
+        problems.append(f"{loc}: {msg}")
+    return problems
+
+
+def recipe_from_dict(data: Any, source: str = "recipe", overrides: list[str] = ()) -> Recipe:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(source, [f"(recipe): expected a mapping of sections, got {type(data).__name__}"])
+    data = apply_overrides(data, list(overrides))
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(source, format_validation_error(exc)) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(str(path), ["file not found"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(str(path), [f"cannot read: {exc}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise RecipeError(str(path), [f"{where}not valid YAML ({getattr(exc, 'problem', exc)})"]) from None
+    return recipe_from_dict(data, str(path), overrides)
+
+
+def recipe_json_schema() -> dict:
+    """JSON schema of the recipe (used for the Helm chart's values.schema.json)."""
+    return Recipe.model_json_schema()

@@ -1,0 +1,89 @@
+"""Errors that users can fix, each with its own exit code.
+
+The exit code is the contract with Kubernetes: a Job's ``podFailurePolicy`` fails the Job at once on a
+*permanent* code (retrying a bad recipe never helps) and lets the Job's ``backoffLimit`` retry anything else
+(an OOM kill, a node going away). ``docs/exit-codes.md`` lists them; keep the two in step.
+"""
+
+from __future__ import annotations
+
+
+class KubetuneError(Exception):
+    """Base class: a one-line message for the user, never a traceback."""
+
+    exit_code = 1
+    permanent = False  # True: retrying the same pod cannot succeed
+
+
+class RecipeError(KubetuneError):
+    """The recipe file is missing, is not YAML, or breaks the schema (all problems listed at once)."""
+
+    exit_code = 3
+    permanent = True
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        lines = "\n".join(f"  {p}" for p in problems)
+        super().__init__(f"{source}: {len(problems)} problem(s)\n{lines}")
+
+
+class DataError(KubetuneError):
+    """The data set cannot be read, lacks a column, or is empty."""
+
+    exit_code = 4
+    permanent = True
+
+
+class ModelError(KubetuneError):
+    """The model folder or hub id cannot be loaded, or needs remote code that the recipe does not allow."""
+
+    exit_code = 5
+    permanent = True
+
+
+class ArtifactError(KubetuneError):
+    """A finished artifact would be overwritten, an input artifact is missing, or the prompt contract is broken."""
+
+    exit_code = 6
+    permanent = True
+
+
+class VerificationError(KubetuneError):
+    """An output failed its own check (e.g. merged logits differ from adapter-on-base beyond tolerance)."""
+
+    exit_code = 7
+    permanent = True
+
+
+class GateError(KubetuneError):
+    """An evaluation gate in the recipe failed (the model is worse than the recipe allows)."""
+
+    exit_code = 8
+    permanent = True
+
+
+class StageBusyError(KubetuneError):
+    """Another process holds this stage's lock; retrying later is the right move."""
+
+    exit_code = 9
+    permanent = False
+
+
+class ClusterError(KubetuneError):
+    """The Kubernetes API refused or failed a request."""
+
+    exit_code = 10
+    permanent = False
+
+
+EXIT_CODES: dict[int, str] = {
+    0: "success",
+    1: "unexpected internal error (a bug: please report it with the log)",
+    2: "command-line usage error (click)",
+    **{cls.exit_code: (cls.__doc__ or "").strip().splitlines()[0] for cls in (
+        RecipeError, DataError, ModelError, ArtifactError, VerificationError, GateError, StageBusyError,
+        ClusterError)},
+}
+PERMANENT_EXIT_CODES: tuple[int, ...] = tuple(sorted(
+    cls.exit_code for cls in KubetuneError.__subclasses__() if cls.permanent))
