@@ -68,3 +68,12 @@ def tiny_recipe_dict(model_dir: Path, artifacts: Path, **sections) -> dict:
         else:
             recipe[key] = value
     return recipe
+
+
+if __name__ == "__main__":  # python tests/tiny.py DIR: the model that jobs/tiny-test.yaml uses
+    import sys
+
+    target = Path(sys.argv[1] if len(sys.argv) > 1 else ".cache/models/tiny-llama")
+    if not (target / "config.json").exists():
+        build_tiny_model(target)
+    print(target)

@@ -24,8 +24,11 @@ class RecipeError(KubetuneError):
     def __init__(self, source: str, problems: list[str]):
         self.source = source
         self.problems = problems
-        lines = "\n".join(f"  {p}" for p in problems)
-        super().__init__(f"{source}: {len(problems)} problem(s)\n{lines}")
+        if len(problems) == 1:  # the common case stays one line
+            super().__init__(f"{source}: {problems[0]}")
+        else:
+            lines = "\n".join(f"  {p}" for p in problems)
+            super().__init__(f"{source}: {len(problems)} problems\n{lines}")
 
 
 class DataError(KubetuneError):

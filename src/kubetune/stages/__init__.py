@@ -61,10 +61,20 @@ class StageResult:
     report: dict[str, Any]
 
 
-def stage_function(stage: str) -> Callable[[StageContext], dict[str, Any]]:
+def stage_module(stage: str):
+    """``kubetune.stages.<stage>``: ``run(ctx) -> dict`` and, optionally, ``check(recipe, report)``, which runs
+    after the artifact is committed (and again when a finished stage is skipped) and may raise, e.g. an
+    evaluation gate: the results are kept, and the pipeline still fails."""
     if stage not in STAGE_NAMES:
         raise KeyError(stage)
-    return importlib.import_module(f"kubetune.stages.{stage}").run
+    return importlib.import_module(f"kubetune.stages.{stage}")
+
+
+def _checked(recipe: Recipe, result: StageResult) -> StageResult:
+    check = getattr(stage_module(result.stage), "check", None)
+    if check is not None:
+        check(recipe, result.report)
+    return result
 
 
 def run_stage(recipe: Recipe, stage: str, progress: ProgressFn = _no_progress) -> StageResult:
@@ -79,7 +89,7 @@ def run_stage(recipe: Recipe, stage: str, progress: ProgressFn = _no_progress) -
     fingerprint = recipe.fingerprint(stage)
     state = layout.state(stage, fingerprint)
     if state == "done":
-        return StageResult(stage, "skipped", layout.stage_dir(stage), layout.read_report(stage) or {})
+        return _checked(recipe, StageResult(stage, "skipped", layout.stage_dir(stage), layout.read_report(stage) or {}))
     if state == "stale":
         raise ArtifactError(
             f"{layout.stage_dir(stage)}: finished by a different recipe (fingerprint "
@@ -92,13 +102,14 @@ def run_stage(recipe: Recipe, stage: str, progress: ProgressFn = _no_progress) -
 
     with layout.lock(stage):
         if layout.state(stage, fingerprint) == "done":  # another process finished while we waited
-            return StageResult(stage, "skipped", layout.stage_dir(stage), layout.read_report(stage) or {})
+            return _checked(recipe, StageResult(stage, "skipped", layout.stage_dir(stage),
+                                                layout.read_report(stage) or {}))
         out = layout.new_temp_dir(stage)
         ctx = StageContext(recipe=recipe, layout=layout, stage=stage, out=out, progress=progress)
         started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         watch = Stopwatch()
         with track_peak_memory() as peak:
-            extras = stage_function(stage)(ctx) or {}
+            extras = stage_module(stage).run(ctx) or {}
         report = {
             "stage": stage,
             "run": recipe.run.name,
@@ -113,4 +124,4 @@ def run_stage(recipe: Recipe, stage: str, progress: ProgressFn = _no_progress) -
         }
         path = layout.commit(stage, out, fingerprint, report)
         log.info("stage %s done in %.1f s -> %s", stage, report["duration_s"], path)
-        return StageResult(stage, "done", path, report)
+        return _checked(recipe, StageResult(stage, "done", path, report))

@@ -1,0 +1,44 @@
+"""The ``kubetune`` command. Nothing heavy at import time: ``kubetune --help`` must answer fast, so torch,
+transformers and kubernetes are imported inside the commands that need them.
+
+Every option is also an environment variable ``KUBETUNE_<COMMAND>_<OPTION>`` (click's auto_envvar_prefix).
+User errors (:class:`kubetune.errors.KubetuneError`) print one line and exit with their own code.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from kubetune import __version__
+from kubetune.errors import KubetuneError
+
+
+class KubetuneGroup(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except KubetuneError as exc:
+            click.secho(f"error: {exc}", fg="red", err=True)
+            sys.exit(exc.exit_code)
+
+
+@click.group(cls=KubetuneGroup, context_settings={"auto_envvar_prefix": "KUBETUNE",
+                                                  "help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="kubetune")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+def cli(verbose: int) -> None:
+    """Fine-tune, merge, quantize, infer and evaluate LLMs from one recipe, locally or on Kubernetes."""
+    import logging
+
+    level = logging.WARNING - 10 * min(verbose, 2) if verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+# Command modules register themselves on ``cli``; import them for that side effect.
+from kubetune.cli import local  # noqa: E402,F401
+
+
+def main() -> None:
+    cli(prog_name="kubetune")

@@ -1,0 +1,81 @@
+"""Commands that work on this machine: validate a recipe, run one stage (what a pod runs), run the pipeline."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from kubetune.cli import cli
+from kubetune.config import STAGE_NAMES
+
+set_option = click.option(
+    "--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", envvar="KUBETUNE_SET",
+    help="Override a recipe value, e.g. --set finetune.lora.r=8 (repeatable; value parsed as YAML; "
+         "env KUBETUNE_SET takes several separated by spaces).")
+
+
+@cli.command()
+@click.argument("recipes", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@set_option
+def validate(recipes: tuple[str, ...], overrides: tuple[str, ...]) -> None:
+    """Check RECIPES against the schema and print every problem; exit 3 if any recipe is invalid."""
+    from kubetune.config import load_recipe
+    from kubetune.errors import RecipeError
+
+    failed = 0
+    for path in recipes:
+        try:
+            recipe = load_recipe(path, list(overrides))
+        except RecipeError as exc:
+            failed += 1
+            click.secho(f"✗ {exc}", fg="red", err=True)
+        else:
+            click.echo(f"✓ {path}: run '{recipe.run.name}', stages {', '.join(recipe.stages)}")
+    if failed:
+        sys.exit(RecipeError.exit_code)
+
+
+@cli.command()
+@click.argument("name", type=click.Choice(STAGE_NAMES))
+@click.option("--recipe", "recipe_path", required=True, type=click.Path(dir_okay=False),
+              help="Recipe file (in a pod: the mounted ConfigMap).")
+@set_option
+def stage(name: str, recipe_path: str, overrides: tuple[str, ...]) -> None:
+    """Run one stage NAME of a recipe (this is what each Kubernetes Job runs)."""
+    from kubetune.config import load_recipe
+    from kubetune.stages import run_stage
+
+    recipe = load_recipe(recipe_path, list(overrides))
+    result = run_stage(recipe, name, progress=_log_progress)
+    word = "already done, skipped" if result.status == "skipped" else f"done in {result.report.get('duration_s', 0):.1f} s"
+    click.echo(f"{name}: {word} → {result.path}")
+
+
+def _log_progress(stage: str, completed: float, total: float | None, description: str) -> None:
+    import logging
+
+    logging.getLogger("kubetune.progress").debug("%s %s/%s %s", stage, completed, total, description)
+
+
+@cli.command()
+@click.argument("recipe_path", metavar="RECIPE", type=click.Path(dir_okay=False))
+@click.option("--stages", "only", default=None, metavar="S1,S2",
+              help="Comma-separated subset of the recipe's stages to run (default: all of them).")
+@set_option
+def run(recipe_path: str, only: str | None, overrides: tuple[str, ...]) -> None:
+    """Run RECIPE's stages in this process, skipping those already done, and print a summary table."""
+    from kubetune.config import load_recipe
+    from kubetune.errors import RecipeError
+    from kubetune.runner import run_pipeline
+
+    recipe = load_recipe(recipe_path, list(overrides))
+    stages = list(recipe.stages)
+    if only:
+        wanted = [s.strip() for s in only.split(",") if s.strip()]
+        unknown = [s for s in wanted if s not in recipe.stages]
+        if unknown:
+            raise RecipeError("--stages", [f"{s}: not a stage of this recipe ({', '.join(recipe.stages)})"
+                                           for s in unknown])
+        stages = [s for s in recipe.stages if s in wanted]
+    run_pipeline(recipe, stages)

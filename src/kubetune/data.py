@@ -1,0 +1,103 @@
+"""Loading a Text-to-SQL data set and splitting it the same way in every stage.
+
+Sources: ``builtin:text2sql`` (generated, see :mod:`kubetune.text2sql`), a local .json/.jsonl/.csv/.parquet
+file or a folder of them, or a hub data set id. Rows become ``context``/``question``/``answer`` strings via
+``data.columns``. The split is a seeded shuffle: the first ``eval_size`` rows are held out for evaluation and
+``train_fraction`` of the rest is trained on, so fine-tune, quantize calibration, infer and evaluate agree on
+which rows are which.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from kubetune.errors import DataError
+
+BUILTIN_PREFIX = "builtin:"
+FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+FIELDS = ("context", "question", "answer")
+
+
+@dataclass
+class Splits:
+    train: "datasets.Dataset"  # noqa: F821
+    eval: "datasets.Dataset"  # noqa: F821
+
+
+def _load_raw(data):
+    import datasets
+
+    datasets.disable_progress_bars()
+    source = data.source
+    if source.startswith(BUILTIN_PREFIX):
+        name = source[len(BUILTIN_PREFIX):]
+        if name != "text2sql":
+            raise DataError(f"data.source: unknown builtin data set '{name}' (have: builtin:text2sql)")
+        from kubetune.text2sql import generate
+
+        return datasets.Dataset.from_list(generate(data.builtin_examples, seed=data.seed))
+    path = Path(source).expanduser()
+    try:
+        if path.is_file():
+            builder = FILE_BUILDERS.get(path.suffix.lower())
+            if builder is None:
+                raise DataError(f"{path}: unsupported file type '{path.suffix}' (use {', '.join(FILE_BUILDERS)})")
+            return datasets.load_dataset(builder, data_files=str(path), split="train")
+        if path.is_dir():
+            return datasets.load_dataset(str(path), split=data.split)
+        if source.startswith((".", "/", "~")) or path.suffix.lower() in FILE_BUILDERS:
+            raise DataError(f"{source}: data file not found")
+        return datasets.load_dataset(source, split=data.split)
+    except DataError:
+        raise
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{source}: not valid UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except Exception as exc:  # datasets raises many types; the user needs the source and the reason
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "UnicodeDecodeError" in reason or "utf-8" in reason.lower():
+            reason = f"not valid UTF-8 text ({reason})"
+        raise DataError(f"{source}: cannot load data set: {reason}") from None
+
+
+def load_examples(data) -> "datasets.Dataset":  # noqa: F821
+    """All rows of the source as ``context``/``question``/``answer`` strings (empty rows dropped)."""
+    raw = _load_raw(data)
+    mapping = {field: getattr(data.columns, field) for field in FIELDS}
+    missing = [f"{field} → '{col}'" for field, col in mapping.items() if col not in raw.column_names]
+    if missing:
+        raise DataError(f"{data.source}: missing column(s) {', '.join(missing)}; the data has columns "
+                        f"{raw.column_names} (set data.columns.<field>)")
+    raw = raw.select_columns(list(dict.fromkeys(mapping.values())))
+
+    def convert(row):
+        return {field: "" if row[col] is None else str(row[col]) for field, col in mapping.items()}
+
+    ds = raw.map(convert, remove_columns=raw.column_names)
+    ds = ds.filter(lambda r: bool(r["question"].strip()) and bool(r["answer"].strip()))
+    if len(ds) == 0:
+        raise DataError(f"{data.source}: the data set has no rows with a question and an answer")
+    return ds
+
+
+def load_splits(data) -> Splits:
+    ds = load_examples(data).shuffle(seed=data.seed)
+    n = len(ds)
+    n_eval = int(data.eval_size) if data.eval_size >= 1 else max(1, round(n * data.eval_size))
+    if n_eval >= n:
+        raise DataError(f"{data.source}: data.eval_size={data.eval_size} leaves no training rows out of {n}")
+    n_train = max(1, int((n - n_eval) * data.train_fraction))
+    eval_ds = ds.select(range(n_eval))
+    if data.max_eval_examples:
+        eval_ds = eval_ds.select(range(min(n_eval, data.max_eval_examples)))
+    return Splits(train=ds.select(range(n_eval, n_eval + n_train)), eval=eval_ds)
+
+
+def prompt_completion(ds, prompt, eos_token: str | None):
+    """Rows in TRL's prompt-completion form: the loss can then be taken on the completion alone."""
+    eos = eos_token or ""
+
+    def convert(row):
+        return {"prompt": prompt.format(row["context"], row["question"]), "completion": row["answer"].strip() + eos}
+
+    return ds.map(convert, remove_columns=ds.column_names)

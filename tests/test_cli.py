@@ -1,0 +1,73 @@
+"""The CLI as a user meets it: one-line errors with distinct exit codes, env-var forms, no tracebacks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from click.testing import CliRunner
+
+from kubetune.cli import cli
+from kubetune.errors import EXIT_CODES, PERMANENT_EXIT_CODES
+
+ROOT = Path(__file__).parent.parent
+
+
+def invoke(*args, env=None):
+    return CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
+
+
+def test_validate_all_shipped_recipes():
+    result = invoke("validate", *map(str, sorted((ROOT / "jobs").glob("*.yaml"))))
+    assert result.exit_code == 0, result.output
+    assert result.output.count("✓") == len(list((ROOT / "jobs").glob("*.yaml")))
+
+
+def test_validate_reports_every_problem_and_exits_3(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"model": {"name_or_path": "m", "typo": 1}, "finetune": {"lora": {"r": -1}}}))
+    result = invoke("validate", str(bad))
+    assert result.exit_code == 3
+    assert "model.typo" in result.output and "finetune.lora.r" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_set_works_on_validate_and_env_var_form(tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump({"model": {"name_or_path": "m"}}))
+    assert invoke("validate", str(good), "--set", "quantize.bits=3").exit_code == 3
+    assert invoke("validate", str(good), env={"KUBETUNE_SET": "run.name=ok quantize.bits=3"}).exit_code == 3
+    assert invoke("validate", str(good), "--set", "quantize.bits=4").exit_code == 0
+
+
+def test_stage_with_missing_model_is_one_line_exit_5(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"run": {"artifacts_root": str(tmp_path / "a")},
+                                      "model": {"name_or_path": str(tmp_path / "nope")}}))
+    result = invoke("stage", "finetune", "--recipe", str(recipe))
+    assert result.exit_code == 5, result.output
+    assert result.output.strip().count("\n") == 0 and "model.name_or_path" in result.output
+    assert not (tmp_path / "a" / "demo" / "finetune").exists()
+
+
+def test_stage_needing_an_unfinished_upstream_exit_6(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"run": {"artifacts_root": str(tmp_path / "a")},
+                                      "model": {"name_or_path": "m"}}))
+    result = invoke("stage", "merge", "--recipe", str(recipe))
+    assert result.exit_code == 6
+    assert "stage 'finetune' (needed by 'merge') has not finished" in result.output
+
+
+def test_run_rejects_unknown_stage_subset(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"model": {"name_or_path": "m"}}))
+    result = invoke("run", str(recipe), "--stages", "finetune,distill")
+    assert result.exit_code == 3 and "distill" in result.output
+
+
+def test_exit_codes_are_distinct_and_documented():
+    doc = (ROOT / "docs" / "exit-codes.md").read_text()
+    for code in EXIT_CODES:
+        assert f"| {code} |" in doc, f"exit code {code} missing from docs/exit-codes.md"
+    assert set(PERMANENT_EXIT_CODES) == {3, 4, 5, 6, 7, 8}
