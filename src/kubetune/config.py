@@ -208,6 +208,22 @@ class EvaluateSection(Section):
     """Wall-clock limit for one SQL query in SQLite."""
     gates: dict[str, float] = {}
     """Named limits that fail the pipeline, e.g. quantized_max_drop: 2.0 (points of execution accuracy)."""
+    databases: Annotated[int, Field(ge=1, le=50)] = 3
+    """Test-suite databases each query runs on: more catch more wrong queries, and take longer."""
+
+    @field_validator("gates")
+    @classmethod
+    def _gate_names(cls, gates: dict[str, float]) -> dict[str, float]:
+        # kubetune.stages.evaluate computes each of these; its docstring says what they measure
+        known = ["quantized_max_drop", "merged_vs_adapter_max_drop", "adapter_min_gain_over_base",
+                 *(f"{m}_min_execution_accuracy" for m in MODEL_PRODUCERS)]
+        unknown = sorted(set(gates) - set(known))
+        if unknown:
+            raise ValueError(f"unknown gate(s) {', '.join(unknown)}; known gates: {', '.join(known)}")
+        for name, limit in gates.items():
+            if name.endswith("_min_execution_accuracy") and not 0 <= limit <= 100:
+                raise ValueError(f"{name}: {limit} is not a percentage between 0 and 100")
+        return gates
 
 
 class Resources(Section):
@@ -226,6 +242,96 @@ class ResourcesSection(Section):
     evaluate: Resources = Resources(gpus=0, cpu="2", memory="4Gi")
 
 
+class PvcSection(Section):
+    claim_name: str | None = None
+    """PersistentVolumeClaim holding every run's artifacts and caches; default ``<run.name>-data``."""
+    create: bool = True
+    """Create the claim (false: use an existing one, e.g. shared by several runs)."""
+    size: str = "200Gi"
+    storage_class: str | None = None
+    """None = the cluster's default StorageClass."""
+    access_modes: list[Literal["ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod"]] = ["ReadWriteOnce"]
+    """ReadWriteOnce works (stages run one at a time); with ReadWriteMany the driver also reads _SUCCESS markers."""
+    mount_path: str = "/workspace"
+    """Where every pod mounts the claim; also their working directory, so relative paths land on it."""
+
+
+class SecretKeyRef(Section):
+    name: str = Field(min_length=1)
+    key: str = "token"
+
+
+class DriverResources(Section):
+    cpu: str = "100m"
+    memory: str = "256Mi"
+    poll_s: Annotated[float, Field(gt=0)] = 15
+    """Seconds between two looks at the stage Jobs."""
+
+
+class KubernetesSection(Section):
+    """How the stages run as Jobs (``kubetune submit``, the Helm chart); ignored by ``kubetune run``."""
+
+    image: str = "ghcr.io/kubetune/kubetune:0.1.0"
+    image_pull_policy: Literal["IfNotPresent", "Always", "Never"] = "IfNotPresent"
+    image_pull_secrets: list[str] = []
+    namespace: str | None = None
+    """Namespace to submit to when --namespace is not given (else the kubeconfig context's)."""
+    pvc: PvcSection = PvcSection()
+    gpu_resource: str = "nvidia.com/gpu"
+    """Extended resource requested for ``resources.<stage>.gpus`` (e.g. amd.com/gpu, nvidia.com/mig-1g.10gb)."""
+    gpu_product_label: str = "nvidia.com/gpu.product"
+    """Node label that ``resources.<stage>.gpu_type`` selects on (set by NVIDIA GPU feature discovery)."""
+    node_selector: dict[str, str] = {}
+    tolerations: list[dict[str, Any]] = []
+    """Kubernetes Toleration objects, e.g. {key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}."""
+    affinity: dict[str, Any] | None = None
+    """A Kubernetes Affinity object for the stage pods."""
+    hf_token_secret: SecretKeyRef | None = None
+    """Secret (and key) holding a Hugging Face token, passed as HF_TOKEN; never written into the recipe."""
+    queue: str | None = None
+    """Kueue LocalQueue: Jobs are created suspended and labelled for Kueue to admit."""
+    backoff_limit: Annotated[int, Field(ge=0)] = 3
+    """Retries of a stage pod after a transient failure (permanent exit codes fail the Job at once)."""
+    active_deadline_s: Annotated[int, Field(ge=1)] | None = 86400
+    ttl_after_finished_s: Annotated[int, Field(ge=0)] | None = 604800
+    """Finished Jobs are deleted after this; the artifacts stay on the claim."""
+    termination_grace_s: Annotated[int, Field(ge=0)] = 300
+    """Time between SIGTERM and SIGKILL: long enough to write a fine-tune checkpoint."""
+    shm_size: str = "16Gi"
+    """Memory-backed /dev/shm (data loader workers, NCCL)."""
+    driver: DriverResources = DriverResources()
+
+
+def gate_models(name: str, models: list[str]) -> tuple[list[str], str | None]:
+    """(the models a gate compares, a problem if the recipe did not infer them)."""
+    if name == "quantized_max_drop":
+        reference = "merged" if "merged" in models else "adapter"
+        need = ["quantized", reference]
+        if "quantized" not in models or reference not in models:
+            return need, "needs 'quantized' and 'merged' (or 'adapter') in infer.models"
+        return need, None
+    if name == "merged_vs_adapter_max_drop":
+        need = ["adapter", "merged"]
+    elif name == "adapter_min_gain_over_base":
+        need = ["base", "adapter"]
+    else:
+        need = [name.removesuffix("_min_execution_accuracy")]
+    missing = [m for m in need if m not in models]
+    if missing:
+        return need, f"needs {' and '.join(repr(m) for m in missing)} in infer.models"
+    return need, None
+
+
+def gate_problems(gates: dict[str, float], models: list[str]) -> list[str]:
+    """Gates that name a model that is not inferred, as recipe problems (``evaluate.gates.<name>: ...``)."""
+    problems = []
+    for name in gates:
+        problem = gate_models(name, list(models))[1]
+        if problem:
+            problems.append(f"evaluate.gates.{name}: {problem} (it has {list(models)})")
+    return problems
+
+
 class Recipe(Section):
     """A whole experiment: what model, what data, which stages and how."""
 
@@ -239,6 +345,7 @@ class Recipe(Section):
     infer: InferSection = InferSection()
     evaluate: EvaluateSection = EvaluateSection()
     resources: ResourcesSection = ResourcesSection()
+    kubernetes: KubernetesSection = KubernetesSection()
     stages: list[Literal["finetune", "merge", "quantize", "infer", "evaluate"]] = list(STAGE_NAMES)
     """Stages this recipe runs, in pipeline order."""
 
@@ -253,8 +360,10 @@ class Recipe(Section):
                 producer = MODEL_PRODUCERS[m]
                 if producer is not None and producer not in self.stages:
                     problems.append(f"infer.models: '{m}' needs stage '{producer}' in stages")
+        if "evaluate" in self.stages:
+            problems += gate_problems(self.evaluate.gates, list(self.infer.models))
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ValueError("\n".join(problems))  # one problem a line, each starting with its field path
         return self
 
     # ---- derived facts -------------------------------------------------------------------------------
@@ -329,7 +438,10 @@ def format_validation_error(exc: ValidationError) -> list[str]:
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key (check its spelling and section)"
-        problems.append(f"{loc}: {msg}")
+        if loc == "(recipe)" and err["type"] == "value_error":  # cross-section checks name their own fields
+            problems.extend(msg.splitlines())
+        else:
+            problems.append(f"{loc}: {msg}")
     return problems
 
 

@@ -120,6 +120,7 @@ def run_stage(recipe: Recipe, stage: str, progress: ProgressFn = _no_progress) -
             "duration_s": round(watch.seconds, 3),
             "peak_memory": peak.as_dict(),
             "versions": library_versions(),
+            "recipe": recipe.model_dump(mode="json"),  # the whole recipe: reports and estimates need no other file
             **extras,
         }
         path = layout.commit(stage, out, fingerprint, report)

@@ -1,0 +1,322 @@
+"""The fine-tune stage: LoRA (or QLoRA on a 4/8-bit base) with TRL's SFTTrainer on prompt-completion rows.
+
+Flow: load the base and the data → build the trainer → train (resuming from the latest *complete* checkpoint in
+``<run>/.work/finetune/checkpoints``) → save the adapter, the tokenizer and the prompt template into ``ctx.out``.
+
+Artifact (``<run>/finetune/``): ``adapter_model.safetensors``, ``adapter_config.json``, the tokenizer files,
+``kubetune_prompt.json`` and ``training_log.json`` (the trainer's log history: loss, learning rate per step).
+
+The learning-rate schedule is planned from the length of the data the trainer really iterates (after packing),
+and the report records planned vs run steps and the last learning rate. The project this replaces planned
+~23.6k steps from an estimated length while 771 ran, so its cosine schedule never decayed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from kubetune import modelio
+from kubetune.data import load_splits, prompt_completion
+from kubetune.errors import ModelError, RecipeError
+from kubetune.measure import Stopwatch, count_parameters, memory_footprint_bytes
+from kubetune.prompt import PromptTemplate
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "checkpoint-"
+# What a checkpoint needs to resume exactly. The trainer writes trainer_state.json last, so a pod killed
+# mid-save leaves a folder without it (or without the optimizer): such folders are moved aside, not resumed.
+CHECKPOINT_FILES = ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json")
+FINGERPRINT_FILE = "fingerprint"
+LOG_FILE = "training_log.json"
+
+
+def run(ctx) -> dict[str, Any]:
+    recipe, ft = ctx.recipe, ctx.recipe.finetune
+    dev = modelio.device()
+    precision = training_precision(ft.precision, dev)
+
+    tokenizer = modelio.load_tokenizer(recipe.model)
+    model = load_model(recipe)
+    splits = load_splits(recipe.data)
+    prompt = PromptTemplate(recipe.prompt.template)
+    train = prompt_completion(splits.train, prompt, tokenizer.eos_token)
+    evaluation = prompt_completion(splits.eval, prompt, tokenizer.eos_token) if ft.eval_steps else None
+
+    checkpoints = checkpoint_dir(ctx)
+    resume = latest_complete_checkpoint(checkpoints, ctx.layout)
+    trainer = build_trainer(recipe, model, tokenizer, train, evaluation, checkpoints, precision, dev, ctx)
+
+    watch = Stopwatch()
+    if resume is not None and checkpoint_finished(resume):
+        log.info("the fine-tune already reached its planned steps in %s; saving that", resume)
+        final_lr = finish_from_checkpoint(trainer, resume)
+        train_loss = None  # no step ran in this process
+    else:
+        if resume is not None:
+            log.info("resuming the fine-tune from %s", resume)
+        train_loss = trainer.train(resume_from_checkpoint=str(resume) if resume else None).training_loss
+        final_lr = trainer.lr_scheduler.get_last_lr()[0]
+    train_seconds = watch.seconds
+    eval_loss = final_eval_loss(trainer) if evaluation is not None else None
+
+    trainer.model.save_pretrained(ctx.out, safe_serialization=True)
+    tokenizer.save_pretrained(ctx.out)
+    prompt.save(ctx.out)
+    (ctx.out / LOG_FILE).write_text(json.dumps(trainer.state.log_history, indent=1) + "\n", encoding="utf-8")
+
+    state = trainer.state
+    return {
+        "metrics": {
+            "train_loss": train_loss,  # mean over the steps this process ran
+            "eval_loss": eval_loss,
+            "planned_steps": state.max_steps,
+            "steps_run": state.global_step,
+            "warmup_steps": trainer.args.get_warmup_steps(state.max_steps),
+            "final_learning_rate": final_lr,
+            "resumed_from_step": checkpoint_step(resume) if resume else None,
+            "train_examples": len(train),
+            "train_sequences": len(trainer.train_dataset),  # fewer than examples when packed
+        },
+        "throughput": {
+            # This process only: after a resume, the steps run before the restart are not in these figures.
+            "train_tokens": trainer.tokens_seen,
+            "train_tokens_per_s": trainer.tokens_seen / train_seconds,
+            "samples_per_s": trainer.examples_seen / train_seconds,  # training examples, not packed sequences
+            "train_seconds": round(train_seconds, 3),
+        },
+        "parameters": count_parameters(trainer.model),
+        "memory_footprint_bytes": memory_footprint_bytes(trainer.model),
+        "precision": precision,
+        "base_precision": ft.base_precision,
+        "device": dev,
+    }
+
+
+# ---- setup ---------------------------------------------------------------------------------------------------
+def training_precision(choice: str, dev: str) -> str:
+    """``auto`` → bf16 on a GPU that has it, else fp32 (fp16 mixed precision is opt-in: it needs loss scaling)."""
+    import torch
+
+    if choice == "auto":
+        return "bf16" if dev == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if choice == "fp16" and dev != "cuda":
+        raise RecipeError("recipe", ["finetune.precision: fp16 needs a CUDA GPU and this machine has none; "
+                                     "use auto, bf16 or fp32"])
+    return choice
+
+
+def load_model(recipe):
+    """The frozen base, in the model dtype or (QLoRA) in 4/8 bits, ready for a LoRA adapter."""
+    ft = recipe.finetune
+    dtype = modelio.resolve_dtype(recipe.model.dtype)
+    quantization = modelio.bnb_config(ft, dtype)
+    model = modelio.load_base_model(recipe.model, dtype=dtype, quantization_config=quantization)
+    if quantization is not None:
+        from peft import prepare_model_for_kbit_training
+
+        # Upcasts the unquantized rest (norms, embeddings, lm_head) to fp32 for stable k-bit training: the
+        # QLoRA recipe, at the cost of 4 bytes per parameter for those layers (large for big vocabularies).
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=ft.gradient_checkpointing)
+    check_target_modules(model, ft.lora.target_modules, recipe.model.name_or_path)
+    return model
+
+
+def check_target_modules(model, targets, model_name: str) -> None:
+    """peft fails late and vaguely on a module name the model lacks; say which one, and what there is."""
+    if targets == "all-linear":
+        return
+    import torch
+
+    names = [name for name, _ in model.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                         if isinstance(m, torch.nn.Linear) or "Linear" in type(m).__name__} - {"lm_head"})
+        raise ModelError(f"finetune.lora.target_modules: {missing} not found in {model_name}; "
+                         f"its linear layers are {linear} (or use all-linear)")
+
+
+def lora_config(lora):
+    from peft import LoraConfig
+
+    # "all-linear" is every linear layer but the output head (peft leaves lm_head out by itself).
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=lora.target_modules, bias="none", task_type="CAUSAL_LM")
+
+
+def build_trainer(recipe, model, tokenizer, train, evaluation, checkpoints: Path, precision: str, dev: str, ctx):
+    from transformers import PrinterCallback
+    from trl import SFTConfig
+
+    ft = recipe.finetune
+    args = SFTConfig(
+        output_dir=str(checkpoints),
+        max_length=ft.max_length,
+        packing=ft.packing,
+        completion_only_loss=ft.completion_only_loss,
+        # transformers 5 renamed gradient_checkpointing (TRL defaults that one to True): set the new name.
+        activation_checkpointing=ft.gradient_checkpointing,
+        bf16=precision == "bf16",  # SFTConfig defaults bf16 to True: always set both
+        fp16=precision == "fp16",
+        use_cpu=dev == "cpu",
+        per_device_train_batch_size=ft.batch_size,
+        per_device_eval_batch_size=ft.batch_size,
+        gradient_accumulation_steps=ft.grad_accum,
+        learning_rate=ft.learning_rate,
+        lr_scheduler_type=ft.lr_scheduler,
+        # A float in [0, 1) is a ratio: the trainer turns it into ceil(ratio × planned steps) once it knows the
+        # planned steps from the (packed) data, which transformers 5 prefers to the removed warmup_ratio.
+        warmup_steps=ft.warmup_ratio,
+        weight_decay=ft.weight_decay,
+        num_train_epochs=ft.epochs,
+        max_steps=ft.max_steps or -1,
+        save_strategy="steps",
+        save_steps=ft.save_steps,
+        save_total_limit=ft.save_total_limit,
+        logging_steps=ft.logging_steps,
+        eval_strategy="steps" if evaluation is not None else "no",
+        eval_steps=ft.eval_steps,
+        seed=ft.seed,
+        report_to="none",
+        disable_tqdm=True,  # progress goes through ctx.progress; tqdm bars garble pod logs
+    )
+    trainer_class = _counting_trainer_class()
+    trainer = trainer_class(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
+                            processing_class=tokenizer, peft_config=lora_config(ft.lora),
+                            callbacks=[_progress_callback(ctx)])
+    trainer.remove_callback(PrinterCallback)  # it prints raw dicts; the progress callback logs the same figures
+    return trainer
+
+
+def final_eval_loss(trainer) -> float:
+    """The evaluation loss of the final weights: the last periodic one if it was at the last step, else a new one."""
+    last = next((e for e in reversed(trainer.state.log_history) if "eval_loss" in e), None)
+    if last is not None and last.get("step") == trainer.state.global_step:
+        return last["eval_loss"]
+    return trainer.evaluate()["eval_loss"]
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------------------
+def checkpoint_dir(ctx) -> Path:
+    """``.work/finetune/checkpoints``, emptied (moved aside) if its checkpoints belong to another recipe.
+
+    The work folder is per run and stage, not per recipe: resuming a changed recipe (another LoRA rank, other
+    data) from old checkpoints would fail to load or, worse, quietly mix two trainings.
+    """
+    folder = ctx.work / "checkpoints"
+    marker = ctx.work / FINGERPRINT_FILE
+    fingerprint = ctx.recipe.fingerprint("finetune")
+    recorded = marker.read_text().strip() if marker.exists() else None
+    if folder.exists() and any(folder.iterdir()) and recorded != fingerprint:
+        moved = ctx.layout.move_aside(folder)
+        log.warning("checkpoints in %s come from another recipe (fingerprint %s ≠ %s); moved to %s",
+                    folder, recorded, fingerprint, moved)
+    folder.mkdir(parents=True, exist_ok=True)
+    marker.write_text(fingerprint + "\n")
+    return folder
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(path.name.removeprefix(CHECKPOINT_PREFIX))
+
+
+def checkpoint_state(path: Path) -> dict:
+    return json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+
+
+def checkpoint_finished(path: Path) -> bool:
+    state = checkpoint_state(path)
+    return state["global_step"] >= state["max_steps"]
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint in ``path`` cannot be resumed from, or None if it is complete."""
+    missing = [f for f in CHECKPOINT_FILES if not (path / f).is_file()]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    try:
+        state = checkpoint_state(path)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return f"trainer_state.json unreadable ({exc})"
+    if state.get("global_step") != checkpoint_step(path) or not isinstance(state.get("max_steps"), int):
+        return f"trainer_state.json says step {state.get('global_step')} of {state.get('max_steps')}"
+    return None
+
+
+def latest_complete_checkpoint(folder: Path, layout) -> Path | None:
+    """The newest checkpoint that can be resumed from; incomplete ones (a kill mid-save) are moved aside so
+    that the trainer neither resumes from them nor counts them when it rotates old checkpoints."""
+    candidates = [p for p in folder.glob(f"{CHECKPOINT_PREFIX}*")
+                  if p.is_dir() and p.name.removeprefix(CHECKPOINT_PREFIX).isdigit()]
+    best = None
+    for path in sorted(candidates, key=checkpoint_step, reverse=True):
+        problem = checkpoint_problem(path)
+        if problem is not None:
+            moved = layout.move_aside(path)
+            log.warning("skipping incomplete checkpoint %s (%s); moved to %s", path.name, problem, moved)
+        elif best is None:
+            best = path
+    return best
+
+
+def finish_from_checkpoint(trainer, checkpoint: Path) -> float:
+    """Take the adapter and the trainer state from a checkpoint at the end of the plan; return its last learning
+    rate. (Resumed there, transformers 5.24 runs one step past the plan, with the schedule past its end: a pod
+    killed after the final checkpoint, while saving the artifact, would otherwise come back with 1 extra step.)"""
+    import torch
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import TrainerState
+
+    set_peft_model_state_dict(trainer.model, load_file(checkpoint / "adapter_model.safetensors"))
+    trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+    return torch.load(checkpoint / "scheduler.pt", weights_only=True)["_last_lr"][0]
+
+
+# ---- trainer pieces ------------------------------------------------------------------------------------------
+# Built inside functions: importing trl takes ~10 s, and run_stage imports this module even for a skipped stage.
+def _counting_trainer_class():
+    from trl import SFTTrainer
+
+    class CountingSFTTrainer(SFTTrainer):
+        """SFTTrainer that counts the real (non-padding) tokens and the examples it trains on, for throughput."""
+
+        tokens_seen = 0
+        examples_seen = 0
+
+        def training_step(self, model, inputs, *args, **kwargs):
+            if "attention_mask" in inputs:  # padded batch: one row per example
+                self.tokens_seen += int(inputs["attention_mask"].sum())
+                self.examples_seen += int(inputs["input_ids"].shape[0])
+            else:  # padding-free packing: one flat row without padding; each example restarts position_ids at 0
+                self.tokens_seen += int(inputs["input_ids"].numel())
+                self.examples_seen += int((inputs["position_ids"] == 0).sum())
+            return super().training_step(model, inputs, *args, **kwargs)
+
+    return CountingSFTTrainer
+
+
+def _progress_callback(ctx):
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        """Reports each optimizer step to ``ctx.progress`` (progress bars, metrics) and logs each logged loss."""
+
+        loss: float | None = None
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.loss = logs["loss"]
+                log.info("finetune step %d/%d loss %.4f lr %.3g", state.global_step, state.max_steps,
+                         logs["loss"], logs.get("learning_rate", math.nan))
+
+        def on_step_end(self, args, state, control, **kwargs):
+            text = f"loss {self.loss:.3f}" if self.loss is not None else "training"
+            ctx.progress("finetune", state.global_step, state.max_steps, text)
+
+    return Progress()
