@@ -11,6 +11,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: help venv demo test test-slow lint clean
+.PHONY: schema images test-k8s
 
 help:  ## List targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -34,3 +35,19 @@ lint: $(STAMP)  ## Validate every shipped recipe
 
 clean:  ## Remove local artifacts (keeps the venv and the model cache)
 	rm -rf artifacts
+
+# ---- Kubernetes (docs/kubernetes.md) ----
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE ?= ghcr.io/kubetune/kubetune:$(VERSION)
+CONTAINER ?= docker
+
+schema: $(STAMP)  ## Regenerate the chart's values.schema.json + files/generated.json and k8s/base from the recipe model
+	$(PY) -m kubetune.k8s.generate
+
+images:  ## Build the image (IMAGE=registry/name:tag; needs docker or podman with BuildKit and registry access)
+	$(CONTAINER) build -f images/Dockerfile -t $(IMAGE) --build-arg VERSION=$(VERSION) \
+	  --build-arg REVISION=$$(git rev-parse HEAD) --build-arg CREATED=$$(date -u +%Y-%m-%dT%H:%M:%SZ) .
+
+test-k8s: $(STAMP)  ## Kubernetes tests only: render, chart, kustomize, fake API server, Dockerfile lint
+	scripts/install-k8s-tools.sh
+	KUBETUNE_REQUIRE_SERVERS=1 $(PY) -m pytest -q tests/test_k8s_*.py

@@ -80,13 +80,27 @@ class ClusterError(KubetuneError):
     permanent = False
 
 
+class PipelineError(KubetuneError):
+    """A stage Job of the pipeline failed; the driver stops (see `kubetune status` for which and why)."""
+
+    exit_code = 11
+    permanent = True
+
+
+class WontFitError(KubetuneError):
+    """The recipe's estimated GPU memory does not fit the requested GPU type (override with --force)."""
+
+    exit_code = 12
+    permanent = True
+
+
 EXIT_CODES: dict[int, str] = {
     0: "success",
     1: "unexpected internal error (a bug: please report it with the log)",
     2: "command-line usage error (click)",
     **{cls.exit_code: (cls.__doc__ or "").strip().splitlines()[0] for cls in (
         RecipeError, DataError, ModelError, ArtifactError, VerificationError, GateError, StageBusyError,
-        ClusterError)},
+        ClusterError, PipelineError, WontFitError)},
 }
 PERMANENT_EXIT_CODES: tuple[int, ...] = tuple(sorted(
     cls.exit_code for cls in KubetuneError.__subclasses__() if cls.permanent))

@@ -48,6 +48,9 @@ def stage(name: str, recipe_path: str, overrides: tuple[str, ...]) -> None:
 
     recipe = load_recipe(recipe_path, list(overrides))
     result = run_stage(recipe, name, progress=_log_progress)
+    from kubetune.k8s.state import write_termination_message
+
+    write_termination_message(result.report)  # in a pod: `kubetune status` shows peak VRAM from it; else no-op
     word = "already done, skipped" if result.status == "skipped" else f"done in {result.report.get('duration_s', 0):.1f} s"
     click.echo(f"{name}: {word} → {result.path}")
 

@@ -1,0 +1,97 @@
+{{/*
+Helpers. The objects are named after recipe.run.name, not the release: `kubetune status <run>` and the driver
+find them by that name, and `kubetune render` names them the same way. run.name is a DNS label of at most 40
+characters (the recipe schema says so), so "<run>-recipe" and "<run>-driver" stay within the 63-character
+limit of label values and object names; no truncation is needed.
+*/}}
+
+{{/* Everything Python shares with the chart: model defaults and rendering constants (make schema). */}}
+{{- define "kubetune.generated" -}}
+{{- .Files.Get "files/generated.json" -}}
+{{- end -}}
+
+{{/*
+kubetune.merge: the user's section laid over the model's defaults, key by key, recursively for mappings.
+hasKey (not mergeOverwrite) so that false, 0 and [] given by the user win over a default.
+Returns JSON; use with fromJson.
+*/}}
+{{- define "kubetune.merge" -}}
+{{- $out := dict -}}
+{{- range $key, $default := .defaults -}}
+{{- if hasKey $.user $key -}}
+{{- $value := get $.user $key -}}
+{{- if and (kindIs "map" $default) (kindIs "map" $value) -}}
+{{- $_ := set $out $key (include "kubetune.merge" (dict "defaults" $default "user" $value) | fromJson) -}}
+{{- else -}}
+{{- $_ := set $out $key $value -}}
+{{- end -}}
+{{- else -}}
+{{- $_ := set $out $key $default -}}
+{{- end -}}
+{{- end -}}
+{{- toJson $out -}}
+{{- end -}}
+
+{{/* recipe.kubernetes with defaults, as JSON. */}}
+{{- define "kubetune.k" -}}
+{{- $gen := include "kubetune.generated" . | fromJson -}}
+{{- $user := .Values.recipe.kubernetes | default dict -}}
+{{- include "kubetune.merge" (dict "defaults" $gen.defaults.kubernetes "user" $user) -}}
+{{- end -}}
+
+{{/* recipe.run with defaults, as JSON. */}}
+{{- define "kubetune.runSection" -}}
+{{- $gen := include "kubetune.generated" . | fromJson -}}
+{{- include "kubetune.merge" (dict "defaults" $gen.defaults.run "user" (.Values.recipe.run | default dict)) -}}
+{{- end -}}
+
+{{- define "kubetune.run" -}}
+{{- (include "kubetune.runSection" . | fromJson).name -}}
+{{- end -}}
+
+{{/* The recipe as the pods read it: Go's pretty JSON, byte-equal to kubetune.k8s.gojson. */}}
+{{- define "kubetune.recipeText" -}}
+{{- toPrettyJson .Values.recipe -}}
+{{- end -}}
+
+{{- define "kubetune.recipeSha" -}}
+{{- include "kubetune.recipeText" . | sha256sum -}}
+{{- end -}}
+
+{{- define "kubetune.claimName" -}}
+{{- $k := include "kubetune.k" . | fromJson -}}
+{{- $k.pvc.claim_name | default (printf "%s-data" (include "kubetune.run" .)) -}}
+{{- end -}}
+
+{{- define "kubetune.serviceAccountName" -}}
+{{- printf "%s-driver" (include "kubetune.run" .) -}}
+{{- end -}}
+
+{{/* Labels: call with (dict "ctx" $ "component" "driver"). */}}
+{{- define "kubetune.labels" -}}
+{{- $run := include "kubetune.run" .ctx -}}
+app.kubernetes.io/name: kubetune
+app.kubernetes.io/instance: {{ $run }}
+app.kubernetes.io/component: {{ .component }}
+app.kubernetes.io/part-of: kubetune
+app.kubernetes.io/version: {{ .ctx.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: kubetune
+kubetune.io/run: {{ $run }}
+{{- end -}}
+
+{{/* Metadata of every object: call with (dict "ctx" $ "name" "x" "component" "driver"). */}}
+{{- define "kubetune.metadata" -}}
+name: {{ .name }}
+namespace: {{ .ctx.Release.Namespace }}
+labels:
+  {{- include "kubetune.labels" . | nindent 2 }}
+{{- end -}}
+
+{{/* Refuse artifacts outside the claim (they would vanish with the pod), as kubetune render does. */}}
+{{- define "kubetune.checkArtifacts" -}}
+{{- $k := include "kubetune.k" . | fromJson -}}
+{{- $root := (include "kubetune.runSection" . | fromJson).artifacts_root -}}
+{{- if and (isAbs $root) (not (hasPrefix (printf "%s/" (trimSuffix "/" (clean $k.pvc.mount_path))) (printf "%s/" (clean $root)))) -}}
+{{- fail (printf "recipe.run.artifacts_root: %s is outside recipe.kubernetes.pvc.mount_path (%s)" $root $k.pvc.mount_path) -}}
+{{- end -}}
+{{- end -}}

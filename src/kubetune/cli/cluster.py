@@ -1,0 +1,182 @@
+"""Commands that talk to Kubernetes: render, submit, status, logs, cancel, list, and drive (the driver).
+
+``kubernetes`` is imported inside the commands only (``kubetune --help`` stays fast). The cluster is found
+as kubectl finds it (--kubeconfig, $KUBECONFIG, ~/.kube/config, else the pod's service account); the
+namespace is --namespace, else the recipe's kubernetes.namespace (render, submit), else the context's.
+Each option is also an environment variable: ``KUBETUNE_NAMESPACE`` / ``KUBETUNE_CONTEXT`` /
+``KUBETUNE_KUBECONFIG`` for every command, and ``KUBETUNE_<COMMAND>_<OPTION>`` for all of them.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from kubetune.cli import cli
+from kubetune.cli.local import set_option
+from kubetune.config import STAGE_NAMES
+
+
+def _cluster_options(fn):
+    fn = click.option("--kubeconfig", envvar="KUBETUNE_KUBECONFIG", type=click.Path(dir_okay=False),
+                      help="Kubeconfig file (default: $KUBECONFIG, then ~/.kube/config, then in-cluster).")(fn)
+    fn = click.option("--context", envvar="KUBETUNE_CONTEXT", help="Kubeconfig context to use.")(fn)
+    fn = click.option("-n", "--namespace", envvar="KUBETUNE_NAMESPACE",
+                      help="Namespace (default: the recipe's kubernetes.namespace, else the context's).")(fn)
+    return fn
+
+
+def _echo(line: str) -> None:
+    click.echo(line)
+
+
+def _connect(namespace, context, kubeconfig, recipe=None):
+    from kubetune.k8s.api import connect
+
+    return connect(namespace, context, kubeconfig, recipe.kubernetes.namespace if recipe else None)
+
+
+def _load(recipe_path: str, overrides: tuple[str, ...]):
+    from kubetune.config import load_recipe
+
+    return load_recipe(recipe_path, list(overrides))
+
+
+@cli.command()
+@click.argument("recipe_path", metavar="RECIPE", type=click.Path(dir_okay=False))
+@click.option("--stage", type=click.Choice(STAGE_NAMES), default=None,
+              help="Only what running this one stage needs (default: every object of the pipeline).")
+@click.option("--no-stage-jobs", is_flag=True,
+              help="Only what `submit` creates (claim, recipe, driver and its RBAC), e.g. for a kustomize base.")
+@click.option("-n", "--namespace", envvar="KUBETUNE_NAMESPACE",
+              help="Namespace written into the objects (default: the recipe's, else 'default').")
+@set_option
+def render(recipe_path: str, stage: str | None, no_stage_jobs: bool, namespace: str | None,
+           overrides: tuple[str, ...]) -> None:
+    """Print every Kubernetes object of RECIPE as YAML (what `submit` creates and the driver starts)."""
+    from kubetune.k8s import render as r
+
+    recipe = _load(recipe_path, overrides)
+    objects = (r.base_objects(recipe, r.namespace_of(recipe, namespace)) if no_stage_jobs
+               else r.render(recipe, namespace, stage))
+    click.echo(r.to_yaml(objects), nl=False)
+
+
+@cli.command()
+@click.argument("recipe_path", metavar="RECIPE", type=click.Path(dir_okay=False))
+@click.option("--stage", type=click.Choice(("all",) + STAGE_NAMES), default="all", show_default=True,
+              help="Run one stage as its own Job, or the whole pipeline through the driver.")
+@click.option("--detach", "mode", flag_value="detach", default=True,
+              help="Start the driver in the cluster and return (default): the laptop can close.")
+@click.option("--wait", "mode", flag_value="wait",
+              help="Drive the stages from here and return when they are done (this process must keep running).")
+@click.option("--follow", "mode", flag_value="follow",
+              help="Start the driver in the cluster, then stream each stage's log here; Ctrl-C leaves it running.")
+@click.option("--dry-run", type=click.Choice(("client", "server")), default=None,
+              help="client: print the objects, contact nothing; server: let the API server check them, store nothing.")
+@click.option("--poll", "poll_s", type=float, default=None, help="Seconds between looks at the Jobs (--wait/--follow).")
+@_cluster_options
+@set_option
+def submit(recipe_path, stage, mode, dry_run, poll_s, namespace, context, kubeconfig, overrides) -> None:
+    """Run RECIPE on Kubernetes: the recipe ConfigMap, the claim, and one GPU Job per stage in turn."""
+    from kubetune.k8s import launcher
+    from kubetune.k8s.render import namespace_of, render as render_objects, to_yaml
+
+    recipe = _load(recipe_path, overrides)
+    one = None if stage == "all" else stage
+    if dry_run == "client":
+        objects = render_objects(recipe, namespace_of(recipe, namespace), one)
+        if one is None and mode == "wait":  # driving from here: no in-cluster driver and no RBAC for it
+            objects = [o for o in objects if o["metadata"]["labels"]["app.kubernetes.io/component"] != "driver"]
+        click.echo(to_yaml(objects), nl=False)
+        return
+    cluster = _connect(namespace, context, kubeconfig, recipe)
+    launcher.submit(cluster, recipe, one, mode, _echo, dry_run=dry_run == "server", poll_s=poll_s)
+
+
+@cli.command()
+@click.argument("run", required=False)
+@_cluster_options
+def status(run: str | None, namespace, context, kubeconfig) -> None:
+    """Per stage of RUN (default: every run in the namespace): phase, pod, node, GPU, start, duration, peak VRAM."""
+    from kubetune.k8s import launcher
+
+    cluster = _connect(namespace, context, kubeconfig)
+    runs = [run] if run else [line.split()[0] for line in launcher.list_runs(cluster)[1:]]
+    if not runs:
+        click.echo(f"no kubetune runs in namespace {cluster.namespace}")
+    for i, name in enumerate(runs):
+        if len(runs) > 1:
+            click.echo(("\n" if i else "") + f"run {name}")
+        for line in launcher.format_rows(launcher.status_rows(cluster, name)):
+            click.echo(line)
+
+
+@cli.command()
+@click.argument("run")
+@click.option("--stage", required=True, type=click.Choice(("driver",) + STAGE_NAMES), help="Whose log to show.")
+@click.option("-f", "--follow", is_flag=True, help="Wait for the pod to start and stream its log until it ends.")
+@_cluster_options
+def logs(run: str, stage: str, follow: bool, namespace, context, kubeconfig) -> None:
+    """Print the log of RUN's STAGE pod (its newest pod, if it was retried)."""
+    import time
+
+    from kubetune.k8s import launcher, render
+
+    cluster = _connect(namespace, context, kubeconfig)
+    selector = (f"{render.selector(run)},{launcher.DRIVER_SELECTOR}" if stage == "driver"
+                else render.selector(run, stage))
+    job = render.Names(run).driver if stage == "driver" else render.Names(run).job(stage)
+    for line in launcher.stream_logs(cluster, selector, follow, poll_s=2.0, sleep=time.sleep,
+                                     echo=lambda s: click.echo(s, err=True), job_name=job):
+        click.echo(line)
+
+
+@cli.command()
+@click.argument("run")
+@_cluster_options
+def cancel(run: str, namespace, context, kubeconfig) -> None:
+    """Stop RUN: delete its driver and stage Jobs (with their pods), recipe and RBAC; the artifacts stay."""
+    from kubetune.k8s import launcher
+
+    launcher.cancel(_connect(namespace, context, kubeconfig), run, _echo)
+
+
+@cli.command(name="list")
+@_cluster_options
+def list_(namespace, context, kubeconfig) -> None:
+    """List the kubetune runs in the namespace with their progress."""
+    from kubetune.k8s import launcher
+
+    cluster = _connect(namespace, context, kubeconfig)
+    lines = launcher.list_runs(cluster)
+    click.echo("\n".join(lines) if lines else f"no kubetune runs in namespace {cluster.namespace}")
+
+
+@cli.command()
+@click.argument("run")
+@click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False), default=None,
+              help="Recipe file (in the driver pod: the mounted ConfigMap; default: read the run's ConfigMap).")
+@click.option("--read-markers", is_flag=True,
+              help="The claim is mounted here: skip stages whose _SUCCESS marker is already written.")
+@click.option("--poll", "poll_s", type=float, default=None, help="Seconds between looks at the Jobs.")
+@_cluster_options
+def drive(run, recipe_path, read_markers, poll_s, namespace, context, kubeconfig) -> None:
+    """Create RUN's stage Jobs one after another as each succeeds; safe to stop and start again at any time."""
+    from kubetune.artifacts import RunLayout
+    from kubetune.errors import RecipeError
+    from kubetune.k8s import launcher
+    from kubetune.k8s.driver import Driver
+
+    recipe = _load(recipe_path, ()) if recipe_path else None
+    cluster = _connect(namespace, context, kubeconfig, recipe)
+    if recipe is None:
+        recipe = launcher.run_recipe(cluster, run)
+        if recipe is None:
+            raise RecipeError(run, [f"no readable recipe ConfigMap for run '{run}' in namespace {cluster.namespace}"])
+    if recipe.run.name != run:
+        raise RecipeError(recipe_path or run, [f"run.name: is '{recipe.run.name}', not '{run}'"])
+    layout = RunLayout.from_recipe(recipe) if read_markers else None
+    Driver(cluster, recipe, layout=layout, echo=_echo).run(poll_s)
+    sys.stdout.flush()

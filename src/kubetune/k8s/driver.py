@@ -1,0 +1,112 @@
+"""The pipeline driver: create each stage's Job when the one before it has succeeded, one at a time.
+
+No GPU waits on another stage: a stage's Job (and so its GPU request) exists only once its inputs are done.
+The driver keeps no state of its own. Each pass reads the run's Jobs (and, where the claim is mounted, the
+``_SUCCESS`` markers) and does the one next thing, so it can be killed and restarted at any moment: in the
+cluster as a Job of its own (`submit --detach`, the Helm chart), or from a laptop (`submit --wait`).
+
+A Job deleted by its TTL after success is recreated when no marker can be read; that pod finds the stage's
+``_SUCCESS`` with the same fingerprint and exits at once ("already done, skipped").
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from kubetune.artifacts import RunLayout
+from kubetune.config import Recipe
+from kubetune.errors import ArtifactError, PipelineError
+from kubetune.k8s import render
+from kubetune.k8s.api import AlreadyExistsError, Cluster
+from kubetune.k8s.state import job_state
+
+
+class StageFailedError(PipelineError):
+    """A stage Job failed, so the stages after it have no input: the pipeline stops (permanent)."""
+
+
+@dataclass(frozen=True)
+class Step:
+    """What one pass found: the stage being waited on (None when all are done) and what it did."""
+
+    stage: str | None
+    action: str  # "created", "waiting", "queued", "finished"
+
+
+class Driver:
+    def __init__(self, cluster: Cluster, recipe: Recipe, stages: list[str] | None = None,
+                 layout: RunLayout | None = None, echo: Callable[[str], None] = print):
+        self.cluster, self.recipe, self.echo = cluster, recipe, echo
+        self.stages = stages or list(recipe.stages)
+        self.layout = layout  # set only where the claim is mounted at the recipe's paths
+        self._said: dict[str, str] = {}
+
+    def _say(self, stage: str, what: str) -> None:
+        if self._said.get(stage) != what:  # a restarted loop repeats nothing it already said
+            self._said[stage] = what
+            self.echo(f"{stage}: {what}")
+
+    def _jobs(self) -> dict[str, dict]:
+        jobs = {}
+        for job in self.cluster.list("Job", render.selector(self.recipe.run.name)):
+            stage = (job["metadata"].get("labels") or {}).get(render.LABEL_STAGE)
+            if stage:
+                jobs[stage] = job
+        return jobs
+
+    def step(self) -> Step:
+        """One reconciliation pass."""
+        jobs = self._jobs()
+        for stage in self.stages:
+            fingerprint = self.recipe.fingerprint(stage)
+            job = jobs.get(stage)
+            if job is None:
+                marker = self.layout.state(stage, fingerprint) if self.layout else "missing"
+                if marker == "done":
+                    self._say(stage, "already done (its _SUCCESS marker is on the claim)")
+                    continue
+                if marker == "stale":
+                    raise ArtifactError(f"{self.layout.stage_dir(stage)}: finished by a different recipe; it is "
+                                        "never overwritten: choose another run.name")
+                return self._create(stage)
+            name = job["metadata"]["name"]
+            made_for = (job["metadata"].get("annotations") or {}).get(render.ANN_FINGERPRINT)
+            if made_for != fingerprint:
+                raise ArtifactError(f"Job {name} was made for a different recipe (stage fingerprint {made_for} ≠ "
+                                    f"{fingerprint}): `kubetune cancel {self.recipe.run.name}` removes the old "
+                                    "Jobs (artifacts stay), or choose another run.name")
+            state, reason = job_state(job)
+            if state == "done":
+                self._say(stage, "succeeded")
+                continue
+            if state == "failed":
+                self._say(stage, f"failed ({reason})")
+                raise StageFailedError(
+                    f"stage '{stage}' failed ({reason or 'Job failed'}); the pipeline stops. See `kubetune logs "
+                    f"{self.recipe.run.name} --stage {stage}`, fix the cause and submit again (finished stages "
+                    "are kept)")
+            self._say(stage, "queued (suspended until Kueue admits it)" if state == "queued" else "running")
+            return Step(stage, state if state == "queued" else "waiting")
+        return Step(None, "finished")
+
+    def _create(self, stage: str) -> Step:
+        job = render.stage_job(self.recipe, stage, self.cluster.namespace)
+        try:
+            self.cluster.create(job)
+        except AlreadyExistsError:  # another driver (or an earlier life of this one) was quicker
+            return Step(stage, "waiting")
+        self._say(stage, f"Job {self.cluster.namespace}/{job['metadata']['name']} created")
+        return Step(stage, "created")
+
+    def run(self, poll_s: float | None = None, sleep: Callable[[float], None] = time.sleep) -> None:
+        """Pass after pass until every stage has succeeded; raises StageFailedError when one fails."""
+        poll = poll_s if poll_s is not None else self.recipe.kubernetes.driver.poll_s
+        while True:
+            result = self.step()
+            if result.stage is None:
+                self.echo(f"run {self.recipe.run.name}: all {len(self.stages)} stage(s) succeeded")
+                return
+            if result.action != "created":  # a new Job was just made: look again at once, it may be done
+                sleep(poll)

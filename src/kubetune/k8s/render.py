@@ -1,0 +1,305 @@
+"""Every Kubernetes object of a run, rendered from the recipe. The only module that knows their shape.
+
+The recipe travels whole, in a ConfigMap mounted into every pod; no recipe field is mapped to a flag. The
+objects (PVC, recipe ConfigMap, driver ServiceAccount/Role/RoleBinding, driver Job, one Job per stage) are
+plain dicts, so the launcher, the driver, the golden tests and the Helm chart's equality test share them.
+The chart (charts/kubetune) renders the same non-stage objects with the same rules; tests/test_k8s_chart.py
+holds the two equal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from posixpath import isabs, normpath
+from typing import Any
+
+from kubetune import __version__
+from kubetune.config import STAGE_NAMES, Recipe
+from kubetune.errors import PERMANENT_EXIT_CODES, RecipeError
+from kubetune.k8s import gojson
+
+RECIPE_DIR = "/etc/kubetune"
+RECIPE_FILE = "recipe.yaml"  # JSON text: valid YAML, and byte-equal to the chart's toPrettyJson
+RECIPE_PATH = f"{RECIPE_DIR}/{RECIPE_FILE}"
+DRIVER = "driver"
+DRIVER_BACKOFF_LIMIT = 10  # a restarted driver picks up where it stopped, so retrying it is always safe
+STAGE_CONTAINER = "stage"
+LABEL_RUN = "kubetune.io/run"
+LABEL_STAGE = "kubetune.io/stage"
+ANN_FINGERPRINT = "kubetune.io/fingerprint"
+ANN_RECIPE_SHA = "kubetune.io/recipe-sha256"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+DRIVER_RULES = [  # what the driver does, and nothing more: no wildcard, no secrets, no configmaps
+    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["create", "get", "list", "watch", "delete", "patch"]},
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+    {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
+]
+
+
+@dataclass(frozen=True)
+class Names:
+    """Object names, all derived from run.name (a DNS label of at most 40 characters, so ≤ 63 with suffixes)."""
+
+    run: str
+
+    @property
+    def recipe(self) -> str:
+        return f"{self.run}-recipe"
+
+    @property
+    def driver(self) -> str:
+        return f"{self.run}-{DRIVER}"
+
+    def job(self, stage: str) -> str:
+        return f"{self.run}-{stage}"
+
+
+def claim_name(recipe: Recipe) -> str:
+    return recipe.kubernetes.pvc.claim_name or f"{recipe.run.name}-data"
+
+
+def namespace_of(recipe: Recipe, explicit: str | None = None) -> str:
+    return explicit or recipe.kubernetes.namespace or "default"
+
+
+def recipe_document(recipe: Recipe) -> dict[str, Any]:
+    """The recipe as its author wrote it (after --set): only the keys they set, so defaults stay the code's."""
+    return recipe.model_dump(exclude_unset=True)
+
+
+def recipe_text(recipe: Recipe) -> str:
+    return gojson.dumps(recipe_document(recipe))
+
+
+def recipe_sha256(recipe: Recipe) -> str:
+    return hashlib.sha256(recipe_text(recipe).encode()).hexdigest()
+
+
+def labels(recipe: Recipe, component: str, stage: str | None = None) -> dict[str, str]:
+    out = {
+        "app.kubernetes.io/name": "kubetune",
+        "app.kubernetes.io/instance": recipe.run.name,
+        "app.kubernetes.io/component": component,
+        "app.kubernetes.io/part-of": "kubetune",
+        "app.kubernetes.io/version": __version__,
+        "app.kubernetes.io/managed-by": "kubetune",
+        LABEL_RUN: recipe.run.name,
+    }
+    if stage:
+        out[LABEL_STAGE] = stage
+    return out
+
+
+def selector(run: str, stage: str | None = None) -> str:
+    """Label selector of a run's objects (or of one stage's Job and pods)."""
+    return f"{LABEL_RUN}={run}" + (f",{LABEL_STAGE}={stage}" if stage else "")
+
+
+def _meta(recipe: Recipe, name: str, namespace: str, component: str, stage: str | None = None,
+          annotations: dict[str, str] | None = None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "namespace": namespace, "labels": labels(recipe, component, stage)}
+    if annotations:
+        meta["annotations"] = annotations
+    return meta
+
+
+# ---- security ---------------------------------------------------------------------------------------------
+# Pod Security "restricted" and OpenShift restricted-v2: non-root, but no runAsUser/fsGroup, because OpenShift
+# assigns both from the namespace's range and refuses pods that pick their own.
+POD_SECURITY = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "runAsNonRoot": True,
+                      "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def _pod_common(recipe: Recipe) -> dict[str, Any]:
+    k = recipe.kubernetes
+    spec: dict[str, Any] = {"restartPolicy": "Never", "securityContext": dict(POD_SECURITY),
+                            "enableServiceLinks": False}
+    if k.image_pull_secrets:
+        spec["imagePullSecrets"] = [{"name": s} for s in k.image_pull_secrets]
+    return spec
+
+
+def _failure_policy(container: str) -> dict[str, Any]:
+    """Permanent exit codes (a bad recipe, a failed gate…) fail the Job at once; evictions and preemptions
+    do not count against backoffLimit; anything else (OOM kill, node loss, API hiccup) is retried."""
+    return {"rules": [
+        {"action": "FailJob", "onExitCodes": {"containerName": container, "operator": "In",
+                                              "values": list(PERMANENT_EXIT_CODES)}},
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+    ]}
+
+
+def _artifacts_check(recipe: Recipe) -> None:
+    root, mount = recipe.run.artifacts_root, recipe.kubernetes.pvc.mount_path
+    if isabs(root) and not (normpath(root) + "/").startswith(normpath(mount).rstrip("/") + "/"):
+        raise RecipeError("recipe", [f"run.artifacts_root: {root} is outside kubernetes.pvc.mount_path ({mount}); "
+                                     "artifacts written there would vanish with the pod"])
+
+
+# ---- objects ----------------------------------------------------------------------------------------------
+def recipe_configmap(recipe: Recipe, namespace: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": _meta(recipe, Names(recipe.run.name).recipe, namespace, "recipe",
+                              annotations={ANN_RECIPE_SHA: recipe_sha256(recipe)}),
+            "data": {RECIPE_FILE: recipe_text(recipe)}}
+
+
+def claim(recipe: Recipe, namespace: str) -> dict[str, Any] | None:
+    pvc = recipe.kubernetes.pvc
+    if not pvc.create:
+        return None
+    spec: dict[str, Any] = {"accessModes": list(pvc.access_modes), "resources": {"requests": {"storage": pvc.size}}}
+    if pvc.storage_class:
+        spec["storageClassName"] = pvc.storage_class
+    # resource-policy keep: `helm uninstall` leaves the artifacts; everything else ignores the annotation.
+    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": _meta(recipe, claim_name(recipe), namespace, "storage",
+                              annotations={"helm.sh/resource-policy": "keep"}),
+            "spec": spec}
+
+
+def driver_rbac(recipe: Recipe, namespace: str) -> list[dict[str, Any]]:
+    name = Names(recipe.run.name).driver
+    sa = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(recipe, name, namespace, DRIVER),
+          "automountServiceAccountToken": False}  # mounted only into the driver pod, which asks for it
+    role = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+            "metadata": _meta(recipe, name, namespace, DRIVER), "rules": [dict(r) for r in DRIVER_RULES]}
+    binding = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+               "metadata": _meta(recipe, name, namespace, DRIVER),
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+               "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}]}
+    return [sa, role, binding]
+
+
+def _volumes(recipe: Recipe, shm: bool, claim_read_only: bool | None) -> tuple[list, list]:
+    k = recipe.kubernetes
+    mounts: list[dict[str, Any]] = [{"name": "recipe", "mountPath": RECIPE_DIR, "readOnly": True}]
+    volumes: list[dict[str, Any]] = [{"name": "recipe", "configMap": {"name": Names(recipe.run.name).recipe}}]
+    if claim_read_only is not None:
+        mounts.append({"name": "data", "mountPath": k.pvc.mount_path, **({"readOnly": True} if claim_read_only else {})})
+        volumes.append({"name": "data", "persistentVolumeClaim": {"claimName": claim_name(recipe),
+                                                                   **({"readOnly": True} if claim_read_only else {})}})
+    if shm:
+        mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
+        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": k.shm_size}})
+    return mounts, volumes
+
+
+def _cache_env(mount: str) -> list[dict[str, Any]]:
+    """Every cache on the claim: a model is downloaded once per claim, not once per pod."""
+    cache = f"{mount.rstrip('/')}/.cache"
+    return [{"name": "HF_HOME", "value": f"{cache}/huggingface"},
+            {"name": "XDG_CACHE_HOME", "value": cache},
+            {"name": "TORCH_HOME", "value": f"{cache}/torch"},
+            {"name": "TRITON_CACHE_DIR", "value": f"{cache}/triton"},
+            {"name": "PYTHONUNBUFFERED", "value": "1"}]  # logs reach `kubetune logs` as they are written
+
+
+def stage_job(recipe: Recipe, stage: str, namespace: str) -> dict[str, Any]:
+    if stage not in recipe.stages:
+        raise RecipeError("--stage", [f"{stage}: not a stage of this recipe ({', '.join(recipe.stages)})"])
+    _artifacts_check(recipe)
+    k, res = recipe.kubernetes, getattr(recipe.resources, stage)
+    requests: dict[str, str] = {"cpu": res.cpu, "memory": res.memory}
+    limits: dict[str, str] = {"memory": res.memory}  # no CPU limit: throttling a data loader only slows the GPU
+    if res.gpus:
+        requests[k.gpu_resource] = limits[k.gpu_resource] = str(res.gpus)
+    env = _cache_env(k.pvc.mount_path)
+    if k.hf_token_secret:
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": k.hf_token_secret.name,
+                                                                       "key": k.hf_token_secret.key}}})
+    mounts, volumes = _volumes(recipe, shm=True, claim_read_only=False)
+    container = {"name": STAGE_CONTAINER, "image": k.image, "imagePullPolicy": k.image_pull_policy,
+                 "args": ["stage", stage, "--recipe", RECIPE_PATH], "workingDir": k.pvc.mount_path,
+                 "env": env, "resources": {"requests": requests, "limits": limits},
+                 "securityContext": dict(CONTAINER_SECURITY), "volumeMounts": mounts,
+                 # the stage writes a report summary there; on a crash the log tail is kept instead
+                 "terminationMessagePolicy": "FallbackToLogsOnError"}
+    pod = _pod_common(recipe)
+    pod.update({"automountServiceAccountToken": False, "terminationGracePeriodSeconds": k.termination_grace_s,
+                "containers": [container], "volumes": volumes})
+    node_selector = dict(k.node_selector)
+    if res.gpu_type:
+        node_selector[k.gpu_product_label] = res.gpu_type
+    if node_selector:
+        pod["nodeSelector"] = node_selector
+    if k.tolerations:
+        pod["tolerations"] = [dict(t) for t in k.tolerations]
+    if k.affinity:
+        pod["affinity"] = dict(k.affinity)
+    spec: dict[str, Any] = {"backoffLimit": k.backoff_limit, "podFailurePolicy": _failure_policy(STAGE_CONTAINER),
+                            "template": {"metadata": {"labels": labels(recipe, "stage", stage)}, "spec": pod}}
+    if k.active_deadline_s is not None:
+        spec["activeDeadlineSeconds"] = k.active_deadline_s
+    if k.ttl_after_finished_s is not None:
+        spec["ttlSecondsAfterFinished"] = k.ttl_after_finished_s
+    meta = _meta(recipe, Names(recipe.run.name).job(stage), namespace, "stage", stage,
+                 annotations={ANN_FINGERPRINT: recipe.fingerprint(stage), ANN_RECIPE_SHA: recipe_sha256(recipe)})
+    if k.queue:  # Kueue admits a suspended Job when its quota allows, then unsuspends it
+        meta["labels"][KUEUE_QUEUE_LABEL] = k.queue
+        spec["suspend"] = True
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": spec}
+
+
+def driver_reads_claim(recipe: Recipe) -> bool:
+    """Only a ReadWriteMany claim can be mounted by the driver while a stage pod on another node has it."""
+    return "ReadWriteMany" in recipe.kubernetes.pvc.access_modes
+
+
+def driver_job(recipe: Recipe, namespace: str) -> dict[str, Any]:
+    _artifacts_check(recipe)
+    k = recipe.kubernetes
+    reads_claim = driver_reads_claim(recipe)
+    mounts, volumes = _volumes(recipe, shm=False, claim_read_only=True if reads_claim else None)
+    args = ["drive", recipe.run.name, "--recipe", RECIPE_PATH] + (["--read-markers"] if reads_claim else [])
+    container = {"name": DRIVER, "image": k.image, "imagePullPolicy": k.image_pull_policy, "args": args,
+                 "workingDir": k.pvc.mount_path if reads_claim else "/tmp",
+                 "env": [{"name": "KUBETUNE_NAMESPACE",
+                          "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+                         {"name": "PYTHONUNBUFFERED", "value": "1"}],
+                 "resources": {"requests": {"cpu": k.driver.cpu, "memory": k.driver.memory},
+                               "limits": {"memory": k.driver.memory}},
+                 "securityContext": dict(CONTAINER_SECURITY), "volumeMounts": mounts}
+    pod = _pod_common(recipe)
+    pod.update({"serviceAccountName": Names(recipe.run.name).driver, "automountServiceAccountToken": True,
+                "containers": [container], "volumes": volumes})
+    spec: dict[str, Any] = {"backoffLimit": DRIVER_BACKOFF_LIMIT, "podFailurePolicy": _failure_policy(DRIVER),
+                            "template": {"metadata": {"labels": labels(recipe, DRIVER)}, "spec": pod}}
+    if k.ttl_after_finished_s is not None:
+        spec["ttlSecondsAfterFinished"] = k.ttl_after_finished_s
+    return {"apiVersion": "batch/v1", "kind": "Job",
+            "metadata": _meta(recipe, Names(recipe.run.name).driver, namespace, DRIVER,
+                              annotations={ANN_RECIPE_SHA: recipe_sha256(recipe)}),
+            "spec": spec}
+
+
+def base_objects(recipe: Recipe, namespace: str, driver: bool = True) -> list[dict[str, Any]]:
+    """What `submit` creates and the Helm chart renders: claim, recipe, and (for a pipeline) the driver."""
+    objs = [o for o in (claim(recipe, namespace), recipe_configmap(recipe, namespace)) if o]
+    if driver:
+        objs += driver_rbac(recipe, namespace) + [driver_job(recipe, namespace)]
+    return objs
+
+
+def render(recipe: Recipe, namespace: str | None = None, stage: str | None = None) -> list[dict[str, Any]]:
+    """Every object of the run (``stage``: only what running that one stage needs), in creation order."""
+    ns = namespace_of(recipe, namespace)
+    if stage:
+        return base_objects(recipe, ns, driver=False) + [stage_job(recipe, stage, ns)]
+    return base_objects(recipe, ns) + [stage_job(recipe, s, ns) for s in STAGE_NAMES if s in recipe.stages]
+
+
+def to_yaml(objects: list[dict[str, Any]]) -> str:
+    """Multi-document YAML, multi-line strings (the recipe) as readable literal blocks."""
+    import yaml
+
+    class Dumper(yaml.SafeDumper):
+        pass
+
+    def text(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|" if "\n" in value else None)
+
+    Dumper.add_representer(str, text)
+    return "---\n".join(yaml.dump(o, Dumper=Dumper, sort_keys=False, width=120) for o in objects)

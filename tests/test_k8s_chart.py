@@ -1,0 +1,86 @@
+"""The Helm chart: lint and template every ci/ scenario, validate what it renders, and hold it equal to
+`kubetune render` for the same recipe. The generated files (values.schema.json, files/generated.json) must be
+what `make schema` writes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from k8s import tools
+from k8s.checks import all_problems
+from kubetune import __version__
+from kubetune.config import recipe_from_dict
+from kubetune.k8s import generate, render
+
+pytestmark = pytest.mark.server
+CHART = tools.ROOT / "charts" / "kubetune"
+SCENARIOS = sorted((CHART / "ci").glob("*-values.yaml"))
+
+
+def helm_template(*args: str, check: bool = True):
+    return tools.run("helm", "template", "ft", str(CHART), "--namespace", "ml", *args, check=check)
+
+
+def by_key(objects: list[dict]) -> dict[tuple[str, str], dict]:
+    return {(o["kind"], o["metadata"]["name"]): o for o in objects if o}
+
+
+def test_generated_files_are_current():
+    for name, text in generate.files(tools.ROOT).items():
+        if name.startswith("charts/"):
+            assert (tools.ROOT / name).read_text() == text, f"{name} is stale: run `make schema`"
+
+
+def test_chart_version_is_kubetune_version():
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["version"] == chart["appVersion"] == __version__
+    default_image = generate.generated()["defaults"]["kubernetes"]["image"]
+    assert default_image.endswith(f":{__version__}"), "the default image tag must follow the version"
+
+
+def test_there_are_scenarios():
+    assert {p.name for p in SCENARIOS} >= {"minimal-values.yaml", "openshift-values.yaml",
+                                          "existing-claim-values.yaml"}
+
+
+@pytest.mark.parametrize("values", SCENARIOS, ids=[p.stem for p in SCENARIOS])
+def test_scenario_lints_renders_valid_and_equals_kubetune_render(values: Path):
+    lint = tools.run("helm", "lint", str(CHART), "-f", str(values))
+    assert "0 chart(s) failed" in lint.stdout
+    chart_objects = [o for o in yaml.safe_load_all(helm_template("-f", str(values)).stdout) if o]
+    assert all_problems(chart_objects) == []
+
+    recipe = recipe_from_dict(yaml.safe_load(values.read_text())["recipe"], str(values))
+    expected = by_key(render.base_objects(recipe, "ml"))
+    got = by_key(chart_objects)
+    assert set(got) == set(expected)
+    for key in expected:
+        assert got[key] == expected[key], f"{key} differs between the chart and kubetune render"
+
+
+def test_values_schema_rejects_typos_and_a_missing_model():
+    typo = helm_template("-f", str(CHART / "ci" / "minimal-values.yaml"), "--set", "recipe.finetune.lora.rr=1",
+                         check=False)
+    assert typo.returncode != 0 and "additional properties 'rr' not allowed" in typo.stderr
+    bare = helm_template(check=False)
+    assert bare.returncode != 0 and "missing property 'model'" in bare.stderr
+    wrong_type = helm_template("-f", str(CHART / "ci" / "minimal-values.yaml"),
+                               "--set", "recipe.kubernetes.backoff_limit=-1", check=False)
+    assert wrong_type.returncode != 0 and "backoff_limit" in wrong_type.stderr
+
+
+def test_artifacts_outside_the_claim_fail_like_kubetune_render():
+    result = helm_template("-f", str(CHART / "ci" / "minimal-values.yaml"),
+                           "--set", "recipe.run.artifacts_root=/tmp/out", check=False)
+    assert result.returncode != 0 and "outside recipe.kubernetes.pvc.mount_path" in result.stderr
+
+
+def test_notes_print_the_commands_to_follow_the_run():
+    result = tools.run("helm", "install", "ft", str(CHART), "--dry-run=client", "--namespace", "ml",
+                       "-f", str(CHART / "ci" / "openshift-values.yaml"))
+    notes = result.stdout.split("NOTES:", 1)[1]
+    assert "kubetune status bloom-7b1-qlora -n ml" in notes
+    assert "kubetune logs bloom-7b1-qlora --stage finetune -f -n ml" in notes
