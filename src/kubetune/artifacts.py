@@ -62,7 +62,8 @@ class RunLayout:
 
     @classmethod
     def from_recipe(cls, recipe) -> "RunLayout":
-        return cls(Path(recipe.run.artifacts_root), recipe.run.name)
+        # Absolute, so that a library that changes the working directory (GPTQModel's log folder) cannot move it.
+        return cls(Path(recipe.run.artifacts_root).expanduser().absolute(), recipe.run.name)
 
     @property
     def run_dir(self) -> Path:

@@ -336,6 +336,22 @@ def gate_problems(gates: dict[str, float], models: list[str]) -> list[str]:
     return problems
 
 
+class MetricsSection(Section):
+    """Prometheus metrics of each stage while it runs (docs/monitoring.md)."""
+
+    enabled: bool = True
+    """Serve ``/metrics`` from each stage pod while it runs (the Job gets a container port named ``metrics``)."""
+    port: Annotated[int, Field(ge=1024, le=65535)] = 9477
+    """Port of ``/metrics``; not 9400, which NVIDIA's DCGM exporter uses."""
+    local: bool = False
+    """Serve outside Kubernetes too (``kubetune run``/``stage`` on a workstation), on 127.0.0.1 only."""
+    pushgateway: str | None = None
+    """Pushgateway URL (``http://pushgateway.monitoring:9091``): each stage pushes its start and final values
+    (status, duration, peak memory), grouped by run and stage, so a stage shorter than a scrape is not lost."""
+    push_timeout_s: Annotated[float, Field(gt=0)] = 5.0
+    """A push that takes longer is given up with a warning: monitoring never fails or stalls a stage."""
+
+
 class Recipe(Section):
     """A whole experiment: what model, what data, which stages and how."""
 
@@ -350,6 +366,7 @@ class Recipe(Section):
     evaluate: EvaluateSection = EvaluateSection()
     resources: ResourcesSection = ResourcesSection()
     kubernetes: KubernetesSection = KubernetesSection()
+    metrics: MetricsSection = MetricsSection()
     stages: list[Literal["finetune", "merge", "quantize", "infer", "evaluate"]] = list(STAGE_NAMES)
     """Stages this recipe runs, in pipeline order."""
 
