@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -108,8 +109,13 @@ def run_stage(recipe: Recipe, stage: str, progress: ProgressFn = _no_progress) -
         ctx = StageContext(recipe=recipe, layout=layout, stage=stage, out=out, progress=progress)
         started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         watch = Stopwatch()
-        with track_peak_memory() as peak:
-            extras = stage_module(stage).run(ctx) or {}
+        try:
+            with track_peak_memory() as peak:
+                extras = stage_module(stage).run(ctx) or {}
+        except BaseException:
+            # This attempt's partial output is worthless; finished artifacts and .work/ (checkpoints) stay.
+            shutil.rmtree(out, ignore_errors=True)
+            raise
         report = {
             "stage": stage,
             "run": recipe.run.name,
