@@ -51,3 +51,7 @@ images:  ## Build the image (IMAGE=registry/name:tag; needs docker or podman wit
 test-k8s: $(STAMP)  ## Kubernetes tests only: render, chart, kustomize, fake API server, Dockerfile lint
 	scripts/install-k8s-tools.sh
 	KUBETUNE_REQUIRE_SERVERS=1 $(PY) -m pytest -q tests/test_k8s_*.py
+
+.PHONY: monitoring
+monitoring: $(STAMP)  ## Regenerate the Grafana dashboard and alert rules (chart + kustomize) from kubetune/metrics/assets.py
+	$(PY) -m kubetune.metrics.assets

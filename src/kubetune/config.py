@@ -52,6 +52,9 @@ class ModelSection(Section):
     """Load dtype of unquantized weights; auto = bfloat16 on GPUs that have it, else float32."""
     trust_remote_code: bool = False
     """Run Python code shipped with the model. Off unless you trust the model's authors."""
+    allow_pickle: bool = False
+    """Load weights stored as pickles (pytorch_model.bin) when the model has no safetensors. Off: a pickle can run
+    code when it is loaded; convert the model to safetensors instead if you can."""
     gguf_file: str | None = None
     """File name of a GGUF checkpoint inside name_or_path (loaded dequantized; see ``kubetune import-gguf``)."""
 
@@ -409,7 +412,7 @@ class Recipe(Section):
         """
         parts: dict[str, Any] = {
             "stage": stage,
-            "model": self.model.model_dump(),
+            "model": self.model.model_dump(exclude={"allow_pickle"}),  # how weights may load, not what they are
             "prompt": self.prompt.template,
             "own": getattr(self, stage).model_dump(),
             "upstream": {u: self.fingerprint(u) for u in self.upstream(stage)},

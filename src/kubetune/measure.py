@@ -89,6 +89,10 @@ class _NvmlSampler:
                 self.peak_device[i] = max(self.peak_device.get(i, 0), int(info.used))
                 procs = nv.nvmlDeviceGetComputeRunningProcesses(h)
                 mine = sum(int(p.usedGpuMemory or 0) for p in procs if p.pid == pid)
+                if not any(p.pid == pid for p in procs):
+                    # In a container NVML reports host PIDs, so ours is never listed; a pod's GPU is its own,
+                    # so every process on it counts as this stage's.
+                    mine = sum(int(p.usedGpuMemory or 0) for p in procs)
                 self.peak_process[i] = max(self.peak_process.get(i, 0), mine)
 
     def _loop(self) -> None:

@@ -39,6 +39,7 @@ def cli(verbose: int) -> None:
 # Command modules register themselves on ``cli``; import them for that side effect.
 from kubetune.cli import local  # noqa: E402,F401
 from kubetune.cli import cluster  # noqa: E402,F401
+from kubetune.cli import watch  # noqa: E402,F401
 
 
 def main() -> None:

@@ -217,6 +217,8 @@ def stage_job(recipe: Recipe, stage: str, namespace: str) -> dict[str, Any]:
                  "securityContext": dict(CONTAINER_SECURITY), "volumeMounts": mounts,
                  # the stage writes a report summary there; on a crash the log tail is kept instead
                  "terminationMessagePolicy": "FallbackToLogsOnError"}
+    if recipe.metrics.enabled:  # /metrics while the stage runs; the PodMonitor finds it by this port's name
+        container["ports"] = [{"name": "metrics", "containerPort": recipe.metrics.port, "protocol": "TCP"}]
     pod = _pod_common(recipe)
     pod.update({"automountServiceAccountToken": False, "terminationGracePeriodSeconds": k.termination_grace_s,
                 "containers": [container], "volumes": volumes})

@@ -85,6 +85,7 @@ def run_stage(recipe: Recipe, stage: str, progress: ProgressFn = _no_progress) -
     stops with a retryable error. A finished artifact from a *different* recipe is never overwritten.
     """
     from kubetune.measure import Stopwatch, library_versions, track_peak_memory
+    from kubetune.metrics.exporter import StageMonitor
 
     layout = RunLayout.from_recipe(recipe)
     fingerprint = recipe.fingerprint(stage)
@@ -105,30 +106,36 @@ def run_stage(recipe: Recipe, stage: str, progress: ProgressFn = _no_progress) -
         if layout.state(stage, fingerprint) == "done":  # another process finished while we waited
             return _checked(recipe, StageResult(stage, "skipped", layout.stage_dir(stage),
                                                 layout.read_report(stage) or {}))
-        out = layout.new_temp_dir(stage)
-        ctx = StageContext(recipe=recipe, layout=layout, stage=stage, out=out, progress=progress)
-        started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        watch = Stopwatch()
-        try:
-            with track_peak_memory() as peak:
-                extras = stage_module(stage).run(ctx) or {}
-        except BaseException:
-            # This attempt's partial output is worthless; finished artifacts and .work/ (checkpoints) stay.
-            shutil.rmtree(out, ignore_errors=True)
-            raise
-        report = {
-            "stage": stage,
-            "run": recipe.run.name,
-            "model": recipe.model.name_or_path,
-            "fingerprint": fingerprint,
-            "recipe_hash": recipe.recipe_hash(),
-            "started_at": started,
-            "duration_s": round(watch.seconds, 3),
-            "peak_memory": peak.as_dict(),
-            "versions": library_versions(),
-            "recipe": recipe.model_dump(mode="json"),  # the whole recipe: reports and estimates need no other file
-            **extras,
-        }
-        path = layout.commit(stage, out, fingerprint, report)
-        log.info("stage %s done in %.1f s -> %s", stage, report["duration_s"], path)
-        return _checked(recipe, StageResult(stage, "done", path, report))
+        with StageMonitor(recipe, stage) as monitor:  # /metrics and Pushgateway, per recipe.metrics
+            out = layout.new_temp_dir(stage)
+            ctx = StageContext(recipe=recipe, layout=layout, stage=stage, out=out,
+                               progress=monitor.progress(progress))
+            if monitor.state is not None:
+                ctx.extras["metrics"] = monitor.state  # the fine-tune's Trainer callback feeds it
+            started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            watch = Stopwatch()
+            try:
+                with track_peak_memory() as peak:
+                    extras = stage_module(stage).run(ctx) or {}
+            except BaseException:
+                # This attempt's partial output is worthless; finished artifacts and .work/ (checkpoints) stay.
+                shutil.rmtree(out, ignore_errors=True)
+                raise
+            report = {
+                "stage": stage,
+                "run": recipe.run.name,
+                "model": recipe.model.name_or_path,
+                "fingerprint": fingerprint,
+                "recipe_hash": recipe.recipe_hash(),
+                "started_at": started,
+                "duration_s": round(watch.seconds, 3),
+                "peak_memory": peak.as_dict(),
+                "versions": library_versions(),
+                "recipe": recipe.model_dump(mode="json"),  # the whole recipe: reports, estimates need no other file
+                **extras,
+            }
+            path = layout.commit(stage, out, fingerprint, report)
+            log.info("stage %s done in %.1f s -> %s", stage, report["duration_s"], path)
+            result = _checked(recipe, StageResult(stage, "done", path, report))  # a failed gate fails the stage
+            monitor.finish("done", report["peak_memory"])
+            return result

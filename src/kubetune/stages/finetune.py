@@ -16,21 +16,28 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
 from kubetune import modelio
 from kubetune.data import load_splits, prompt_completion
-from kubetune.errors import ModelError, RecipeError
+from kubetune.errors import DataError, ModelError, RecipeError
 from kubetune.measure import Stopwatch, count_parameters, memory_footprint_bytes
+from kubetune.metrics.callbacks import metrics_callback
 from kubetune.prompt import PromptTemplate
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
-# What a checkpoint needs to resume exactly. The trainer writes trainer_state.json last, so a pod killed
-# mid-save leaves a folder without it (or without the optimizer): such folders are moved aside, not resumed.
-CHECKPOINT_FILES = ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json")
+# Written last into each checkpoint, after every file in it was fsynced, by a write to a temporary file, fsync and
+# rename: the trainer's own saves are not atomic, so a checkpoint without this marker (a pod killed mid-save, a
+# node lost before the page cache reached the disk) is incomplete by definition. It lists each file's size.
+CHECKPOINT_MARKER = "kubetune-checkpoint.json"
+# What a checkpoint needs to resume exactly; folders lacking any of them are moved aside, not resumed.
+CHECKPOINT_FILES = ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json",
+                    CHECKPOINT_MARKER)
 FINGERPRINT_FILE = "fingerprint"
 LOG_FILE = "training_log.json"
 
@@ -50,6 +57,9 @@ def run(ctx) -> dict[str, Any]:
     checkpoints = checkpoint_dir(ctx)
     resume = latest_complete_checkpoint(checkpoints, ctx.layout)
     trainer = build_trainer(recipe, model, tokenizer, train, evaluation, checkpoints, precision, dev, ctx)
+    check_truncation(trainer, len(train), ft)
+    preemption = Preemption()
+    trainer.add_callback(_checkpoint_callback(preemption))
 
     watch = Stopwatch()
     if resume is not None and checkpoint_finished(resume):
@@ -59,7 +69,12 @@ def run(ctx) -> dict[str, Any]:
     else:
         if resume is not None:
             log.info("resuming the fine-tune from %s", resume)
-        train_loss = trainer.train(resume_from_checkpoint=str(resume) if resume else None).training_loss
+        with preemption:  # SIGTERM: checkpoint at the next step boundary, then exit 143 (see Preemption)
+            train_loss = trainer.train(resume_from_checkpoint=str(resume) if resume else None).training_loss
+        if preemption.requested and trainer.state.global_step < trainer.state.max_steps:
+            log.warning("stopped by SIGTERM at step %d/%d after checkpointing; exiting 143 so the Job retries and "
+                        "resumes", trainer.state.global_step, trainer.state.max_steps)
+            raise SystemExit(143)
         final_lr = trainer.lr_scheduler.get_last_lr()[0]
     train_seconds = watch.seconds
     eval_loss = final_eval_loss(trainer) if evaluation is not None else None
@@ -190,6 +205,9 @@ def build_trainer(recipe, model, tokenizer, train, evaluation, checkpoints: Path
                             processing_class=tokenizer, peft_config=lora_config(ft.lora),
                             callbacks=[_progress_callback(ctx)])
     trainer.remove_callback(PrinterCallback)  # it prints raw dicts; the progress callback logs the same figures
+    metrics = metrics_callback(ctx, trainer)  # loss, learning rate, tokens/s, ETA for Prometheus (docs/monitoring.md)
+    if metrics is not None:
+        trainer.add_callback(metrics)
     return trainer
 
 
@@ -245,6 +263,13 @@ def checkpoint_problem(path: Path) -> str | None:
         return f"trainer_state.json unreadable ({exc})"
     if state.get("global_step") != checkpoint_step(path) or not isinstance(state.get("max_steps"), int):
         return f"trainer_state.json says step {state.get('global_step')} of {state.get('max_steps')}"
+    try:
+        sizes = json.loads((path / CHECKPOINT_MARKER).read_text(encoding="utf-8")).get("files", {})
+        changed = [name for name, size in sizes.items() if (path / name).stat().st_size != size]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        return f"{CHECKPOINT_MARKER} unreadable or names a missing file ({exc})"
+    if changed:
+        return f"{', '.join(changed)} changed size after the checkpoint was written"
     return None
 
 
@@ -276,6 +301,84 @@ def finish_from_checkpoint(trainer, checkpoint: Path) -> float:
     set_peft_model_state_dict(trainer.model, load_file(checkpoint / "adapter_model.safetensors"))
     trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
     return torch.load(checkpoint / "scheduler.pt", weights_only=True)["_last_lr"][0]
+
+
+def seal_checkpoint(path: Path) -> None:
+    """Make a checkpoint the trainer has just written durable, then mark it complete: fsync each file and the
+    folder, then write the marker (temporary file, fsync, rename). Resuming accepts only marked checkpoints."""
+    from kubetune.artifacts import _fsync_dir, write_atomic
+
+    sizes = {}
+    for file in sorted(path.rglob("*")):
+        if file.is_file() and file.name != CHECKPOINT_MARKER:
+            with open(file, "rb") as fh:
+                os.fsync(fh.fileno())
+            sizes[str(file.relative_to(path))] = file.stat().st_size
+    for folder in {f.parent for f in path.rglob("*")} | {path}:
+        _fsync_dir(folder)
+    write_atomic(path / CHECKPOINT_MARKER, json.dumps({"step": checkpoint_step(path), "files": sizes}) + "\n")
+
+
+def check_truncation(trainer, rows: int, ft) -> None:
+    """Rows longer than finetune.max_length are cut to it (the end of the answer is not learned), with a warning;
+    rows whose prompt alone fills it teach nothing and TRL drops them. None left: a DataError, not a crash."""
+    if ft.packing:  # packed sequences are max_length long by design; rows are not seen one by one
+        return
+    kept = len(trainer.train_dataset)
+    if kept == 0:
+        raise DataError(f"every training row's prompt is at least finetune.max_length={ft.max_length} tokens long, "
+                        "so no answer token is left to learn from; raise finetune.max_length")
+    import pyarrow.compute as pc
+
+    cut = sum(pc.sum(pc.greater_equal(pc.list_value_length(batch["input_ids"]), ft.max_length)).as_py() or 0
+              for batch in trainer.train_dataset.with_format("arrow").iter(batch_size=10_000))
+    if cut or kept < rows:
+        log.warning("finetune.max_length=%d: %d of %d training rows reach it and are truncated there (the end of "
+                    "their answer is not learned); %d whose prompt alone fills it are dropped. Raise max_length to "
+                    "keep them whole", ft.max_length, cut, rows, rows - kept)
+
+
+class Preemption:
+    """SIGTERM while training (an eviction, a preemption, `kubectl delete`): finish the current step, save a
+    checkpoint, and exit 143, all within the pod's terminationGracePeriodSeconds (kubernetes.termination_grace_s);
+    the Job then retries and the new pod resumes from that checkpoint. Outside ``with``, SIGTERM keeps its
+    default action: before training nothing is lost, after it the final checkpoint is already written."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> "Preemption":
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (an embedding application): leave its handlers alone
+            self._previous = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+
+def _checkpoint_callback(preemption: Preemption):
+    from transformers import TrainerCallback
+
+    class Checkpoints(TrainerCallback):
+        """Seals every checkpoint the trainer saves; asks for a checkpoint and a stop once SIGTERM came."""
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if preemption.requested:
+                log.warning("SIGTERM: checkpointing at step %d, then stopping", state.global_step)
+                control.should_save = True
+                control.should_training_stop = True
+
+        def on_save(self, args, state, control, **kwargs):
+            seal_checkpoint(Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}")
+
+    return Checkpoints()
 
 
 # ---- trainer pieces ------------------------------------------------------------------------------------------
