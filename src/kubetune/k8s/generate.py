@@ -23,6 +23,7 @@ from kubetune.config import KubernetesSection, RunSection, load_recipe, recipe_j
 from kubetune.errors import PERMANENT_EXIT_CODES
 from kubetune.k8s import render
 from kubetune.metrics.assets import monitoring_values_schema
+from kubetune.generated import write_or_check
 
 
 def values_schema() -> dict[str, Any]:
@@ -71,20 +72,7 @@ def files(root: Path = Path(".")) -> dict[str, str]:
 
 def main(argv: list[str]) -> int:
     root = Path(".")
-    stale = []
-    for name, text in files(root).items():
-        path = root / name
-        if "--check" in argv:
-            if not path.exists() or path.read_text() != text:
-                stale.append(name)
-            continue
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-        print(f"wrote {name}")
-    if stale:
-        print(f"out of date (run `make schema`): {', '.join(stale)}", file=sys.stderr)
-        return 1
-    return 0
+    return write_or_check(files(root), argv, root, "schema")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from kubetune.generated import write_or_check
 
 RUN = 'run=~"$run"'
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
@@ -244,20 +245,7 @@ def files() -> dict[str, str]:
 
 
 def main(argv: list[str], root: Path = Path(".")) -> int:
-    stale = []
-    for name, text in files().items():
-        path = root / name
-        if "--check" in argv:
-            if not path.exists() or path.read_text() != text:
-                stale.append(name)
-            continue
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-        print(f"wrote {name}")
-    if stale:
-        print(f"out of date (run `make monitoring`): {', '.join(stale)}", file=sys.stderr)
-        return 1
-    return 0
+    return write_or_check(files(), argv, root, "monitoring")
 
 
 if __name__ == "__main__":
