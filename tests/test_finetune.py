@@ -303,3 +303,25 @@ def test_fp16_needs_a_gpu(recipe):
         pytest.skip("this machine has a GPU")
     with pytest.raises(RecipeError, match="finetune.precision: fp16 needs a CUDA GPU"):
         run_stage(recipe(finetune={"precision": "fp16"}), "finetune")
+
+
+def test_a_4bit_load_that_quantizes_nothing_is_refused(tiny_model_dir):
+    """Falcon builds its layers from an nn.Linear subclass that bitsandbytes skips: never train it as '4-bit'."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from kubetune.errors import ModelError
+    from kubetune.modelio import check_kbit_quantized
+
+    class SubclassLinear(torch.nn.Linear):
+        pass
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    for module in model.modules():  # what a FalconLinear model looks like after a bitsandbytes load
+        for child_name, child in list(module.named_children()):
+            if type(child) is torch.nn.Linear and child_name != "lm_head":
+                replacement = SubclassLinear(child.in_features, child.out_features, bias=child.bias is not None)
+                setattr(module, child_name, replacement)
+    with pytest.raises(ModelError, match=r"finetune.base_precision: 4bit quantized none.*SubclassLinear"):
+        check_kbit_quantized(model, "4bit", "tiny")
+    check_kbit_quantized(model, "none", "tiny")  # nothing to check without a k-bit base

@@ -29,8 +29,19 @@ def resolve_dtype(name: str):
     return getattr(torch, name)
 
 
+# Weight files that are Python pickles: loading one can run code (torch.load's weights_only narrows, not removes,
+# that risk). Models are loaded from safetensors only, unless the recipe sets model.allow_pickle.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+_warned_remote_code: set[str] = set()
+
+
 def _source(model_section) -> tuple[str, dict]:
     kwargs = {"trust_remote_code": model_section.trust_remote_code}
+    if model_section.trust_remote_code and model_section.name_or_path not in _warned_remote_code:
+        _warned_remote_code.add(model_section.name_or_path)
+        log.warning("model.trust_remote_code is on: Python code shipped with %s runs in this process with its "
+                    "access to the volume and the token; keep it on only for models whose authors you trust",
+                    model_section.name_or_path)
     if model_section.revision:
         kwargs["revision"] = model_section.revision
     if model_section.gguf_file:
@@ -45,11 +56,26 @@ def _source(model_section) -> tuple[str, dict]:
     if looks_local and not model_section.gguf_file and not (path / "config.json").is_file():
         raise ModelError(f"model.name_or_path: '{name}' has no config.json (not a transformers model folder; "
                          "for a .gguf file set model.gguf_file or run `kubetune import-gguf`)")
+    if looks_local and not model_section.gguf_file and not model_section.allow_pickle:
+        _refuse_pickle_only(path, name)
     return (str(path) if looks_local else name), kwargs
+
+
+def _refuse_pickle_only(path: Path, name: str) -> None:
+    if any(path.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES and p.name != "training_args.bin")
+    if pickles:
+        raise ModelError(f"model.name_or_path: '{name}' holds its weights only as pickle files ({', '.join(pickles)}), "
+                         "which can run code when loaded; convert them to safetensors, or set model.allow_pickle: "
+                         "true if you trust where they come from")
 
 
 def _translate(exc: Exception, name: str, what: str) -> ModelError:
     text = str(exc)
+    if "no file named model.safetensors" in text or "does not appear to have a file named model.safetensors" in text:
+        return ModelError(f"model.name_or_path: {name} has no safetensors weights (pickle weights such as "
+                          "pytorch_model.bin can run code when loaded: refused unless model.allow_pickle: true)")
     if "trust_remote_code" in text:
         return ModelError(f"model.trust_remote_code: {name} needs custom code from its repository; set it to true "
                           "only if you trust the model's authors")
@@ -101,6 +127,8 @@ def load_base_model(model_section, *, dtype=None, quantization_config=None, path
     dev = device()
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
+    if path is not None or not (model_section.gguf_file or model_section.allow_pickle):
+        kwargs["use_safetensors"] = True  # a (hub) model without safetensors fails instead of being unpickled
     try:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, device_map={"": dev}, **kwargs)
     except torch.cuda.OutOfMemoryError:
@@ -113,3 +141,25 @@ def load_base_model(model_section, *, dtype=None, quantization_config=None, path
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
     return model
+
+
+def check_kbit_quantized(model, base_precision: str, name: str) -> None:
+    """Fail when a 4/8-bit load quantized nothing.
+
+    transformers' bitsandbytes integration replaces modules whose type is exactly ``nn.Linear``; a model that
+    builds its layers from a subclass (Falcon's ``FalconLinear``) silently stays 16-bit and then trains as a
+    full-size model (measured: falcon-7b "8-bit" held 12.9 GiB of bf16 weights, bench/results/gpu-h200-*.md).
+    """
+    if base_precision == "none":
+        return
+    import torch
+
+    quantized = [n for n, m in model.named_modules() if type(m).__name__ in ("Linear4bit", "Linear8bitLt")]
+    plain = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+             and type(m).__name__ not in ("Linear4bit", "Linear8bitLt") and not n.endswith("lm_head")]
+    if not quantized:
+        kinds = sorted({type(m).__name__ for n, m in model.named_modules() if n in set(plain)})
+        raise ModelError(f"finetune.base_precision: {base_precision} quantized none of {name}'s linear layers "
+                         f"(they are {kinds}, which bitsandbytes does not replace); use base_precision: none")
+    if plain:
+        log.warning("%d linear layers of %s stay unquantized (e.g. %s)", len(plain), name, plain[0])

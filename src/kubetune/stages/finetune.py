@@ -131,6 +131,7 @@ def load_model(recipe):
     dtype = modelio.resolve_dtype(recipe.model.dtype)
     quantization = modelio.bnb_config(ft, dtype)
     model = modelio.load_base_model(recipe.model, dtype=dtype, quantization_config=quantization)
+    modelio.check_kbit_quantized(model, ft.base_precision, recipe.model.name_or_path)
     if quantization is not None:
         from peft import prepare_model_for_kbit_training
 

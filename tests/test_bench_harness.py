@@ -1,0 +1,59 @@
+"""bench/harness.py: the arithmetic behind its tokens/s and MFU, and the recipes it builds (no GPU, no timing)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def harness():
+    spec = importlib.util.spec_from_file_location("bench_harness", ROOT / "bench" / "harness.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_batch_lengths_padded_and_padding_free(harness):
+    import torch
+
+    timer = harness.StepTimer(cuda=False)
+    timer._pending = {"tokens": 0, "sum_s2": 0, "rows": 0, "padded_tokens": 0}
+    # padded rows: lengths 3 and 5 in a 2×5 batch
+    timer.note_batch({"input_ids": torch.zeros(2, 5, dtype=torch.long),
+                      "attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])})
+    # padding-free: one row of 3 examples (2, 4, 1 tokens); position_ids restart at 0
+    timer.note_batch({"input_ids": torch.zeros(1, 7, dtype=torch.long),
+                      "position_ids": torch.tensor([[0, 1, 0, 1, 2, 3, 0]])})
+    assert timer._pending["tokens"] == 3 + 5 + 2 + 4 + 1
+    assert timer._pending["sum_s2"] == 9 + 25 + 4 + 16 + 1
+    assert timer._pending["padded_tokens"] == 10 + 7
+
+
+def test_step_summary_flops(harness):
+    steps = [{"ms": 1000.0, "tokens": 100, "sum_s2": 10_000, "rows": 1, "padded_tokens": 100}] * 3
+    s = harness.step_summary(steps, warmup=1, n_matmul=1_000, layers=2, hidden=8)
+    assert s["steps_measured"] == 2
+    assert s["tokens_per_s"] == pytest.approx(100.0)
+    linear = 4 * 1_000 * 100  # per step, 1 s each
+    attention = 6 * 2 * 8 * 10_000
+    assert s["mfu_4nt"] == pytest.approx(linear / harness.PEAK_BF16_FLOPS)
+    assert s["mfu_4nt_attention"] == pytest.approx((linear + attention) / harness.PEAK_BF16_FLOPS)
+    assert s["padding_fraction"] == 0
+
+
+@pytest.mark.parametrize("case", ["bloom-1b1/baseline", "bloom-7b1/ours", "falcon-7b/baseline", "bloom-1b1/gptq8"])
+def test_case_recipes_validate(harness, case, tmp_path):
+    recipe = harness.recipe_for(case, harness.CASES[case], tmp_path / "model", tmp_path, steps=10, warmup=3,
+                                tiny=False)
+    assert recipe.data.source == "builtin:text2sql"
+    if case.endswith("baseline"):
+        ft = recipe.finetune
+        assert (ft.batch_size, ft.max_length, ft.packing, ft.completion_only_loss) == (1, 2048, True, False)
+        assert ft.lora.target_modules == ["query_key_value"]
+    if case.endswith("gptq8"):
+        assert recipe.stages == ["finetune", "merge", "quantize"] and recipe.quantize.bits == 8
