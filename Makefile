@@ -24,11 +24,14 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)  ## Create .venv and install kubetune with its pinned dependencies
 
-test: $(STAMP)  ## Run the test suite (excludes tests marked slow)
-	$(PY) -m pytest -m "not slow" -q
+test: $(STAMP)  ## Run the test suite (excludes tests marked slow or faults)
+	$(PY) -m pytest -m "not slow and not faults" -q
 
 test-slow: $(STAMP)  ## Run only the slow tests
 	$(PY) -m pytest -m slow -q
+
+test-faults: $(STAMP)  ## Kill stages at 20 seeded points and check every rerun recovers (docs/reliability.md)
+	$(PY) -m pytest -m faults -q
 
 lint: $(STAMP)  ## Validate every shipped recipe
 	$(KUBETUNE) validate jobs/*.yaml
@@ -55,3 +58,11 @@ test-k8s: $(STAMP)  ## Kubernetes tests only: render, chart, kustomize, fake API
 .PHONY: monitoring
 monitoring: $(STAMP)  ## Regenerate the Grafana dashboard and alert rules (chart + kustomize) from kubetune/metrics/assets.py
 	$(PY) -m kubetune.metrics.assets
+
+.PHONY: ui test-ui
+ui: $(STAMP)  ## Compare a run's models in the browser (RUN=<run name or folder>; docs/ui.md)
+	$(KUBETUNE) ui $(RUN)
+
+test-ui: $(STAMP)  ## UI tests only, with headless Chromium installed (scripts/install-browser.sh)
+	scripts/install-browser.sh
+	KUBETUNE_REQUIRE_SERVERS=1 $(PY) -m pytest -q tests/test_ui_*.py

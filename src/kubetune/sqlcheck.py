@@ -493,8 +493,10 @@ class QueryTimeout(Exception):
     pass
 
 
-def _execute(conn: sqlite3.Connection, sql: str, timeout_s: float, max_rows: int) -> tuple[int, list[tuple]]:
-    """(number of columns, rows); raises sqlite3.Error, QueryTimeout, or ValueError when there are too many rows."""
+def _execute(conn: sqlite3.Connection, sql: str, timeout_s: float, max_rows: int,
+             names: list[str] | None = None) -> tuple[int, list[tuple]]:
+    """(number of columns, rows); raises sqlite3.Error, QueryTimeout, or ValueError when there are too many rows.
+    ``names``, if given, receives the column names (for showing a result, :meth:`QuerySuite.table`)."""
     deadline = time.monotonic() + timeout_s
     timed_out = False
 
@@ -508,6 +510,8 @@ def _execute(conn: sqlite3.Connection, sql: str, timeout_s: float, max_rows: int
     try:
         cur = conn.execute(sql)
         width = len(cur.description or ())
+        if names is not None:
+            names.extend(d[0] for d in cur.description or ())
         rows: list[tuple] = []
         while chunk := cur.fetchmany(1000):
             rows.extend(tuple(_canonical(v) for v in row) for row in chunk)
@@ -591,6 +595,23 @@ class QuerySuite:
             except (sqlite3.Error, sqlite3.Warning, QueryTimeout, ValueError, OverflowError) as exc:
                 return Outcome(parsed=True, executed=False, match=False, error=str(exc) or type(exc).__name__)
         return Outcome(parsed=True, executed=True, match=self._same(results))
+
+    def table(self, sql: str, database: int = 0) -> tuple[list[str], list[tuple]]:
+        """Column names and rows of ``sql`` on one of the suite's databases, to show what a query returns (not to
+        score it: that is :meth:`check`). Works without a gold query. Raises ValueError saying why when ``sql``
+        is not one read-only SELECT that runs there within ``timeout_s``."""
+        if not self._dbs:
+            raise ValueError(self.gold_error or "no database")
+        conn = self._dbs[database]
+        problem = _prepare_error(conn, sql)
+        if problem:
+            raise ValueError(problem)
+        names: list[str] = []
+        try:
+            _, rows = _execute(conn, single_select(sql)[0], self.timeout_s, self.max_rows, names)
+        except (sqlite3.Error, sqlite3.Warning, QueryTimeout, OverflowError) as exc:
+            raise ValueError(str(exc) or type(exc).__name__) from None
+        return names, rows
 
     def _same(self, results: list[tuple[int, list[tuple]]]) -> bool:
         width = self.gold_results[0][0]

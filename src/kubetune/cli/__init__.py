@@ -40,6 +40,7 @@ def cli(verbose: int) -> None:
 from kubetune.cli import local  # noqa: E402,F401
 from kubetune.cli import cluster  # noqa: E402,F401
 from kubetune.cli import watch  # noqa: E402,F401
+from kubetune.cli import ui  # noqa: E402,F401
 
 
 def main() -> None:

@@ -1,0 +1,35 @@
+"""JSON schema of the Helm chart's ``ui`` values (charts/kubetune/templates/ui-*.yaml); kubetune.k8s.generate
+puts it in values.schema.json, so a typo under ``ui:`` fails ``helm install`` like one under ``recipe:``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+_QUANTITY = {"type": ["string", "integer"], "pattern": "^[0-9.]+[a-zA-Z]*$"}
+_STRINGS = {"type": "object", "additionalProperties": {"type": "string"}}
+
+
+def _object(doc: str, **properties: Any) -> dict[str, Any]:
+    return {"type": "object", "additionalProperties": False, "description": doc, "properties": properties}
+
+
+def ui_values_schema() -> dict[str, Any]:
+    host = {"type": "string", "description": "Host name; empty: the router's or controller's default."}
+    return _object(
+        "The compare UI (`kubetune ui`, docs/ui.md): a Deployment that reads the run's artifacts from the claim, "
+        "read-only.",
+        enabled={"type": "boolean"},
+        port={"type": "integer", "minimum": 1024, "maximum": 65535,
+              "description": "Container port (unprivileged: the pod runs as non-root)."},
+        gpus={"type": "integer", "minimum": 0, "maximum": 8,
+              "description": "GPUs (recipe.kubernetes.gpu_resource) for the models; 0 runs them on the CPU."},
+        gpuType={"type": "string", "description": "Value of recipe.kubernetes.gpu_product_label to schedule on."},
+        cpu=_QUANTITY,
+        memory=_QUANTITY,
+        authSecret={"type": "string", "description": "Secret whose key `auth` holds USER:PASSWORD; empty: no "
+                                                     "login of the UI's own (use the route's or ingress's)."},
+        route=_object("OpenShift Route to the Service (edge TLS).", enabled={"type": "boolean"}, host=host),
+        ingress=_object("Ingress to the Service.", enabled={"type": "boolean"}, host=host,
+                        className={"type": "string"}, annotations=_STRINGS,
+                        tlsSecret={"type": "string", "description": "TLS Secret for host; empty: plain HTTP."}),
+    )
