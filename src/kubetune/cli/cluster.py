@@ -14,6 +14,7 @@ import sys
 import click
 
 from kubetune.cli import cli
+from kubetune.cli.insight import model_config_option
 from kubetune.cli.local import set_option
 from kubetune.config import STAGE_NAMES
 
@@ -76,14 +77,23 @@ def render(recipe_path: str, stage: str | None, no_stage_jobs: bool, namespace: 
 @click.option("--dry-run", type=click.Choice(("client", "server")), default=None,
               help="client: print the objects, contact nothing; server: let the API server check them, store nothing.")
 @click.option("--poll", "poll_s", type=float, default=None, help="Seconds between looks at the Jobs (--wait/--follow).")
+@click.option("--force", is_flag=True,
+              help="Submit even when the memory estimate says a stage does not fit its resources.gpu_type.")
+@model_config_option
 @_cluster_options
 @set_option
-def submit(recipe_path, stage, mode, dry_run, poll_s, namespace, context, kubeconfig, overrides) -> None:
-    """Run RECIPE on Kubernetes: the recipe ConfigMap, the claim, and one GPU Job per stage in turn."""
+def submit(recipe_path, stage, mode, dry_run, poll_s, force, model_config, namespace, context, kubeconfig,
+           overrides) -> None:
+    """Run RECIPE on Kubernetes: the recipe ConfigMap, the claim, and one GPU Job per stage in turn.
+
+    First estimates each stage's GPU memory (`kubetune estimate`) and refuses, exit 12, a stage that cannot fit
+    the card its resources.gpu_type names, unless --force.
+    """
     from kubetune.k8s import launcher
     from kubetune.k8s.render import namespace_of, render as render_objects, to_yaml
 
     recipe = _load(recipe_path, overrides)
+    _check_fits(recipe, recipe_path, model_config, force)
     one = None if stage == "all" else stage
     if dry_run == "client":
         objects = render_objects(recipe, namespace_of(recipe, namespace), one)
@@ -180,3 +190,31 @@ def drive(run, recipe_path, read_markers, poll_s, namespace, context, kubeconfig
     layout = RunLayout.from_recipe(recipe) if read_markers else None
     Driver(cluster, recipe, layout=layout, echo=_echo).run(poll_s)
     sys.stdout.flush()
+
+
+def _check_fits(recipe, recipe_path: str, model_config: str | None, force: bool) -> None:
+    """Refuse a recipe whose estimated peak exceeds a requested card (WontFitError), unless forced.
+
+    Only stages with a known resources.<stage>.gpu_type are judged. When the model's config cannot be read
+    (a hub id with no network or cache), say so and go on: the estimate guards, it must not block.
+    """
+    if not any(getattr(recipe.resources, s).gpu_type for s in recipe.stages):
+        return
+    from kubetune.errors import KubetuneError, WontFitError
+    from kubetune.estimate import estimate_recipe
+
+    try:
+        result = estimate_recipe(recipe, model_config=model_config, suggest=False)
+    except KubetuneError as exc:
+        click.secho(f"warning: memory estimate skipped ({exc}); pass --model-config to check fit", fg="yellow",
+                    err=True)
+        return
+    failures = result.failures()
+    if not failures:
+        return
+    what = "; ".join(f"{stage} needs {result.stage(stage).total_bytes / 2**30:.1f} GiB, {card.name} has "
+                     f"{card.memory_bytes / 2**30:.1f} GiB" for stage, card in failures)
+    if force:
+        click.secho(f"warning: --force: submitting although {what}", fg="yellow", err=True)
+        return
+    raise WontFitError(f"{recipe_path}: {what} (see `kubetune estimate {recipe_path}`; --force submits anyway)")

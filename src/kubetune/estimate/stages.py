@@ -1,0 +1,453 @@
+"""Peak GPU memory of each stage, as a list of named components that add up to it.
+
+The numbers come from three sources: the model's shape (parameters and linear layers of its meta build), the
+saved-tensor trace (:mod:`kubetune.estimate.trace`), and the storage formats of the libraries the stages use
+(bitsandbytes, peft, TRL, GPTQModel), each written next to the code that counts it. docs/estimator.md derives
+every formula; the tests check the parts against real tensors on tiny models.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubetune.estimate.modelshape import Linear, ModelShape, build_meta_model, shape_of
+from kubetune.estimate.trace import Trace, TrainSetup, kv_cache_bytes, prepare_for_training, trace_backbone
+
+GIB = 2**30
+MIB = 2**20
+
+# What a process holds on the GPU beyond torch's allocator once CUDA is up, torch's kernels are loaded and cuBLAS has
+# a handle: 685 MiB measured on an H200 (torch 2.11, CUDA 13, bench/estimator_gpu_check.py); ~0.5 GiB is usual
+# on A100 with CUDA 12's lazy loading. Rounded up: it is the same for every stage.
+CUDA_CONTEXT_BYTES = 700 * MIB
+# The caching allocator reserves more than it hands out (block rounding, fragmentation). GPTQModel, which peft
+# imports, sets PYTORCH_ALLOC_CONF=expandable_segments:True in every stage, which keeps this small.
+ALLOCATOR_SLACK = 0.05
+DEFAULT_HEADROOM = 0.10
+"""Share of a card's memory left unused when judging 'fits': covers this estimate's error and other processes."""
+
+# bitsandbytes 0.50 4-bit storage (functional.quantize_4bit): two weights per byte, one absmax per 64 weights
+# (fp32, or with double quantization uint8 + one fp32 per 256 blocks + a 256-entry fp32 code), a 16-entry code.
+NF4_BLOCK = 64
+NF4_DQ_BLOCK = 256
+# TRL 1.16 chunked log-prob head (kernels/chunked_logprob.py): tiles of TOKEN_CHUNK_SIZE × _CHUNKED_LOGPROB_CHUNK_SIZE.
+TRL_TOKEN_TILE = 4096
+TRL_VOCAB_TILE = 32768
+TRL_PER_TOKEN_FP32 = 7  # running max, sums, target logit ... (fp32 vectors of N tokens in forward)
+
+
+def dtype_bytes(name: str) -> int:
+    return {"float32": 4, "bfloat16": 2, "float16": 2, "fp32": 4, "bf16": 2, "fp16": 2}[name]
+
+
+@dataclass
+class Component:
+    name: str
+    bytes: int
+    note: str = ""
+
+
+@dataclass
+class StageEstimate:
+    stage: str
+    components: list[Component]
+    notes: list[str] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+    """The recipe values this estimate depends on (shown in the table, used by suggestions)."""
+
+    @property
+    def allocated_bytes(self) -> int:
+        """Peak of torch's allocator (``torch.cuda.max_memory_allocated``)."""
+        return sum(c.bytes for c in self.components)
+
+    @property
+    def total_bytes(self) -> int:
+        """Peak as nvidia-smi shows it: allocated, the allocator's slack and the CUDA context."""
+        return int(self.allocated_bytes * (1 + ALLOCATOR_SLACK)) + CUDA_CONTEXT_BYTES
+
+    def fits(self, memory_bytes: int, headroom: float = DEFAULT_HEADROOM) -> bool:
+        return self.total_bytes <= memory_bytes * (1 - headroom)
+
+
+# ---- storage formats ---------------------------------------------------------------------------------------------
+def nf4_bytes(n: int, double_quant: bool) -> int:
+    """Bytes of one 4-bit (nf4/fp4) weight of ``n`` elements with its quantization state."""
+    blocks = math.ceil(n / NF4_BLOCK)
+    packed = math.ceil(n / 2)
+    code = 16 * 4
+    if double_quant:
+        return packed + blocks + 4 * math.ceil(blocks / NF4_DQ_BLOCK) + 256 * 4 + code
+    return packed + 4 * blocks + code
+
+
+def int8_bytes(lin: Linear) -> int:
+    """LLM.int8 weight: int8 matrix plus one fp32 scale per output row (SCB)."""
+    return lin.weights + 4 * lin.out_features
+
+
+def gptq_bytes(lin: Linear, bits: int, group_size: int) -> int:
+    """GPTQ packed weight: qweight (bits/weight), qzeros (bits per group and column), fp16 scales, int32 g_idx."""
+    groups = math.ceil(lin.in_features / (lin.in_features if group_size == -1 else group_size))
+    return (lin.weights * bits // 8 + groups * lin.out_features * bits // 8 + groups * lin.out_features * 2
+            + lin.in_features * 4)
+
+
+def weight_bytes(shape: ModelShape, dtype: str, precision: str = "none", double_quant: bool = True,
+                 rest_dtype: str | None = None) -> tuple[int, int]:
+    """(bytes of the quantized linears, bytes of everything else) for a base held at ``precision``.
+
+    ``rest_dtype`` is the dtype of the parameters bitsandbytes does not quantize (fp32 after peft's
+    prepare_model_for_kbit_training, else the load dtype).
+    """
+    if precision == "none":
+        return 0, shape.total_params * dtype_bytes(dtype)
+    weights = shape.linear_weight_names()
+    quantized = {f"{lin.name}.weight" for lin in shape.quantizable()}
+    q = 0
+    rest = 0
+    for name, n in shape.params.items():
+        if name in quantized:
+            lin = weights[name]
+            q += nf4_bytes(n, double_quant) if precision == "4bit" else int8_bytes(lin)
+        else:
+            rest += n * dtype_bytes(rest_dtype or dtype)
+    return q, rest
+
+
+def gptq_weight_bytes(shape: ModelShape, bits: int, group_size: int, dtype: str) -> tuple[int, int]:
+    """(packed decoder-layer linears, the rest at ``dtype``): GPTQModel quantizes the linears of the decoder
+    layers and leaves embeddings, norms and the LM head in 16-bit."""
+    prefix = f"{shape.layers_path}."
+    layer_linears = {f"{lin.name}.weight": lin for lin in shape.linears if lin.name.startswith(prefix)}
+    q = sum(gptq_bytes(layer_linears[name], bits, group_size) for name in shape.params if name in layer_linears)
+    rest = sum(n for name, n in shape.params.items() if name not in layer_linears) * dtype_bytes(dtype)
+    return q, rest
+
+
+def lora_params(shape: ModelShape, target_modules, r: int) -> int:
+    """LoRA A (r × in) and B (out × r) per targeted linear, no biases (peft's bias='none')."""
+    return sum(r * (lin.in_features + lin.out_features) for lin in shape.lora_targets(target_modules))
+
+
+# ---- no-grad forward scratch ---------------------------------------------------------------------------------------
+def forward_scratch(shape: ModelShape, batch: int, length: int, dbytes: int, scores: bool,
+                    all_logits: bool) -> int:
+    """Working memory of a no-grad forward (inference, verification, calibration), on top of the weights.
+
+    Per layer, freed before the next: the residual stream and its norm, three MLP-wide tensors at once (gate
+    output after the activation, up output, their product), and when attention runs eagerly or on SDPA's math
+    backend, the batch × heads × length² scores and their softmax. After the last layer: the logits, of the last
+    position only when the model takes ``logits_to_keep`` (generate passes 1), else of every position, plus the
+    fp32 copy the caller makes. A bound from the shapes, not a trace: on the GPU it came within 5-15% (under).
+    """
+    h = shape.hidden_size
+    widest = max((lin.out_features for lin in shape.layer_linears()), default=4 * h)
+    tokens = batch * length
+    scratch = tokens * dbytes * (4 * h + 3 * widest)
+    if scores:
+        heads = int(getattr(shape.config.get_text_config(), "num_attention_heads", 1))
+        scratch += batch * heads * length * length * (dbytes + 4)
+    positions = tokens if all_logits else batch
+    return scratch + positions * shape.vocab_size * (dbytes + 4)
+
+
+# ---- the estimator ---------------------------------------------------------------------------------------------------
+class Estimator:
+    """Estimates for one recipe's model; caches the meta builds and traces that suggestions re-use."""
+
+    def __init__(self, recipe, config, bf16: bool = True, target: str = "cuda"):
+        import torch
+
+        self.target = target  # whose kernels the trace emulates: "cuda", or "cpu" to compare with CPU runs
+        self.recipe = recipe
+        self.config = config
+        self.bf16 = bf16
+        self.torch = torch
+        half = "bfloat16" if bf16 else "float16"
+        self.model_dtype = half if recipe.model.dtype == "auto" else recipe.model.dtype
+        self.meta = build_meta_model(config, getattr(torch, self.model_dtype))
+        self.shape = shape_of(self.meta)
+        self._half = half
+        self._models: dict[tuple, Any] = {}
+        self._traces: dict[tuple, Trace] = {}
+        self._kv: dict[tuple, int] = {}
+        self.trace_layers = self._layers_to_trace()
+
+    # -- helpers -----------------------------------------------------------------------------------------------------
+    def _layers_to_trace(self) -> int:
+        """Two layers stand for all of them when every layer is alike (same parameters, no per-layer settings in
+        the config such as sliding/full attention); the first layer differs (its input needs no gradient)."""
+        layers = self.meta.get_submodule(self.shape.layers_path)
+        sizes = {sum(p.numel() for p in layer.parameters()) for layer in layers}
+        text = self.config.get_text_config()
+        per_layer_lists = [k for k, v in vars(text).items() if isinstance(v, (list, tuple))
+                           and len(v) == self.shape.num_layers and len(set(map(str, v))) > 1]
+        return 2 if len(sizes) == 1 and not per_layer_lists and self.shape.num_layers > 2 else self.shape.num_layers
+
+    def _config_with_layers(self, n: int):
+        if n == self.shape.num_layers:
+            return self.config
+        cfg = copy.deepcopy(self.config)
+        cfg.get_text_config().num_hidden_layers = n
+        return cfg
+
+    def precision(self, ft) -> tuple[str, Any]:
+        """(load dtype name, autocast dtype or None) of the fine-tune on a GPU."""
+        if ft.precision == "auto":
+            autocast = self._half if self.bf16 else None  # auto → bf16 mixed precision, fp32 without bf16
+        elif ft.precision == "fp32":
+            autocast = None
+        else:
+            autocast = {"bf16": "bfloat16", "fp16": "float16"}[ft.precision]
+        return self.model_dtype, autocast
+
+    @staticmethod
+    def lora_dtype(ft) -> str:
+        """peft keeps adapters in fp32 (autocast_adapter_dtype); TRL's SFTTrainer converts them to bf16 on a
+        quantized base, as the QLoRA paper does (trl/trainer/sft_trainer.py, ``_is_quantized_model``)."""
+        return "bfloat16" if ft.base_precision != "none" else "float32"
+
+    def train_trace(self, ft, batch: int, length: int) -> Trace:
+        """The saved-tensor trace for ``batch × length``, extrapolated from the traced layers to all of them."""
+        torch = self.torch
+        dtype, autocast = self.precision(ft)
+        compute = dtype if ft.bnb.compute_dtype == "auto" else ft.bnb.compute_dtype
+        targets = tuple(lin.name for lin in self.shape.lora_targets(ft.lora.target_modules))
+        model_key = (ft.base_precision, compute, targets, ft.lora.r, ft.lora.dropout, autocast)
+        key = (*model_key, batch, length, ft.gradient_checkpointing)
+        if key in self._traces:
+            return self._traces[key]
+        if model_key not in self._models:
+            n = self.trace_layers
+            meta = build_meta_model(self._config_with_layers(n), getattr(torch, dtype))
+            shape = shape_of(meta) if n != self.shape.num_layers else self.shape
+            small_targets = tuple(lin.name for lin in shape.lora_targets(ft.lora.target_modules))
+            setup = TrainSetup(getattr(torch, dtype), ft.base_precision, getattr(torch, compute), small_targets,
+                               ft.lora.r, ft.lora.dropout, getattr(torch, autocast) if autocast else None,
+                               lora_dtype=getattr(torch, self.lora_dtype(ft)))
+            self._models[model_key] = prepare_for_training(meta, shape, setup)
+        model = self._models[model_key]
+        trace = trace_backbone(model, self.shape.layers_path, batch, length,
+                               getattr(torch, autocast) if autocast else None, target=self.target,
+                               inputs_require_grad=ft.gradient_checkpointing)
+        trace = self._extrapolate(trace)
+        self._traces[key] = trace
+        return trace
+
+    def _extrapolate(self, trace: Trace) -> Trace:
+        n, total = len(trace.per_layer), self.shape.num_layers
+        if n == total:
+            return trace
+
+        def spread(values: list[int]) -> list[int]:
+            return values[:1] + [values[-1]] * (total - 1)
+
+        return Trace(per_layer=spread(trace.per_layer), outside=trace.outside, layer_input=spread(trace.layer_input),
+                     largest_in_layer=trace.largest_in_layer, hidden_dtype_bytes=trace.hidden_dtype_bytes,
+                     by_kind=dict(trace.by_kind), math_attention=trace.math_attention,
+                     int8_held=spread(trace.int8_held))
+
+    def kv_cache(self, dtype: str, batch: int, length: int) -> int:
+        """KV cache bytes, read from the cache of a meta forward through the traced layers (all alike, so the
+        two-layer model's cache scales to every layer)."""
+        key = (dtype, batch, length)
+        if key not in self._kv:
+            n = self.trace_layers
+            model = build_meta_model(self._config_with_layers(n), getattr(self.torch, dtype))
+            self._kv[key] = kv_cache_bytes(model, batch, length) * self.shape.num_layers // n
+        return self._kv[key]
+
+    def keeps_scores(self) -> bool:
+        """Does attention materialise length² scores (eager, or SDPA on its math backend)?"""
+        if self.shape.attn_implementation == "eager":
+            return True
+        return self.train_trace(self.recipe.finetune, 1, 16).math_attention
+
+    def takes_logits_to_keep(self) -> bool:
+        import inspect
+
+        return "logits_to_keep" in inspect.signature(type(self.meta).forward).parameters
+
+    def scratch(self, batch: int, length: int, dbytes: int, all_logits: bool = False) -> int:
+        return forward_scratch(self.shape, batch, length, dbytes, self.keeps_scores(),
+                               all_logits or not self.takes_logits_to_keep())
+
+    # -- stages --------------------------------------------------------------------------------------------------------
+    def finetune(self, ft) -> StageEstimate:
+        shape = self.shape
+        dtype, autocast = self.precision(ft)
+        b, s = ft.batch_size, ft.max_length
+        n_lora = lora_params(shape, ft.lora.target_modules, ft.lora.r)
+        comps: list[Component] = []
+        notes: list[str] = []
+        if ft.base_precision == "none":
+            _, rest = weight_bytes(shape, dtype)
+            comps.append(Component(f"base weights ({dtype})", rest, f"{shape.total_params / 1e9:.2f}B params"))
+        else:
+            q, rest = weight_bytes(shape, dtype, ft.base_precision, ft.bnb.double_quant, rest_dtype="float32")
+            fmt = (f"{ft.bnb.quant_type}{' + double quant' if ft.bnb.double_quant else ''}"
+                   if ft.base_precision == "4bit" else "LLM.int8 + fp32 row scales")
+            n_q = sum(lin.weights for lin in shape.quantizable())
+            comps.append(Component(f"base linears ({fmt})", q, f"{n_q / 1e9:.2f}B weights, "
+                                                                f"{q / max(n_q, 1):.3f} bytes each"))
+            comps.append(Component("rest of the base (fp32)", rest,
+                                   "embeddings, norms, head: upcast by peft's prepare_model_for_kbit_training"))
+        lora_dtype = self.lora_dtype(ft)
+        lb, short = dtype_bytes(lora_dtype), {"float32": "fp32", "bfloat16": "bf16"}[lora_dtype]
+        comps.append(Component(f"LoRA weights ({short})", lb * n_lora, f"{n_lora / 1e6:.1f}M params, r={ft.lora.r}"
+                               + ("; TRL casts adapters to bf16 on a k-bit base" if lb == 2 else "")))
+        comps.append(Component(f"LoRA gradients ({short})", lb * n_lora))
+        comps.append(Component(f"AdamW states ({short} ×2)", 2 * lb * n_lora,
+                               "exp_avg and exp_avg_sq, in the weights' dtype"))
+
+        trace = self.train_trace(ft, b, s)
+        if ft.gradient_checkpointing:
+            act = trace.outside + sum(trace.layer_input) + max(trace.per_layer)
+            act_note = (f"checkpointed: {shape.num_layers} layer inputs + one layer recomputed "
+                        f"({max(trace.per_layer) / MIB:.0f} MiB)")
+            if any(trace.int8_held):
+                act += sum(trace.int8_held)
+                act_note += (f" + {sum(trace.int8_held) / GIB:.2f} GiB of inputs the 8-bit matmuls keep "
+                             "(checkpointing cannot drop them)")
+        else:
+            act = trace.saved
+            act_note = f"{shape.num_layers} layers × ~{trace.per_layer[-1] / MIB:.0f} MiB saved for backward"
+        comps.append(Component(f"activations (batch {b} × {s} tokens)", act, act_note))
+
+        head_saved, head_scratch = self._loss_head(ft, trace, b, s, dtype, autocast)
+        comps.append(Component("loss head saved (TRL chunked log-probs)", head_saved,
+                               "hidden states of labelled tokens + per-token fp32 statistics"))
+        # Backward starts at the head (its tiles and fp32 grad of the hidden states), then runs each layer's
+        # backward with that layer's saved tensors still alive: ~2× its largest tensor plus gradients of the
+        # residual stream. Both come on top of everything saved; the larger one is the peak.
+        residual_grad = 2 * b * s * shape.hidden_size * trace.hidden_dtype_bytes
+        layer_scratch = 2 * trace.largest_in_layer + residual_grad
+        comps.append(Component("backward scratch", max(head_scratch, layer_scratch),
+                               f"max(loss-head tiles {head_scratch / MIB:.0f} MiB, layer backward "
+                               f"{layer_scratch / MIB:.0f} MiB)"))
+        mixed = f"{autocast} autocast" if autocast else "no autocast"
+        notes.append(f"{shape.architecture}, {shape.attn_implementation} attention, load {dtype}, {mixed}")
+        if shape.attn_implementation == "eager":
+            notes.append("eager attention keeps batch × heads × length² scores per layer: gradient checkpointing "
+                         "or a shorter max_length helps most")
+        return StageEstimate("finetune", comps, notes, settings={
+            "base_precision": ft.base_precision, "batch_size": b, "grad_accum": ft.grad_accum, "max_length": s,
+            "gradient_checkpointing": ft.gradient_checkpointing, "lora_r": ft.lora.r, "lora_params": n_lora,
+            "precision": autocast or dtype})
+
+    def _loss_head(self, ft, trace: Trace, b: int, s: int, dtype: str, autocast) -> tuple[int, int]:
+        """(saved, scratch) bytes of TRL 1.16's fused LM head (trainer/utils.py add_fused_lm_head,
+        kernels/chunked_logprob.py). Every position is assumed labelled (completion_only_loss makes it fewer)."""
+        h, vocab = self.shape.hidden_size, self.shape.vocab_size
+        n = b * (s - 1)
+        hb = trace.hidden_dtype_bytes
+        cb = dtype_bytes(autocast or dtype)  # compute dtype of the tiles
+        head_dtype = "float32" if ft.base_precision != "none" else dtype  # k-bit: the head was upcast to fp32
+        saved = n * h * hb + 2 * n * 4 + n * 8 + b * s  # hidden[mask] copy, log_z + entropy, targets, mask
+        tile_t, tile_v = min(n, TRL_TOKEN_TILE), min(vocab, TRL_VOCAB_TILE)
+        tiles = tile_t * tile_v * cb  # mm_buf
+        tiles += tile_v * h * cb if dtype_bytes(head_dtype) != cb else 0  # weight[start:end].to(compute)
+        tiles += tile_t * h * cb if hb != cb else 0  # hidden[token_start:token_end].to(compute)
+        forward = TRL_PER_TOKEN_FP32 * n * 4 + tiles
+        backward = n * h * 4 + n * h * hb + tiles  # grad_hidden fp32 accumulator, then .to(hidden dtype)
+        return saved, max(forward, backward)
+
+    def merge(self) -> StageEstimate:
+        """The merge stage as kubetune.stages.merge runs it: with verification on, the base is loaded, merged and
+        checked in fp32 (a bf16 check cannot tell a correct merge from a broken one), then cast to merge.dtype."""
+        recipe, shape = self.recipe, self.shape
+        dtype = recipe.merge.dtype
+        verify = recipe.merge.verify.enabled
+        compute = "float32" if verify else dtype
+        cb = dtype_bytes(compute)
+        ft = recipe.finetune
+        n_lora = lora_params(shape, ft.lora.target_modules, ft.lora.r)
+        comps = [Component(f"base weights ({compute})", shape.total_params * cb,
+                           "verification runs in fp32; never 4/8-bit, even after QLoRA" if verify else
+                           "never 4/8-bit, even after QLoRA"),
+                 Component("LoRA adapter (fp32)", 4 * n_lora, "peft keeps adapters in fp32 on a 16-bit base")]
+        targets = shape.lora_targets(ft.lora.target_modules)
+        biggest = max((lin.weights for lin in targets), default=0)
+        merge_scratch = 2 * 4 * biggest  # fp32 B @ A and its scaled copy, for the largest target, one at a time
+        length = ft.max_length
+        # One example at a time, every position's logits (then moved to the host).
+        check = self.scratch(1, length, cb, all_logits=True) if verify else 0
+        # Module.to(merge.dtype) converts one parameter at a time: the largest one exists in both dtypes at once.
+        cast = max(shape.params.values()) * dtype_bytes(dtype) if compute != dtype else 0
+        comps.append(Component("scratch", max(merge_scratch, check, cast),
+                               f"max(B·A of the largest layer {merge_scratch / MIB:.0f} MiB, verification forward "
+                               f"of {length} tokens {check / MIB:.0f} MiB, cast of the largest tensor to {dtype} "
+                               f"{cast / MIB:.0f} MiB)"))
+        return StageEstimate("merge", comps, ["measured ~25% higher on one GPU run (docs/estimator.md)"],
+                             settings={"dtype": dtype, "verify": verify})
+
+    def quantize(self) -> StageEstimate:
+        recipe, shape = self.recipe, self.shape
+        q = recipe.quantize
+        dtype = recipe.merge.dtype  # GPTQModel.load(dtype=merge.dtype) in the quantize stage
+        db = dtype_bytes(dtype)
+        layer = shape.layer_linears()
+        cal = q.calibration
+        b, t = min(q.batch_size, cal.samples), cal.max_length
+        hessians = sum(4 * lin.in_features ** 2 for lin in layer)
+        widest = max(layer, key=lambda lin: lin.weights + lin.in_features ** 2, default=None)
+        working = (3 * 4 * widest.weights + 4 * widest.in_features ** 2) if widest else 0
+        # GPTQModel runs the decoder layers only: no logits (scratch() adds a last-position row; negligible)
+        batch = 2 * b * t * shape.hidden_size * db + self.scratch(b, t, db)
+        comps = [
+            Component(f"one decoder layer ({dtype})", shape.layer_params() * db,
+                      "GPTQModel keeps the model on CPU/disk and moves one layer at a time to the GPU"),
+            Component("Hessians (fp32 in² per linear)", hessians, f"{len(layer)} linears of one layer at once"),
+            Component("GPTQ working set (largest linear)", working,
+                      "fp32 weight, quantized copy and losses (3 × out·in·4) + inverse Hessian"),
+            Component(f"calibration batch ({b} × {t} tokens)", batch, "layer input + output + forward scratch"),
+        ]
+        host = cal.samples * t * shape.hidden_size * db * 2
+        notes = [f"host RAM: calibration inputs and outputs of every sample ≈ {host / GIB:.2f} GiB, plus the "
+                 "CPU copy of the model",
+                 "the least certain figure: a real GPTQModel run held more than this (docs/estimator.md)"]
+        return StageEstimate("quantize", comps, notes, settings={"bits": q.bits, "group_size": q.group_size})
+
+    def infer_model(self, name: str, batch: int) -> StageEstimate:
+        recipe, shape = self.recipe, self.shape
+        ft = recipe.finetune
+        length = ft.max_length + recipe.infer.max_new_tokens
+        comps: list[Component] = []
+        if name == "base":
+            dtype = self.model_dtype
+            comps.append(Component(f"weights: base ({dtype})", shape.total_params * dtype_bytes(dtype)))
+        elif name == "adapter":
+            dtype = self.model_dtype
+            qb, rest = weight_bytes(shape, dtype, ft.base_precision, ft.bnb.double_quant)
+            what = ft.base_precision if ft.base_precision != "none" else dtype
+            comps.append(Component(f"weights: base as trained ({what})", qb + rest))
+            comps.append(Component("LoRA adapter (fp32)", 4 * lora_params(shape, ft.lora.target_modules, ft.lora.r)))
+        elif name == "merged":
+            dtype = recipe.merge.dtype
+            comps.append(Component(f"weights: merged ({dtype})", shape.total_params * dtype_bytes(dtype)))
+        else:
+            dtype = recipe.merge.dtype  # dtype="auto" keeps the checkpoint's, i.e. the merge's
+            qb, rest = gptq_weight_bytes(shape, recipe.quantize.bits, recipe.quantize.group_size, dtype)
+            comps.append(Component(f"weights: GPTQ {recipe.quantize.bits}-bit", qb + rest,
+                                   f"packed layers {qb / GIB:.2f} GiB + 16-bit embeddings/head {rest / GIB:.2f} GiB"))
+        kv_dtype = dtype
+        kv = self.kv_cache(kv_dtype, batch, length)
+        comps.append(Component(f"KV cache ({batch} × {length} tokens)", kv,
+                               f"prompt ≤ finetune.max_length {ft.max_length} + {recipe.infer.max_new_tokens} new"))
+        db = dtype_bytes(kv_dtype)
+        prefill = self.scratch(batch, ft.max_length, db)
+        comps.append(Component("prefill scratch", prefill, "one layer's working set + logits"))
+        return StageEstimate("infer", comps, [f"model '{name}'"], settings={"model": name, "batch_size": batch})
+
+    def infer(self, batch: int | None = None) -> StageEstimate:
+        """The infer stage loads its models one after another: its peak is the largest of them."""
+        batch = batch or self.recipe.infer.batch_size
+        models = self.recipe.infer.models or ["base"]
+        worst = max((self.infer_model(m, batch) for m in models), key=lambda e: e.allocated_bytes)
+        others = [m for m in models if m != worst.settings["model"]]
+        worst.notes = [f"largest of {', '.join(models)}: '{worst.settings['model']}'"
+                       + (f" (the others need less)" if others else "")]
+        return worst
