@@ -10,7 +10,7 @@ export GPTQMODEL_DISABLE_PACK_EXT ?= 1
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help venv demo test test-slow lint clean
+.PHONY: help venv demo test test-slow test-faults reliability lint clean
 .PHONY: schema images test-k8s
 
 help:  ## List targets
@@ -30,8 +30,11 @@ test: $(STAMP)  ## Run the test suite (excludes tests marked slow or faults)
 test-slow: $(STAMP)  ## Run only the slow tests
 	$(PY) -m pytest -m slow -q
 
-test-faults: $(STAMP)  ## Kill stages at 20 seeded points and check every rerun recovers (docs/reliability.md)
-	$(PY) -m pytest -m faults -q
+test-faults: $(STAMP)  ## Fault injection: 20 seeded kills of finetune/merge/quantize, each followed by a rerun (~9 min)
+	$(PY) -m pytest -m faults -q -s tests/test_faults.py
+
+reliability: $(STAMP)  ## Rerun the fault suite and rewrite docs/reliability.md's table with what it measured
+	KUBETUNE_RELIABILITY_DOC=docs/reliability.md $(PY) -m pytest -m faults -q -s tests/test_faults.py
 
 lint: $(STAMP)  ## Validate every shipped recipe
 	$(KUBETUNE) validate jobs/*.yaml

@@ -70,4 +70,4 @@ def test_exit_codes_are_distinct_and_documented():
     doc = (ROOT / "docs" / "exit-codes.md").read_text()
     for code in EXIT_CODES:
         assert f"| {code} |" in doc, f"exit code {code} missing from docs/exit-codes.md"
-    assert set(PERMANENT_EXIT_CODES) == {3, 4, 5, 6, 7, 8, 11, 12}
+    assert set(PERMANENT_EXIT_CODES) == {3, 4, 5, 6, 7, 8, 11, 12, 13}

@@ -209,7 +209,7 @@ def test_kill_and_resume(recipe_dict, tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 180
-        while not list(checkpoints.glob("checkpoint-*/trainer_state.json")):
+        while not list(checkpoints.glob(f"checkpoint-*/{finetune.CHECKPOINT_MARKER}")):  # a sealed checkpoint
             assert proc.poll() is None, f"the stage ended before a checkpoint: {proc.stdout.read()[-2000:]}"
             assert time.monotonic() < deadline, "no checkpoint within 180 s"
             time.sleep(0.02)

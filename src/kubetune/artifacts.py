@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from kubetune.errors import ArtifactError, StageBusyError
+from kubetune.errors import ArtifactError, StageBusyError, storage_error
 
 SUCCESS_MARKER = "_SUCCESS"
 REPORT_FILE = "report.json"
@@ -109,9 +109,10 @@ class RunLayout:
         locks = self.run_dir / ".locks"
         try:
             locks.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ArtifactError(f"{locks}: cannot create ({exc.strerror})") from None
-        with open(locks / f"{stage}.lock", "a+") as fh:
+            fh = open(locks / f"{stage}.lock", "a+")
+        except OSError as exc:  # the first write of a stage: a read-only or full volume shows here
+            raise storage_error(exc) or ArtifactError(f"{locks}: cannot create ({exc.strerror})") from None
+        with fh:
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:

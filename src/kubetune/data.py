@@ -43,6 +43,8 @@ def _load_raw(data):
             builder = FILE_BUILDERS.get(path.suffix.lower())
             if builder is None:
                 raise DataError(f"{path}: unsupported file type '{path.suffix}' (use {', '.join(FILE_BUILDERS)})")
+            if path.stat().st_size == 0:  # datasets fails on it with a bare StopIteration
+                raise DataError(f"{path}: the file is empty: the data set has no rows")
             return datasets.load_dataset(builder, data_files=str(path), split="train")
         if path.is_dir():
             return datasets.load_dataset(str(path), split=data.split)
@@ -54,6 +56,11 @@ def _load_raw(data):
     except UnicodeDecodeError as exc:
         raise DataError(f"{source}: not valid UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except Exception as exc:  # datasets raises many types; the user needs the source and the reason
+        cause = exc
+        while cause is not None and not isinstance(cause, UnicodeDecodeError):  # wrapped by the CSV builder
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            raise DataError(f"{source}: not valid UTF-8 text ({cause.reason} at byte {cause.start})") from None
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "UnicodeDecodeError" in reason or "utf-8" in reason.lower():
             reason = f"not valid UTF-8 text ({reason})"
@@ -63,6 +70,8 @@ def _load_raw(data):
 def load_examples(data) -> "datasets.Dataset":  # noqa: F821
     """All rows of the source as ``context``/``question``/``answer`` strings (empty rows dropped)."""
     raw = _load_raw(data)
+    if len(raw) == 0:
+        raise DataError(f"{data.source}: the data set has no rows")
     mapping = {field: getattr(data.columns, field) for field in FIELDS}
     missing = [f"{field} → '{col}'" for field, col in mapping.items() if col not in raw.column_names]
     if missing:
@@ -73,7 +82,10 @@ def load_examples(data) -> "datasets.Dataset":  # noqa: F821
     def convert(row):
         return {field: "" if row[col] is None else str(row[col]) for field, col in mapping.items()}
 
-    ds = raw.map(convert, remove_columns=raw.column_names)
+    try:
+        ds = raw.map(convert, remove_columns=raw.column_names)
+    except UnicodeDecodeError as exc:  # JSON readers pass invalid UTF-8 through; it breaks here, on first use
+        raise DataError(f"{data.source}: not valid UTF-8 text ({exc.reason}: {exc.object[:40]!r})") from None
     ds = ds.filter(lambda r: bool(r["question"].strip()) and bool(r["answer"].strip()))
     if len(ds) == 0:
         raise DataError(f"{data.source}: the data set has no rows with a question and an answer")

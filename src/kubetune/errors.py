@@ -94,13 +94,49 @@ class WontFitError(KubetuneError):
     permanent = True
 
 
+class StorageError(KubetuneError):
+    """The artifacts volume is full, read-only, over quota or not writable; what was written before is kept."""
+
+    exit_code = 13
+    # Permanent: a retry of the same pod a few seconds later meets the same full or read-only volume, after
+    # loading the model again. Free space (or fix the mount) and submit again: finished stages are skipped and
+    # the fine-tune resumes from its last complete checkpoint.
+    permanent = True
+
+
+# errno values that mean "the volume cannot take this write", whatever the library that hit them.
+STORAGE_ERRNOS = {28: "no space left on the volume", 122: "disk quota exceeded", 30: "read-only file system",
+                  13: "permission denied"}
+# How libraries that do not raise OSError (safetensors' Rust writer, torch's zip writer) word the same errors.
+STORAGE_PHRASES = {"No space left on device": 28, "StorageFull": 28, "os error 28": 28, "Disk quota exceeded": 122,
+                   "Read-only file system": 30, "ReadOnlyFilesystem": 30, "os error 30": 30}
+
+
+def storage_error(exc: BaseException) -> StorageError | None:
+    """A StorageError for a failed write anywhere in ``exc``'s chain (ENOSPC, EDQUOT, EROFS, EACCES), else None."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        code = current.errno if isinstance(current, OSError) else None
+        if code is None:
+            text = str(current)
+            code = next((c for phrase, c in STORAGE_PHRASES.items() if phrase in text), None)
+        if code in STORAGE_ERRNOS:
+            where = getattr(current, "filename", None)
+            return StorageError(f"{where or 'artifacts volume'}: {STORAGE_ERRNOS[code]}; nothing finished was lost "
+                                "(free space or fix the mount, then run again)")
+        current = current.__cause__ or current.__context__
+    return None
+
+
 EXIT_CODES: dict[int, str] = {
     0: "success",
     1: "unexpected internal error (a bug: please report it with the log)",
     2: "command-line usage error (click)",
     **{cls.exit_code: (cls.__doc__ or "").strip().splitlines()[0] for cls in (
         RecipeError, DataError, ModelError, ArtifactError, VerificationError, GateError, StageBusyError,
-        ClusterError, PipelineError, WontFitError)},
+        ClusterError, PipelineError, WontFitError, StorageError)},
 }
 PERMANENT_EXIT_CODES: tuple[int, ...] = tuple(sorted(
     cls.exit_code for cls in KubetuneError.__subclasses__() if cls.permanent))

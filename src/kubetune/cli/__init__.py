@@ -12,7 +12,7 @@ import sys
 import click
 
 from kubetune import __version__
-from kubetune.errors import KubetuneError
+from kubetune.errors import KubetuneError, storage_error
 
 
 class KubetuneGroup(click.Group):
@@ -22,6 +22,12 @@ class KubetuneGroup(click.Group):
         except KubetuneError as exc:
             click.secho(f"error: {exc}", fg="red", err=True)
             sys.exit(exc.exit_code)
+        except Exception as exc:  # a full or read-only volume, met by whatever library was writing
+            storage = storage_error(exc)
+            if storage is None:
+                raise
+            click.secho(f"error: {storage}", fg="red", err=True)
+            sys.exit(storage.exit_code)
 
 
 @click.group(cls=KubetuneGroup, context_settings={"auto_envvar_prefix": "KUBETUNE",
@@ -38,10 +44,10 @@ def cli(verbose: int) -> None:
 
 # Command modules register themselves on ``cli``; import them for that side effect.
 from kubetune.cli import local  # noqa: E402,F401
-from kubetune.cli import cluster  # noqa: E402,F401
-from kubetune.cli import watch  # noqa: E402,F401
 from kubetune.cli import ui  # noqa: E402,F401
+from kubetune.cli import watch  # noqa: E402,F401
 from kubetune.cli import insight  # noqa: E402,F401
+from kubetune.cli import cluster  # noqa: E402,F401
 
 
 def main() -> None:

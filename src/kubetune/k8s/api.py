@@ -100,11 +100,14 @@ def load_client(context: str | None = None, kubeconfig: str | None = None):
     """An ApiClient found the way kubectl finds one: --kubeconfig, $KUBECONFIG, ~/.kube/config, else in-cluster.
 
     Returns (api_client, namespace of the context or of the pod, or None)."""
+    import yaml
     from kubernetes import client, config
     from kubernetes.config.config_exception import ConfigException
 
     paths = kubeconfig or os.environ.get("KUBECONFIG") or str(Path.home() / ".kube" / "config")
-    config_file = kubeconfig  # None: the client reads $KUBECONFIG (several files merged) or ~/.kube/config
+    # $KUBECONFIG is read now and passed on (several files are merged): the client's own default is the value the
+    # variable had when the kubernetes package was first imported.
+    config_file = kubeconfig or os.environ.get("KUBECONFIG") or None
     try:
         if any(Path(p).is_file() for p in paths.split(os.pathsep) if p):
             cfg = client.Configuration()
@@ -117,7 +120,7 @@ def load_client(context: str | None = None, kubeconfig: str | None = None):
             config.load_incluster_config(client_configuration=cfg)
             namespace = IN_CLUSTER_NAMESPACE.read_text().strip() if IN_CLUSTER_NAMESPACE.exists() else None
             return client.ApiClient(cfg), namespace
-    except (ConfigException, OSError, ValueError, TypeError) as exc:
+    except (ConfigException, OSError, ValueError, TypeError, yaml.YAMLError) as exc:  # YAMLError: not a kubeconfig
         raise ClusterError(f"cannot load the Kubernetes configuration ({paths}): {_short(exc)}") from None
     raise ClusterError(f"no Kubernetes configuration: {paths} does not exist and this is not a pod; "
                        "set --kubeconfig or KUBECONFIG")
