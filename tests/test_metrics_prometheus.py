@@ -70,8 +70,12 @@ def test_stage_metrics_reach_prometheus_and_every_panel_has_data(tiny_recipe, tm
             metrics={"local": True, "port": port, "pushgateway": pg_url})
         start = time.time() - 1
 
+        first_scrape = []
+
         def slow(stage, completed, total, description):
-            time.sleep(0.25)  # a progress bar that takes its time: the 10 steps span several scrapes
+            if not first_scrape:  # Prometheus starts scraping on its own schedule: let it see the stage once
+                first_scrape.append(prom.wait_for('kubetune_gpu_memory_used_bytes{stage="finetune"}'))
+            time.sleep(0.4)  # a progress bar that takes its time: the 10 steps span several 0.5 s scrapes
 
         result = run_stage(recipe, "finetune", progress=slow)
         assert result.status == "done"
