@@ -12,8 +12,8 @@ from kubetune.config import STAGE_NAMES, Recipe, recipe_from_dict
 from kubetune.errors import ClusterError, RecipeError
 from kubetune.k8s import render
 from kubetune.k8s.api import AlreadyExistsError, Cluster, NotFoundError
-from kubetune.k8s.state import (PodView, human_bytes, human_seconds, job_state, newest, pod_view,
-                                duration as elapsed)
+from kubetune.k8s.state import (PodView, human_bytes, human_seconds, job_state, newest, newest_pod_of,
+                                pod_view, duration as elapsed)
 
 Echo = Callable[[str], None]
 DRIVER_SELECTOR = "app.kubernetes.io/component=driver"
@@ -216,9 +216,7 @@ def status_rows(cluster: Cluster, run: str) -> list[StageRow]:
             rows.append(StageRow(stage, "not started"))
             continue
         state, reason = job_state(job)
-        job_pods = [p for p in pods if (p["metadata"].get("labels") or {}).get("batch.kubernetes.io/job-name")
-                    == job["metadata"]["name"]]
-        pod = newest(job_pods)
+        pod = newest_pod_of(job, pods)
         view: PodView | None = pod_view(pod) if pod else None
         phase = {"done": "Succeeded", "failed": "Failed", "queued": "Queued"}.get(state) or (
             view.phase if view else "Pending")

@@ -106,6 +106,12 @@ def pod_view(pod: dict[str, Any]) -> PodView:
                    summary=summary)
 
 
+def newest_pod_of(job: dict[str, Any], pods: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The latest pod the Job made (a retried Job has several; the newest says what is happening now)."""
+    name = job["metadata"]["name"]
+    return newest([p for p in pods if (p["metadata"].get("labels") or {}).get("batch.kubernetes.io/job-name") == name])
+
+
 def newest(objs: list[dict[str, Any]]) -> dict[str, Any] | None:
     return max(objs, key=lambda o: (o.get("metadata") or {}).get("creationTimestamp") or "", default=None)
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kubetune.k8s import render
-from kubetune.k8s.state import human_bytes, human_seconds, job_state, newest
+from kubetune.k8s.state import human_bytes, human_seconds, job_state, newest_pod_of
 
 ScrapeFn = Callable[[str, int], str]  # (pod name, port) -> exposition text; raises on failure
 
@@ -92,8 +92,7 @@ class Watcher:
                 views.append(StageView(stage, "not started"))
                 continue
             state, reason = job_state(job)
-            pod = newest([p for p in pods if (p["metadata"].get("labels") or {}).get("batch.kubernetes.io/job-name")
-                          == job["metadata"]["name"]])
+            pod = newest_pod_of(job, pods)
             view = StageView(stage, state, pod=pod["metadata"]["name"] if pod else None, note=reason)
             if state == "running" and pod and (pod.get("status") or {}).get("phase") == "Running":
                 view.figures, view.note = self._figures(view.pod, stage)
