@@ -109,6 +109,13 @@ def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def _short(text: str, limit: int = 160) -> str:
+    """A table cell, not a wall: a rambling base model repeats itself for dozens of lines."""
+    lines = text.splitlines() or [""]
+    cut = lines[0] if len(lines) == 1 else lines[0] + f" … (+{len(lines) - 1} lines)"
+    return cut if len(cut) <= limit else cut[: limit - 1] + "…"
+
+
 def answers_table(layout: RunLayout, models: list[str], samples: int) -> Table:
     """A few held-out questions with each model's answer, marked by whether its result matched the gold."""
     evaluate_dir = layout.stage_dir("evaluate")
@@ -125,7 +132,7 @@ def answers_table(layout: RunLayout, models: list[str], samples: int) -> Table:
             rows = outcomes[m]
             o = rows[i] if i < len(rows) else {}
             mark = "✓" if o.get("execution_match") else "✗"
-            cells.append(f"{mark} {o.get('prediction', '')}")
+            cells.append(f"{mark} {_short(o.get('prediction', ''))}")
         table.add_row(f"{row.get('question', '')}\n[dim]{row.get('gold', '')}[/]", *cells)
     return table
 
