@@ -43,10 +43,11 @@ def write_atomic(path: Path, text: str) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable (a crash after it cannot bring the old entry back)."""
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -144,7 +145,7 @@ class RunLayout:
             self.move_aside(final)
         write_atomic(tmp_dir / REPORT_FILE, json.dumps(report, indent=2, sort_keys=True, default=str) + "\n")
         os.replace(tmp_dir, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         marker = {"fingerprint": fingerprint, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         write_atomic(final / SUCCESS_MARKER, json.dumps(marker) + "\n")
         return final

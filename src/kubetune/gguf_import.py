@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kubetune.errors import ModelError
+from kubetune.artifacts import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -51,15 +52,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 @contextlib.contextmanager
@@ -179,7 +171,7 @@ def import_gguf(gguf_file: str | Path, out_dir: str | Path, dtype: str = "bfloat
                 with open(item, "rb") as fh:
                     os.fsync(fh.fileno())
             os.replace(tmp, out)
-            _fsync_dir(out.parent)
+            fsync_dir(out.parent)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

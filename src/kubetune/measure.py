@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import logging
 import os
 import resource
 import threading
@@ -39,15 +40,48 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _peak_rss_bytes() -> int:
+def proc_status_bytes(field: str) -> int | None:
+    """A memory line of /proc/self/status (``VmRSS``, ``VmHWM``) in bytes; None where /proc is not there."""
     try:
         with open("/proc/self/status") as fh:
             for line in fh:
-                if line.startswith("VmHWM:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return None
+
+
+def _peak_rss_bytes() -> int:
+    peak = proc_status_bytes("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+class Nvml:
+    """pynvml, initialised at first use and only once; ``module`` lets tests pass a fake with pynvml's names.
+
+    ``ready()`` is False on a machine without driver or library: callers then leave GPU figures out.
+    """
+
+    def __init__(self, module: Any = None):
+        self.module = module
+        self._ready: bool | None = None
+        self._lock = threading.Lock()
+
+    def ready(self) -> bool:
+        with self._lock:
+            if self._ready is None:
+                try:
+                    if self.module is None:
+                        import pynvml
+
+                        self.module = pynvml
+                    self.module.nvmlInit()
+                    self._ready = True
+                except Exception as exc:  # NVMLError_LibraryNotFound / DriverNotLoaded: a machine without GPU
+                    logging.getLogger(__name__).debug("NVML unavailable: %s", exc)
+                    self._ready = False
+            return self._ready
 
 
 class _NvmlSampler:
@@ -67,14 +101,14 @@ class _NvmlSampler:
         self.available = False
 
     def start(self) -> None:
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            self._handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
-        except Exception:  # no driver, no library, no GPU: the report says so with nulls
+        nvml = Nvml()
+        if not nvml.ready():  # no driver, no library, no GPU: the report says so with nulls
             return
-        self._nvml = pynvml
+        try:
+            self._handles = [nvml.module.nvmlDeviceGetHandleByIndex(i) for i in range(nvml.module.nvmlDeviceGetCount())]
+        except Exception:
+            return
+        self._nvml = nvml.module
         self.available = bool(self._handles)
         self._sample()
         self._thread = threading.Thread(target=self._loop, name="nvml-sampler", daemon=True)

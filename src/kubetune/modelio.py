@@ -135,6 +135,8 @@ def load_base_model(model_section, *, dtype=None, quantization_config=None, path
         raise
     except Exception as exc:
         raise _translate(exc, name, "the model") from None
+    if type(quantization_config).__name__ == "BitsAndBytesConfig":  # every k-bit load, whichever stage asked
+        check_kbit_quantized(model, "8bit" if quantization_config.load_in_8bit else "4bit", name)
     if getattr(model, "hf_quantizer", None) is not None and model_section.gguf_file and path is None:
         # GGUF weights arrive dequantized; drop the quantizer so the model can be saved and trained normally.
         model.hf_quantizer = None

@@ -27,6 +27,7 @@ from prometheus_client.registry import Collector
 
 from kubetune.metrics.names import METRICS, STAGE_LABELS, STATUSES
 from kubetune.metrics.state import Snapshot, StageState
+from kubetune.measure import Nvml
 
 log = logging.getLogger(__name__)
 
@@ -117,25 +118,16 @@ class StageCollector(Collector):
         self.processes = processes or ProcessTable()
         self.final_only = final_only
         self.env = env
-        self._nvml_ready: bool | None = None  # None: not tried yet; NVML is initialised at the first scrape
+        self._nvml = Nvml(nvml)  # initialised at the first scrape, not at registration
 
     def describe(self) -> list[Metric]:
         return []  # registering must not read NVML; the families are known only at scrape time
 
     # ---- reading the sources -----------------------------------------------------------------------------
     def _nvml_init(self) -> bool:
-        if self._nvml_ready is None:
-            try:
-                if self.nvml is None:
-                    import pynvml
-
-                    self.nvml = pynvml
-                self.nvml.nvmlInit()
-                self._nvml_ready = True
-            except Exception as exc:  # no driver or no library: GPU series are left out, nvml_available says 0
-                log.debug("NVML unavailable: %s", exc)
-                self._nvml_ready = False
-        return self._nvml_ready
+        ready = self._nvml.ready()
+        self.nvml = self._nvml.module
+        return ready
 
     def read_gpus(self) -> list[dict[str, Any]]:
         """Per visible GPU: index, uuid, name, used/total bytes, utilisation ratio, this pod's process bytes."""
@@ -227,7 +219,7 @@ class StageCollector(Collector):
         put("kubetune_stage_last_progress_timestamp_seconds", snap.last_progress)
         put("kubetune_stage_host_memory_peak_bytes", snap.host_peak)
 
-        put("kubetune_gpu_nvml_available", 1 if self._nvml_ready else 0)
+        put("kubetune_gpu_nvml_available", 1 if self._nvml.ready() else 0)
         uuid_of = {g["gpu"]: g["uuid"] for g in gpus}
         for g in gpus:
             ids = {"gpu": g["gpu"], "uuid": g["uuid"]}

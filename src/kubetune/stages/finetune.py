@@ -131,7 +131,6 @@ def load_model(recipe):
     dtype = modelio.resolve_dtype(recipe.model.dtype)
     quantization = modelio.bnb_config(ft, dtype)
     model = modelio.load_base_model(recipe.model, dtype=dtype, quantization_config=quantization)
-    modelio.check_kbit_quantized(model, ft.base_precision, recipe.model.name_or_path)
     if quantization is not None:
         from peft import prepare_model_for_kbit_training
 
@@ -307,7 +306,7 @@ def finish_from_checkpoint(trainer, checkpoint: Path) -> float:
 def seal_checkpoint(path: Path) -> None:
     """Make a checkpoint the trainer has just written durable, then mark it complete: fsync each file and the
     folder, then write the marker (temporary file, fsync, rename). Resuming accepts only marked checkpoints."""
-    from kubetune.artifacts import _fsync_dir, write_atomic
+    from kubetune.artifacts import fsync_dir, write_atomic
 
     sizes = {}
     for file in sorted(path.rglob("*")):
@@ -316,7 +315,7 @@ def seal_checkpoint(path: Path) -> None:
                 os.fsync(fh.fileno())
             sizes[str(file.relative_to(path))] = file.stat().st_size
     for folder in {f.parent for f in path.rglob("*")} | {path}:
-        _fsync_dir(folder)
+        fsync_dir(folder)
     write_atomic(path / CHECKPOINT_MARKER, json.dumps({"step": checkpoint_step(path), "files": sizes}) + "\n")
 
 

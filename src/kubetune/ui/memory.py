@@ -11,9 +11,9 @@ import ctypes
 import ctypes.util
 import logging
 import os
-import threading
 from dataclasses import dataclass
-from typing import Any
+
+from kubetune.measure import Nvml, proc_status_bytes
 
 log = logging.getLogger(__name__)
 
@@ -27,30 +27,6 @@ class GpuMemory:
     total_bytes: int
     process_bytes: int | None
     """Used by this process; None where NVML lists no PID of ours (a container's own PID namespace)."""
-
-
-class Nvml:
-    """pynvml, initialised at first use; ``module`` lets tests pass a fake with pynvml's function names."""
-
-    def __init__(self, module: Any = None):
-        self.module = module
-        self._ready: bool | None = None
-        self._lock = threading.Lock()
-
-    def ready(self) -> bool:
-        with self._lock:
-            if self._ready is None:
-                try:
-                    if self.module is None:
-                        import pynvml
-
-                        self.module = pynvml
-                    self.module.nvmlInit()
-                    self._ready = True
-                except Exception as exc:  # NVMLError_LibraryNotFound / DriverNotLoaded: a machine without GPU
-                    log.debug("NVML unavailable: %s", exc)
-                    self._ready = False
-            return self._ready
 
 
 _NVML = Nvml()
@@ -90,14 +66,7 @@ def gpu_memory(nvml: Nvml | None = None) -> list[GpuMemory] | None:
 
 def process_rss_bytes() -> int:
     """Resident memory of this process now (VmRSS), in bytes; 0 where /proc is not there."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return proc_status_bytes("VmRSS") or 0
 
 
 def _libc():
