@@ -72,3 +72,7 @@ ui: $(STAMP)  ## Compare a run's models in the browser (RUN=<run name or folder>
 test-ui: $(STAMP)  ## UI tests only, with headless Chromium installed (scripts/install-browser.sh)
 	scripts/install-browser.sh
 	KUBETUNE_REQUIRE_SERVERS=1 $(PY) -m pytest -q tests/test_ui_*.py
+
+.PHONY: bench-results
+bench-results: $(STAMP)  ## Regenerate bench/RESULTS.md and its chart from the JSON files in bench/results/
+	$(PY) bench/results_md.py

@@ -38,6 +38,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -68,44 +69,74 @@ ORIGINAL = ["finetune.lora.r=16", "finetune.lora.alpha=32", "finetune.lora.dropo
 WRAPPED = {"packing_strategy": "wrapped"}
 
 CASES: dict[str, dict] = {
-    # 1. bloom-1b1
+    # 1. bloom-1b1. "ours" is jobs/bloom-1b1-lora.yaml as shipped when the case runs (each JSON records the resolved
+    # recipe); each lever case changes one thing from it. The shipped defaults were then set from these runs.
     "bloom-1b1/baseline": {"model": "bloom-1b1", "set": ORIGINAL + ["model.dtype=float32", "finetune.precision=fp32"],
                            "sft": WRAPPED},
     "bloom-1b1/ours": {"model": "bloom-1b1", "set": []},
+    "bloom-1b1/ours-bs8-nogc": {"model": "bloom-1b1",
+                                "set": ["finetune.batch_size=8", "finetune.gradient_checkpointing=false"]},
     "bloom-1b1/ours-bs32": {"model": "bloom-1b1", "set": ["finetune.batch_size=32"]},
     "bloom-1b1/ours-bs64-gc": {"model": "bloom-1b1",
                                "set": ["finetune.batch_size=64", "finetune.gradient_checkpointing=true"]},
     "bloom-1b1/ours-bs32-gc": {"model": "bloom-1b1",
                                "set": ["finetune.batch_size=32", "finetune.gradient_checkpointing=true"]},
+    "bloom-1b1/ours-grouped": {"model": "bloom-1b1", "set": ["finetune.group_by_length=true"]},
+    "bloom-1b1/ours-grouped-bs128": {"model": "bloom-1b1",
+                                     "set": ["finetune.group_by_length=true", "finetune.batch_size=128"]},
+    "bloom-1b1/ours-grouped-bs256": {"model": "bloom-1b1",
+                                     "set": ["finetune.group_by_length=true", "finetune.batch_size=256"]},
+    "bloom-1b1/ours-grouped-bs128-nogc": {"model": "bloom-1b1",
+                                          "set": ["finetune.group_by_length=true", "finetune.batch_size=128",
+                                                  "finetune.gradient_checkpointing=false"]},
+    "bloom-1b1/ours-nodropout": {"model": "bloom-1b1", "set": ["finetune.lora.dropout=0.0"]},
+    "bloom-1b1/ours-wholeloss": {"model": "bloom-1b1", "set": ["finetune.completion_only_loss=false"]},
+    "bloom-1b1/ours-compile": {"model": "bloom-1b1", "set": ["finetune.group_by_length=true"],
+                               "sft": {"torch_compile": True}},
     # 2. bloom-7b1 on a 4-bit base
     "bloom-7b1/baseline": {"model": "bloom-7b1", "set": ORIGINAL + ["finetune.base_precision=4bit"], "sft": WRAPPED},
     "bloom-7b1/ours": {"model": "bloom-7b1", "set": []},
     "bloom-7b1/ours-bs32": {"model": "bloom-7b1", "set": ["finetune.batch_size=32", "finetune.grad_accum=1"]},
-    # a proposed code change, measured: the frozen embeddings/lm_head/norms stay bf16 (no fp32 upcast)
+    "bloom-7b1/ours-grouped-bs64": {"model": "bloom-7b1", "set": ["finetune.batch_size=64", "finetune.grad_accum=1",
+                                                                   "finetune.group_by_length=true"]},
+    # the frozen embeddings/lm_head/norms stay bf16 (no fp32 upcast): measured as a patch, then adopted by
+    # kubetune.stages.finetune.prepare_kbit_base for bf16 training (the patch is a no-op since)
     "bloom-7b1/ours-noupcast": {"model": "bloom-7b1", "set": [], "patch": ["no_kbit_upcast"]},
     "bloom-7b1/ours-bs32-noupcast": {"model": "bloom-7b1", "set": ["finetune.batch_size=32", "finetune.grad_accum=1"],
                                      "patch": ["no_kbit_upcast"]},
-    # 3. GPTQ 8-bit of the 1B (the fine-tune only makes the adapter: 2 steps)
+    "bloom-7b1/ours-grouped-bs64-noupcast": {"model": "bloom-7b1",
+                                             "set": ["finetune.batch_size=64", "finetune.grad_accum=1",
+                                                     "finetune.group_by_length=true"], "patch": ["no_kbit_upcast"]},
+    # 3. GPTQ 8-bit (the fine-tune only makes the adapter: 2 steps). The builtin rows are ~64 tokens; the
+    # "-cal2048" cases calibrate on 128 sequences of 2048 tokens (rows joined: see PATCHES["calibration_2048"]).
     "bloom-1b1/gptq8": {"model": "bloom-1b1", "set": ["finetune.max_steps=2"],
                         "stages": ["finetune", "merge", "quantize"]},
+    "bloom-1b1/gptq8-nooffload": {"model": "bloom-1b1", "set": ["finetune.max_steps=2"],
+                                  "stages": ["finetune", "merge", "quantize"], "patch": ["gptq_no_offload"]},
+    "bloom-1b1/gptq8-cal2048": {"model": "bloom-1b1", "set": ["finetune.max_steps=2",
+                                                              "quantize.calibration.max_length=2048",
+                                                              "data.builtin_examples=8000"],
+                                "stages": ["finetune", "merge", "quantize"], "patch": ["calibration_2048"]},
     "bloom-7b1/gptq8": {"model": "bloom-7b1", "set": ["finetune.max_steps=2"],
                         "stages": ["finetune", "merge", "quantize"]},
-    # 4. falcon-7b on an 8-bit base. As the code stands, transformers 5 leaves Falcon's layers 16-bit (see
-    # _patch_falcon_linear); the original ran a real 8-bit base, so the comparison runs with that fix.
-    "falcon-7b/baseline": {"model": "falcon-7b", "set": ORIGINAL + ["finetune.base_precision=8bit"], "sft": WRAPPED,
-                           "patch": ["falcon_linear"]},
-    "falcon-7b/baseline-asis": {"model": "falcon-7b", "set": ORIGINAL + ["finetune.base_precision=8bit"],
-                                "sft": WRAPPED},
-    "falcon-7b/ours": {"model": "falcon-7b", "set": [], "patch": ["falcon_linear"]},
-    "falcon-7b/ours-asis": {"model": "falcon-7b", "set": []},
-    "falcon-7b/ours-packed": {"model": "falcon-7b", "set": ["finetune.packing=true"], "patch": ["falcon_linear"]},
-    "falcon-7b/ours-bs32-noupcast": {"model": "falcon-7b", "set": ["finetune.batch_size=32", "finetune.grad_accum=1"],
-                                     "patch": ["falcon_linear", "no_kbit_upcast"]},
+    "bloom-7b1/gptq8-cal2048": {"model": "bloom-7b1", "set": ["finetune.max_steps=2",
+                                                              "quantize.calibration.max_length=2048",
+                                                              "data.builtin_examples=8000"],
+                                "stages": ["finetune", "merge", "quantize"], "patch": ["calibration_2048"]},
+    # 4. falcon-7b on an 8-bit base (kubetune.modelio builds Falcon's layers as plain nn.Linear so that
+    # bitsandbytes quantizes them; before, the "8-bit" falcon was a bf16 model)
+    "falcon-7b/baseline": {"model": "falcon-7b", "set": ORIGINAL + ["finetune.base_precision=8bit"], "sft": WRAPPED},
+    "falcon-7b/ours": {"model": "falcon-7b", "set": []},
+    "falcon-7b/ours-packed": {"model": "falcon-7b", "set": ["finetune.packing=true"]},
+    "falcon-7b/ours-grouped-bs64-noupcast": {"model": "falcon-7b",
+                                             "set": ["finetune.batch_size=64", "finetune.grad_accum=1",
+                                                     "finetune.group_by_length=true"], "patch": ["no_kbit_upcast"]},
     "codegen2-1b/ours": {"model": "codegen2-1b", "set": []},
+    "codegen2-1b/ours-grouped-bs64-gc": {"model": "codegen2-1b",
+                                         "set": ["finetune.batch_size=64", "finetune.group_by_length=true",
+                                                 "finetune.gradient_checkpointing=true"]},
     # where the memory of an 8-bit load goes (no training): the base as the fine-tune loads it, then prepared
     "falcon-7b/probe-8bit": {"model": "falcon-7b", "set": ["finetune.base_precision=8bit"], "probe": True},
-    "falcon-7b/probe-8bit-fixed": {"model": "falcon-7b", "set": ["finetune.base_precision=8bit"], "probe": True,
-                                   "patch": ["falcon_linear"]},
 }
 
 
@@ -297,18 +328,46 @@ def _patch_no_kbit_upcast() -> None:
     peft.prepare_model_for_kbit_training = prepare_without_upcast
 
 
-def _patch_falcon_linear() -> None:
-    """transformers 5's bitsandbytes integration converts only layers whose type *is* nn.Linear
-    (``type(module) is nn.Linear`` in integrations/bitsandbytes.py), so Falcon's FalconLinear (an nn.Linear
-    subclass whose forward is the same matmul + optional bias) stays 16-bit under load_in_8bit/4bit: the
-    "8-bit" falcon is a bf16 model. Building Falcon with plain nn.Linear lets bitsandbytes quantize it."""
-    import torch
-    from transformers.models.falcon import modeling_falcon
+def _patch_gptq_no_offload() -> None:
+    """GPTQModel without its disk offload of finished layers (kubetune sets offload_to_disk_path for machines whose
+    memory the model does not fit): what the offload costs in time when the model fits anyway."""
+    import gptqmodel
 
-    modeling_falcon.FalconLinear = torch.nn.Linear
+    original = gptqmodel.QuantizeConfig
+
+    def no_offload(*args, **kwargs):
+        kwargs.pop("offload_to_disk_path", None)
+        kwargs["offload_to_disk"] = False  # also when GPTQModel rebuilds the config from a saved checkpoint
+        return original(*args, **kwargs)
+
+    gptqmodel.QuantizeConfig = no_offload
 
 
-PATCHES = {"no_kbit_upcast": _patch_no_kbit_upcast, "falcon_linear": _patch_falcon_linear}
+def _patch_calibration_2048() -> None:
+    """Calibrate on ``calibration.samples`` sequences of ``calibration.max_length`` tokens made by joining training
+    rows (prompt + answer + eos, as the fine-tune sees them) end to end: the long-sequence calibration the issue asks
+    about, which a recipe cannot express (the quantize stage takes one row per sample)."""
+    from kubetune.data import load_splits
+    from kubetune.stages import quantize
+
+    def joined(recipe, template, tokenizer):
+        cal = recipe.quantize.calibration
+        stream: list[int] = []
+        need = cal.samples * cal.max_length
+        for row in load_splits(recipe.data).train:
+            text = template.format(row["context"], row["question"]) + row["answer"].strip() + tokenizer.eos_token
+            stream += tokenizer(text)["input_ids"]
+            if len(stream) >= need:
+                break
+        chunks = [stream[i:i + cal.max_length] for i in range(0, need, cal.max_length)]
+        chunks = [c for c in chunks if len(c) == cal.max_length]
+        return [{"input_ids": c, "attention_mask": [1] * len(c)} for c in chunks]
+
+    quantize.calibration_examples = joined
+
+
+PATCHES = {"no_kbit_upcast": _patch_no_kbit_upcast, "gptq_no_offload": _patch_gptq_no_offload,
+           "calibration_2048": _patch_calibration_2048}
 
 
 def instrument(record: dict, sft_overrides: dict, cuda: bool) -> StepTimer:
@@ -343,8 +402,8 @@ def instrument(record: dict, sft_overrides: dict, cuda: bool) -> StepTimer:
 
     original_load_model = finetune.load_model
 
-    def load_model(recipe):
-        model = original_load_model(recipe)
+    def load_model(recipe, *args, **kwargs):
+        model = original_load_model(recipe, *args, **kwargs)
         record["after_prepare"] = {"allocated_bytes": mem(), **dtype_bytes(model)}
         return model
 
@@ -559,6 +618,10 @@ def cmd_run(args) -> int:
         results["runs"] = [r for r in results["runs"] if r.get("case") != case] + [record]
         results_path.write_text(json.dumps(results, indent=1, default=str))
         print(brief(record), flush=True)
+        # The reports are in the JSON; a 7B case leaves ~30 GB (merged + GPTQ) that the next case's disk needs.
+        shutil.rmtree(work / "artifacts" / case.replace("/", "-"), ignore_errors=True)
+        if args.drop_models and all(CASES[c]["model"] != model for c in cases[cases.index(case) + 1:]):
+            shutil.rmtree(folder, ignore_errors=True)
     builds = work / "builds.jsonl"
     if builds.exists():
         results["builds"] = [json.loads(line) for line in builds.read_text().splitlines() if line.strip()]
@@ -630,6 +693,8 @@ def main(argv=None) -> int:
             q.add_argument("--out", required=True)
             q.add_argument("--cases", required=True, help=f"comma-separated, of: {', '.join(CASES)}")
             q.add_argument("--budget-s", type=float, default=540, help="stop starting cases after this")
+            q.add_argument("--drop-models", action="store_true",
+                           help="delete each model folder after its last case (disk: a 7B model is 14 GB)")
         elif name == "build":
             q.add_argument("model", choices=list(MODELS))
         else:

@@ -13,6 +13,9 @@ os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 os.environ.setdefault("GPTQMODEL_DISABLE_PACK_EXT", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The estimator's shape cache (kubetune.estimate.cache) goes to a folder of this test session, never ~/.cache.
+os.environ["KUBETUNE_ESTIMATE_CACHE"] = os.path.join(
+    os.environ.get("TMPDIR", "/tmp"), f"kubetune-test-estimate-cache-{os.getpid()}")
 
 from tiny import build_tiny_model, tiny_recipe_dict  # noqa: E402
 

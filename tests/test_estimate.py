@@ -334,7 +334,7 @@ def shipped(name: str, *overrides: str):
 
 
 def test_bloom_7b1_16bit_without_checkpointing_does_not_fit_40gb_and_the_suggestions_do():
-    recipe = shipped("bloom-7b1-qlora.yaml", "finetune.base_precision=none",
+    recipe = shipped("bloom-7b1-qlora.yaml", "finetune.base_precision=none", "finetune.batch_size=8",
                      "finetune.gradient_checkpointing=false")
     a100 = find_gpu("A100-40GB")
     result = estimate_recipe(recipe, model_config=BLOOM_7B1, gpu=a100)
@@ -344,20 +344,23 @@ def test_bloom_7b1_16bit_without_checkpointing_does_not_fit_40gb_and_the_suggest
     options = result.suggestions["finetune"]
     assert any("gradient checkpointing" in o.change for o in options)
     for option in options:  # each suggestion, applied to the recipe, really fits
-        again = estimate_recipe(shipped("bloom-7b1-qlora.yaml", "finetune.base_precision=none",
+        again = estimate_recipe(shipped("bloom-7b1-qlora.yaml", "finetune.base_precision=none", "finetune.batch_size=8",
                                         "finetune.gradient_checkpointing=false", *option.overrides),
                                 model_config=BLOOM_7B1, gpu=a100, suggest=False)
         assert again.stage("finetune").total_bytes == option.total_bytes
         assert again.failures() == []
 
 
-def test_qlora_counts_the_fp32_upcast_and_fits_a_40gb_card():
+def test_qlora_counts_the_16bit_rest_in_its_training_precision_and_fits_a_40gb_card():
+    rest_params = 250880 * 4096 + 30 * 4 * 4096 + 30 * (4096 * 3 + 4096 + 4 * 4096 + 4096) + 4 * 4096
     result = estimate_recipe(shipped("bloom-7b1-qlora.yaml"), model_config=BLOOM_7B1)
     ft = result.stage("finetune")
     parts = {c.name.split(" (")[0]: c.bytes for c in ft.components}
-    assert parts["rest of the base"] == (250880 * 4096 + 30 * 4 * 4096 + 30 * (4096 * 3 + 4096 + 4 * 4096 + 4096)
-                                         + 4 * 4096) * 4  # embeddings, norms and biases in fp32
+    assert parts["rest of the base"] == rest_params * 2  # bf16 training: embeddings, norms and biases stay bf16
     assert ft.fits(find_gpu("A100-40GB").memory_bytes)
+    fp32 = estimate_recipe(shipped("bloom-7b1-qlora.yaml", "finetune.precision=fp32"), model_config=BLOOM_7B1)
+    parts = {c.name.split(" (")[0]: c.bytes for c in fp32.stage("finetune").components}
+    assert parts["rest of the base"] == rest_params * 4  # upcast by peft's QLoRA preparation
     assert result.target == {"finetune": find_gpu("A100-40GB")}  # resources.finetune.gpu_type of that recipe
 
 
@@ -399,3 +402,79 @@ def test_a_7b_estimate_traces_two_layers_and_answers_quickly():
     assert time.perf_counter() - started < 10  # < 5 s on an idle laptop; CI shares two cores
     assert math.isclose(result.params, 6_921_720_704)
     assert [s.stage for s in result.stages] == ["finetune", "merge", "quantize", "infer"]
+
+
+# ---- padded length from the training rows, the fused head, the disk cache ------------------------------------------
+@pytest.fixture(autouse=True)
+def _estimate_cache(tmp_path, monkeypatch):
+    """Every test gets its own estimate cache (never the user's ~/.cache)."""
+    monkeypatch.setenv("KUBETUNE_ESTIMATE_CACHE", str(tmp_path / "estimate-cache"))
+
+
+def test_worst_batch_pads_to_the_longest_row_and_counts_labels_by_hand():
+    from kubetune.estimate.rows import Rows, worst_batch
+
+    # rows of (total, completion) tokens: (10, 4), (30, 5), (20, 12), (50, 2)
+    rows = Rows((10, 30, 20, 50), (4, 5, 12, 2), "test")
+    wb = worst_batch(rows, "", batch=2, max_length=40, completion_only=True, packing=False)
+    # longest row 50 is cut at 40; completion-only labels per row: 4, 5, 12, and the 50-row keeps 40-48 < 0 -> dropped
+    assert wb.length == 40 and wb.labelled == 12 + 5
+    wb = worst_batch(rows, "", batch=2, max_length=64, completion_only=False, packing=False)
+    assert wb.length == 50 and wb.labelled == 49 + 29  # whole-sequence loss: every position but the first
+    assert worst_batch(None, "no tokenizer", 3, 64, True, False).length == 64
+    assert worst_batch(rows, "", 3, 64, True, packing=True).labelled == 3 * 63
+
+
+def test_training_rows_are_tokenized_and_split_as_trl_and_kubetune_data_do(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from kubetune.data import load_splits, prompt_completion
+    from kubetune.estimate.rows import read_rows
+    from kubetune.prompt import PromptTemplate
+
+    recipe = recipe_from_dict({"model": {"name_or_path": str(tiny_model_dir)},
+                               "data": {"source": "builtin:text2sql", "builtin_examples": 120, "eval_size": 20}})
+    rows = read_rows(recipe)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    train = prompt_completion(load_splits(recipe.data).train, PromptTemplate(recipe.prompt.template), tok.eos_token)
+    assert len(rows.total) == len(train) == 100
+    for i, row in enumerate(train):  # TRL's tokenize_fn: prompt, and prompt + completion
+        whole = tok(row["prompt"] + row["completion"])["input_ids"]
+        prompt = tok(row["prompt"])["input_ids"]
+        common = next((k for k, (a, b) in enumerate(zip(prompt, whole)) if a != b), min(len(prompt), len(whole)))
+        assert (rows.total[i], rows.completion[i]) == (len(whole), len(whole) - common)
+
+
+def test_estimate_uses_the_padded_length_of_local_rows_and_says_so(tiny_model_dir):
+    recipe = recipe_from_dict({"model": {"name_or_path": str(tiny_model_dir)},
+                               "data": {"source": "builtin:text2sql", "builtin_examples": 120, "eval_size": 20},
+                               "finetune": {"batch_size": 4, "max_length": 512}})
+    ft = estimate_recipe(recipe, suggest=False).stage("finetune")
+    assert ft.settings["padded_length"] < 512 and "longest of 100 training rows" in " ".join(ft.notes)
+    worst = estimate_recipe(recipe_from_dict({**recipe.model_dump(mode="json"), "model": {
+        "name_or_path": str(tiny_model_dir)}, "data": {"source": "nobody/hub-data"}}), suggest=False)
+    assert worst.stage("finetune").settings["padded_length"] == 512
+    assert "worst case" in " ".join(worst.stage("finetune").notes)
+
+
+def test_fused_head_saved_bytes_by_hand(tmp_path):
+    recipe = recipe_for(tmp_path, tiny_config("llama"))
+    est = Estimator(recipe, load_config(recipe.model), target="cpu")
+    trace = est.train_trace(recipe.finetune, 3, 24)
+    saved, scratch = est._loss_head(recipe.finetune, trace, 3, 24, 50, "float32", None)
+    h, v = 64, 300
+    # hidden[mask] copy + int64 targets + fp32 log_z and entropy + two int64 index vectors + the bool mask
+    assert saved == 50 * h * 4 + 50 * 8 + 2 * 50 * 4 + 2 * 50 * 8 + 3 * 23
+    # backward: fp32 grad_hidden, its cast (fp32 here: a copy of the same size) and the 50 × 300 fp32 tile
+    assert scratch == max(7 * 50 * 4 + 50 * v * 4, 50 * h * 4 + 50 * h * 4 + 50 * v * 4)
+
+
+def test_a_second_estimate_reads_the_disk_cache_without_building_the_model():
+    first = estimate_recipe(shipped("bloom-1b1-lora.yaml"), model_config=CONFIGS / "bigscience--bloom-1b1.json")
+    from kubetune.estimate.modelshape import raw_config
+
+    raw, source = raw_config(None, CONFIGS / "bigscience--bloom-1b1.json")
+    est = Estimator(shipped("bloom-1b1-lora.yaml"), raw_config=raw, config_source=source)
+    again = [est.finetune(est.recipe.finetune), est.merge(), est.quantize(), est.infer()]
+    assert est._meta is None and est._config is None and not est._models  # nothing built, no config object
+    assert [s.allocated_bytes for s in again] == [s.allocated_bytes for s in first.stages]

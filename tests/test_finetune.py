@@ -127,6 +127,22 @@ def test_qlora_on_cpu_counts_quantized_weights(recipe, tiny_model_dir, precision
     assert report["memory_footprint_bytes"] < 4 * params["total"]
 
 
+@pytest.mark.parametrize("precision, frozen_rest", [("bf16", "bfloat16"), ("fp32", "float32")])
+def test_a_kbit_base_keeps_its_16bit_rest_under_bf16(recipe, precision, frozen_rest):
+    """bf16 training leaves the frozen embeddings and norms of a 4-bit base in bf16 (fp32 would double them: 1.9
+    GiB more for BLOOM-7B1); fp32 training upcasts them, as peft's QLoRA preparation does."""
+    r = recipe(model={"dtype": "bfloat16"},
+               finetune={"max_steps": 2, "base_precision": "4bit", "precision": precision})
+    report = run_stage(r, "finetune").report
+    assert math.isfinite(report["metrics"]["train_loss"]) and report["metrics"]["steps_run"] == 2
+    by_dtype, trainable = report["parameters"]["by_dtype"], report["parameters"]["trainable"]
+    fp32 = by_dtype.get("float32", 0)
+    if frozen_rest == "bfloat16":
+        assert fp32 <= trainable and by_dtype["bfloat16"] > trainable  # at most the LoRA weights are fp32
+    else:
+        assert fp32 > trainable  # the frozen embeddings and norms too
+
+
 def test_packing_schedule_ends_with_training(recipe, sql_jsonl):
     # Epochs, not max_steps: the plan must come from the packed data's length (the bug this guards against
     # planned from an estimate, ~30× the steps that ran, and the learning rate never decayed).
@@ -325,3 +341,91 @@ def test_a_4bit_load_that_quantizes_nothing_is_refused(tiny_model_dir):
     with pytest.raises(ModelError, match=r"finetune.base_precision: 4bit quantized none.*SubclassLinear"):
         check_kbit_quantized(model, "4bit", "tiny")
     check_kbit_quantized(model, "none", "tiny")  # nothing to check without a k-bit base
+
+
+@pytest.mark.parametrize("base_precision", ["4bit", "8bit"])
+def test_falcon_layers_are_quantized_by_a_kbit_load(tmp_path, base_precision):
+    """Falcon's FalconLinear layers are built as plain nn.Linear while loading, so bitsandbytes really quantizes them
+    (before, a falcon-7b "8-bit" base stayed bf16), and the model still runs."""
+    import torch
+    from transformers import AutoModelForCausalLM, FalconConfig
+    from transformers.models.falcon import modeling_falcon
+
+    from kubetune.config import FinetuneSection, ModelSection
+    from kubetune.modelio import bnb_config, load_base_model
+
+    config = FalconConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          new_decoder_architecture=False, multi_query=True, parallel_attn=True, bias=False)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    section = ModelSection(name_or_path=str(tmp_path), dtype="float32")
+    quantization = bnb_config(FinetuneSection(base_precision=base_precision), torch.float32)
+    model = load_base_model(section, quantization_config=quantization)
+
+    kinds = {type(m).__name__ for n, m in model.named_modules() if "query_key_value" in n or "dense" in n}
+    assert kinds == {"Linear8bitLt" if base_precision == "8bit" else "Linear4bit"}
+    assert modeling_falcon.FalconLinear is not torch.nn.Linear  # restored after the load
+    with torch.no_grad():
+        logits = model(torch.tensor([[1, 2, 3, 4]])).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_group_by_length_cuts_the_padding(recipe_dict, tmp_path):
+    """Rows of very different lengths: batching similar lengths together computes on far fewer padding positions,
+    and the report says how many there were."""
+    from kubetune.config import recipe_from_dict
+
+    rng = random.Random(1)
+    # ~60 to ~125 tokens; 400 rows, so that the sampler's groups (a quarter of the data, at most 50 batches) are
+    # large enough to hold rows of nearly equal length
+    rows = [{"context": "CREATE TABLE t (a VARCHAR)", "question": "which a " + " ".join(["please"] * rng.randint(1, 11)),
+             "answer": "SELECT a FROM t"} for _ in range(400)]
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    padding = {}
+    for grouped in (False, True):
+        d = recipe_dict(finetune={"max_steps": 6, "batch_size": 8, "group_by_length": grouped})
+        d["data"]["source"] = str(data)
+        d["run"]["name"] = f"grouped-{str(grouped).lower()}"
+        report = run_stage(recipe_from_dict(d), "finetune").report
+        padding[grouped] = report["throughput"]["padding_fraction"]
+    assert 0 <= 3 * padding[True] < padding[False]
+
+
+def test_an_8bit_layer_output_can_be_added_into_in_place():
+    """bitsandbytes' int8 matmul returns a view made inside its autograd Function; Falcon adds into that output in
+    place, which autograd forbids (seen on the GPU for the original recipe's falcon-7b). kubetune's 8-bit loads give
+    such outputs their own storage while gradients are recorded."""
+    import torch
+
+    from kubetune.modelio import detach_int8_output_views
+
+    class ViewOfInput(torch.autograd.Function):  # what MatMul8bitLt's output looks like to autograd
+        @staticmethod
+        def forward(ctx, x):
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad
+
+    class Linear8bitLt(torch.nn.Module):
+        def forward(self, x):
+            return ViewOfInput.apply(x)
+
+    class FalconLikeBlock(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dense_4h_to_h = Linear8bitLt()
+
+        def forward(self, x):
+            mlp_output = self.dense_4h_to_h(x)
+            mlp_output += x  # modeling_falcon: mlp_output += attention_output
+            return mlp_output
+
+    x = torch.randn(4, requires_grad=True)
+    with pytest.raises(RuntimeError, match="is a view and is being modified inplace"):
+        FalconLikeBlock()(x * 1)
+    block = FalconLikeBlock()
+    detach_int8_output_views(block)
+    block(x * 1).sum().backward()
+    assert torch.equal(x.grad, torch.full((4,), 2.0))

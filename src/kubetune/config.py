@@ -139,6 +139,10 @@ class FinetuneSection(Section):
     """Pack several examples into each sequence (faster on short rows; TRL's padding-free BFD packing)."""
     completion_only_loss: bool = True
     """Learn only the answer tokens, not the prompt."""
+    group_by_length: bool = False
+    """Batch rows of similar length together (random groups of 50 batches, sorted inside): less padding per batch
+    when lengths vary, at the cost of batches that are less mixed. The alternative to packing for models whose
+    attention cannot keep packed rows apart."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward: much less memory, about 30% slower."""
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"

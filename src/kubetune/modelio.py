@@ -4,6 +4,7 @@ errors a user can act on. Every stage loads the base through here so that they a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -129,14 +130,18 @@ def load_base_model(model_section, *, dtype=None, quantization_config=None, path
         kwargs["quantization_config"] = quantization_config
     if path is not None or not (model_section.gguf_file or model_section.allow_pickle):
         kwargs["use_safetensors"] = True  # a (hub) model without safetensors fails instead of being unpickled
+    kbit = type(quantization_config).__name__ == "BitsAndBytesConfig"
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, device_map={"": dev}, **kwargs)
+        with plain_linear_layers(enabled=kbit):
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, device_map={"": dev}, **kwargs)
     except torch.cuda.OutOfMemoryError:
         raise
     except Exception as exc:
         raise _translate(exc, name, "the model") from None
-    if type(quantization_config).__name__ == "BitsAndBytesConfig":  # every k-bit load, whichever stage asked
+    if kbit:  # every k-bit load, whichever stage asked
         check_kbit_quantized(model, "8bit" if quantization_config.load_in_8bit else "4bit", name)
+        if quantization_config.load_in_8bit:
+            detach_int8_output_views(model)
     if getattr(model, "hf_quantizer", None) is not None and model_section.gguf_file and path is None:
         # GGUF weights arrive dequantized; drop the quantizer so the model can be saved and trained normally.
         model.hf_quantizer = None
@@ -145,12 +150,60 @@ def load_base_model(model_section, *, dtype=None, quantization_config=None, path
     return model
 
 
+# nn.Linear subclasses whose forward is exactly nn.Linear's (x @ W.T + b), built by these architectures.
+# transformers' bitsandbytes integration replaces only modules whose type *is* nn.Linear, so these layers would
+# stay 16-bit under a 4/8-bit load (falcon-7b "8-bit": 12.9 GiB of bf16 weights, bench/results/gpu-h200-*.md).
+# Built as plain nn.Linear while loading, they are quantized; the computation is the same matmul plus bias.
+AFFINE_LINEAR_SUBCLASSES = (("transformers.models.falcon.modeling_falcon", "FalconLinear"),)
+
+
+@contextlib.contextmanager
+def plain_linear_layers(enabled: bool = True):
+    """While loading, build the layers named in AFFINE_LINEAR_SUBCLASSES as plain nn.Linear (see there)."""
+    if not enabled:
+        yield
+        return
+    import importlib
+
+    import torch
+
+    swapped = []
+    try:
+        for module_name, class_name in AFFINE_LINEAR_SUBCLASSES:
+            module = importlib.import_module(module_name)
+            swapped.append((module, class_name, getattr(module, class_name)))
+            setattr(module, class_name, torch.nn.Linear)
+        yield
+    finally:
+        for module, class_name, original in swapped:
+            setattr(module, class_name, original)
+
+
+def detach_int8_output_views(model) -> None:
+    """Give every 8-bit layer's output its own storage while gradients are recorded.
+
+    bitsandbytes' int8 matmul returns a view made inside its autograd Function; a model that then adds into that
+    output in place (Falcon's parallel attention: ``mlp_output += attention_output``) fails in the forward with
+    "Output 0 of MatMul8bitLtBackward is a view and is being modified inplace" whenever the layer is not wrapped
+    by LoRA (e.g. target_modules [query_key_value]: measured on falcon-7b, bench/results). The copy costs one
+    output tensor per 8-bit layer and only where it is a view and autograd is on, not in inference.
+    """
+    def own_storage(module, inputs, output):
+        if getattr(output, "requires_grad", False) and output._is_view():
+            return output.clone()
+        return None
+
+    for module in model.modules():
+        if type(module).__name__ == "Linear8bitLt":
+            module.register_forward_hook(own_storage)
+
+
 def check_kbit_quantized(model, base_precision: str, name: str) -> None:
     """Fail when a 4/8-bit load quantized nothing.
 
     transformers' bitsandbytes integration replaces modules whose type is exactly ``nn.Linear``; a model that
-    builds its layers from a subclass (Falcon's ``FalconLinear``) silently stays 16-bit and then trains as a
-    full-size model (measured: falcon-7b "8-bit" held 12.9 GiB of bf16 weights, bench/results/gpu-h200-*.md).
+    builds its layers from another subclass than those AFFINE_LINEAR_SUBCLASSES lists silently stays 16-bit and
+    then trains as a full-size model.
     """
     if base_precision == "none":
         return

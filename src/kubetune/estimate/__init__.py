@@ -102,13 +102,17 @@ def requested_gpus(recipe, gpu: Gpu | None) -> tuple[dict[str, Gpu], list[str]]:
 def estimate_recipe(recipe, model_config=None, gpu: Gpu | None = None, headroom: float | None = None,
                     suggest: bool = True) -> Estimate:
     """Estimate every GPU stage of ``recipe``; with ``suggest``, find changes that make failing stages fit."""
-    from kubetune.estimate.modelshape import load_config
+    from kubetune.estimate.modelshape import load_config, raw_config
     from kubetune.estimate.stages import DEFAULT_HEADROOM, Estimator
 
     started = time.perf_counter()
     headroom = DEFAULT_HEADROOM if headroom is None else headroom
-    config = load_config(recipe.model, model_config)
-    est = Estimator(recipe, config, bf16=gpu.bf16 if gpu else True)
+    raw = raw_config(recipe.model, model_config)
+    bf16 = gpu.bf16 if gpu else True
+    if raw is not None:  # a config.json on disk: the disk cache can answer without torch and transformers
+        est = Estimator(recipe, raw_config=raw[0], config_source=raw[1], bf16=bf16)
+    else:
+        est = Estimator(recipe, load_config(recipe.model, model_config), bf16=bf16)
     stages = []
     for stage in GPU_STAGES:
         if stage in recipe.stages:
@@ -131,6 +135,7 @@ def estimate_recipe(recipe, model_config=None, gpu: Gpu | None = None, headroom:
             if items:
                 result.suggestions[s.stage] = items
                 result.suggestions_for[s.stage] = card.name
+    est.save()
     result.seconds = time.perf_counter() - started
     return result
 

@@ -51,6 +51,24 @@ class ModelShape:
     """Module name of the output embedding (lm_head), never quantized nor given LoRA by 'all-linear'."""
     not_quantized: set[str] = field(default_factory=set)
     """Modules transformers' bitsandbytes integration leaves in 16-bit (head, tied and last modules)."""
+    num_heads: int = 1
+    """Attention heads (query heads): the length² scores of eager / math attention are per head."""
+
+    def to_dict(self) -> dict:
+        """Everything but the config, as JSON (the estimate's disk cache)."""
+        return {"model_type": self.model_type, "architecture": self.architecture,
+                "attn_implementation": self.attn_implementation, "hidden_size": self.hidden_size,
+                "vocab_size": self.vocab_size, "num_layers": self.num_layers, "layers_path": self.layers_path,
+                "params": self.params, "linears": [[lin.name, lin.in_features, lin.out_features, lin.bias]
+                                                   for lin in self.linears],
+                "output_head": self.output_head, "not_quantized": sorted(self.not_quantized),
+                "num_heads": self.num_heads}
+
+    @classmethod
+    def from_dict(cls, d: dict, config=None) -> "ModelShape":
+        return cls(config=config, linears=[Linear(*lin) for lin in d["linears"]],
+                   not_quantized=set(d["not_quantized"]),
+                   **{k: v for k, v in d.items() if k not in ("linears", "not_quantized")})
 
     @property
     def total_params(self) -> int:
@@ -87,6 +105,32 @@ def _should_convert(name: str, skip: set[str]) -> bool:
 
 
 # ---- the config ----------------------------------------------------------------------------------------------
+def raw_config(model_section, config_path: str | Path | None = None) -> tuple[dict, str] | None:
+    """(config.json as a dict, where from) when it is a local file, read without importing transformers (the
+    key of the estimate's disk cache); None for hub ids and GGUF folders (:func:`load_config` reads those)."""
+    if config_path is not None:
+        path = Path(config_path).expanduser()
+        file, source = (path / "config.json" if path.is_dir() else path), f"--model-config {config_path}"
+    else:
+        path = Path(model_section.name_or_path).expanduser()
+        file, source = path / "config.json", "model.name_or_path"
+        if not (path.is_dir() and file.is_file()):
+            return None
+    try:
+        return json.loads(file.read_text(encoding="utf-8")), f"{source}: {file}"
+    except FileNotFoundError:
+        raise ModelError(f"{source}: {file} not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{source}: {file} is not a readable config.json ({exc})") from None
+
+
+def config_from_raw(raw: dict, source: str):
+    """The transformers config of a config.json dict (built-in class of its model_type, no remote code)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    return _config_from_dict(raw, CONFIG_MAPPING, source)
+
+
 def load_config(model_section, config_path: str | Path | None = None):
     """The transformers config for the recipe's model, without weights and without remote code."""
     from transformers import AutoConfig
@@ -216,4 +260,5 @@ def shape_of(model) -> ModelShape:
         config=config, model_type=config.model_type, architecture=type(model).__name__,
         attn_implementation=str(getattr(config, "_attn_implementation", None) or "eager"),
         hidden_size=int(text.hidden_size), vocab_size=int(text.vocab_size), num_layers=num_layers,
-        layers_path=layers_path, params=params, linears=linears, output_head=head_name, not_quantized=skip)
+        layers_path=layers_path, params=params, linears=linears, output_head=head_name, not_quantized=skip,
+        num_heads=int(getattr(text, "num_attention_heads", 1) or 1))

@@ -9,6 +9,8 @@ every formula; the tests check the parts against real tensors on tiny models.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -148,35 +150,112 @@ def forward_scratch(shape: ModelShape, batch: int, length: int, dbytes: int, sco
     tokens = batch * length
     scratch = tokens * dbytes * (4 * h + 3 * widest)
     if scores:
-        heads = int(getattr(shape.config.get_text_config(), "num_attention_heads", 1))
-        scratch += batch * heads * length * length * (dbytes + 4)
+        scratch += batch * shape.num_heads * length * length * (dbytes + 4)
     positions = tokens if all_logits else batch
     return scratch + positions * shape.vocab_size * (dbytes + 4)
 
 
 # ---- the estimator ---------------------------------------------------------------------------------------------------
 class Estimator:
-    """Estimates for one recipe's model; caches the meta builds and traces that suggestions re-use."""
+    """Estimates for one recipe's model. The meta builds and traces are made at most once per process (and
+    kept in the disk cache of :mod:`kubetune.estimate.cache` when the config came from a file), so suggestions
+    and a second estimate of the same model re-use them; torch and transformers are imported only on a miss."""
 
-    def __init__(self, recipe, config, bf16: bool = True, target: str = "cuda"):
-        import torch
+    def __init__(self, recipe, config=None, bf16: bool = True, target: str = "cuda", raw_config: dict | None = None,
+                 config_source: str = "config.json", read_rows: bool = True):
+        from kubetune.estimate.cache import DiskCache, NoCache, key_of
 
+        if config is None and raw_config is None:
+            raise ValueError("Estimator needs a config or a raw config.json dict")
         self.target = target  # whose kernels the trace emulates: "cuda", or "cpu" to compare with CPU runs
         self.recipe = recipe
-        self.config = config
+        self._config = config
+        self._raw = raw_config
+        self._config_source = config_source
         self.bf16 = bf16
-        self.torch = torch
         half = "bfloat16" if bf16 else "float16"
         self.model_dtype = half if recipe.model.dtype == "auto" else recipe.model.dtype
-        self.meta = build_meta_model(config, getattr(torch, self.model_dtype))
-        self.shape = shape_of(self.meta)
         self._half = half
+        self._meta = None
         self._models: dict[tuple, Any] = {}
+        self._plain: dict[str, Any] = {}
         self._traces: dict[tuple, Trace] = {}
         self._kv: dict[tuple, int] = {}
-        self.trace_layers = self._layers_to_trace()
+        self._rows = None
+        self.read_rows = read_rows
+        """Tokenize the training rows for the padded length (False: every row is max_length tokens)."""
+        # Only a config read from a file has a cheap key; a config object (tests, the GPU check) stays in memory.
+        self.disk = (DiskCache("model", key_of(raw_config, self.model_dtype, target)) if raw_config is not None
+                     else NoCache())
+        facts = self.disk.get("facts")
+        if facts is None:
+            self.shape = shape_of(self.meta)
+            facts = {"shape": self.shape.to_dict(), "trace_layers": self._layers_to_trace(),
+                     "logits_to_keep": self._takes_logits_to_keep()}
+            self.disk.put("facts", facts)
+        else:
+            self.shape = ModelShape.from_dict(facts["shape"])
+        self.trace_layers = facts["trace_layers"]
+        self._logits_to_keep = facts["logits_to_keep"]
 
     # -- helpers -----------------------------------------------------------------------------------------------------
+    @property
+    def torch(self):
+        import torch
+
+        return torch
+
+    @property
+    def config(self):
+        if self._config is None:
+            from kubetune.estimate.modelshape import config_from_raw
+
+            self._config = config_from_raw(self._raw, self._config_source)
+        return self._config
+
+    @property
+    def meta(self):
+        """The whole model on the meta device, built once (only on a cache miss)."""
+        if self._meta is None:
+            self._meta = build_meta_model(self.config, getattr(self.torch, self.model_dtype))
+        return self._meta
+
+    def worst_batch(self, ft):
+        """Padded length and labelled positions of the fine-tune's largest batch (:mod:`kubetune.estimate.rows`):
+        from the training rows when the tokenizer and the data are on this machine, else ``max_length``."""
+        from kubetune.estimate import rows as rows_mod
+
+        if self._rows is None:
+            self._rows = self._read_rows(rows_mod)
+        found, reason = self._rows
+        return rows_mod.worst_batch(found, reason, ft.batch_size, ft.max_length, ft.completion_only_loss,
+                                    ft.packing)
+
+    def _read_rows(self, rows_mod):
+        from kubetune.estimate.cache import DiskCache, key_of
+
+        if not self.read_rows:
+            return None, "training rows not read"
+        try:
+            fingerprint, reason = rows_mod.fingerprint(self.recipe)
+            if fingerprint is None:
+                return None, reason
+            disk = DiskCache("rows", key_of(fingerprint))
+            cached = disk.get("rows")
+            if cached is None:
+                found = rows_mod.read_rows(self.recipe)
+                disk.put("rows", dataclasses.asdict(found))
+                disk.save()
+            else:
+                found = rows_mod.Rows(tuple(cached["total"]), tuple(cached["completion"]), cached["source"])
+            return found, ""
+        except Exception as exc:  # noqa: BLE001 - unreadable rows: fall back to the worst case, say why
+            return None, f"training rows not readable here ({type(exc).__name__}: {exc})"
+
+    def save(self) -> None:
+        """Write what this estimate found to the disk cache (nothing happens when nothing new was found)."""
+        self.disk.save()
+
     def _layers_to_trace(self) -> int:
         """Two layers stand for all of them when every layer is alike (same parameters, no per-layer settings in
         the config such as sliding/full attention); the first layer differs (its input needs no gradient)."""
@@ -194,6 +273,11 @@ class Estimator:
         cfg.get_text_config().num_hidden_layers = n
         return cfg
 
+    def _takes_logits_to_keep(self) -> bool:
+        import inspect
+
+        return "logits_to_keep" in inspect.signature(type(self.meta).forward).parameters
+
     def precision(self, ft) -> tuple[str, Any]:
         """(load dtype name, autocast dtype or None) of the fine-tune on a GPU."""
         if ft.precision == "auto":
@@ -204,6 +288,11 @@ class Estimator:
             autocast = {"bf16": "bfloat16", "fp16": "float16"}[ft.precision]
         return self.model_dtype, autocast
 
+    def kbit_upcast(self, ft) -> bool:
+        """Whether the fine-tune turns a k-bit base's 16-bit rest into fp32: not under bf16 training (the rule of
+        kubetune.stages.finetune.prepare_kbit_base)."""
+        return self.precision(ft)[1] != "bfloat16"
+
     @staticmethod
     def lora_dtype(ft) -> str:
         """peft keeps adapters in fp32 (autocast_adapter_dtype); TRL's SFTTrainer converts them to bf16 on a
@@ -212,7 +301,6 @@ class Estimator:
 
     def train_trace(self, ft, batch: int, length: int) -> Trace:
         """The saved-tensor trace for ``batch × length``, extrapolated from the traced layers to all of them."""
-        torch = self.torch
         dtype, autocast = self.precision(ft)
         compute = dtype if ft.bnb.compute_dtype == "auto" else ft.bnb.compute_dtype
         targets = tuple(lin.name for lin in self.shape.lora_targets(ft.lora.target_modules))
@@ -220,9 +308,18 @@ class Estimator:
         key = (*model_key, batch, length, ft.gradient_checkpointing)
         if key in self._traces:
             return self._traces[key]
+        disk_key = "trace:" + json.dumps(key)
+        cached = self.disk.get(disk_key)
+        if cached is not None:
+            self._traces[key] = Trace(**cached)
+            return self._traces[key]
+        torch = self.torch
         if model_key not in self._models:
             n = self.trace_layers
-            meta = build_meta_model(self._config_with_layers(n), getattr(torch, dtype))
+            if n == self.shape.num_layers and self._meta is not None and self.model_dtype == dtype:
+                meta, self._meta = self._meta, None  # the whole model is traced: re-use its build (it is changed)
+            else:
+                meta = build_meta_model(self._config_with_layers(n), getattr(torch, dtype))
             shape = shape_of(meta) if n != self.shape.num_layers else self.shape
             small_targets = tuple(lin.name for lin in shape.lora_targets(ft.lora.target_modules))
             setup = TrainSetup(getattr(torch, dtype), ft.base_precision, getattr(torch, compute), small_targets,
@@ -235,6 +332,7 @@ class Estimator:
                                inputs_require_grad=ft.gradient_checkpointing)
         trace = self._extrapolate(trace)
         self._traces[key] = trace
+        self.disk.put(disk_key, dataclasses.asdict(trace))
         return trace
 
     def _extrapolate(self, trace: Trace) -> Trace:
@@ -255,9 +353,15 @@ class Estimator:
         two-layer model's cache scales to every layer)."""
         key = (dtype, batch, length)
         if key not in self._kv:
-            n = self.trace_layers
-            model = build_meta_model(self._config_with_layers(n), getattr(self.torch, dtype))
-            self._kv[key] = kv_cache_bytes(model, batch, length) * self.shape.num_layers // n
+            disk_key = "kv:" + json.dumps(key)
+            cached = self.disk.get(disk_key)
+            if cached is None:
+                n = self.trace_layers
+                if dtype not in self._plain:  # one plain n-layer model per dtype serves every batch and length
+                    self._plain[dtype] = build_meta_model(self._config_with_layers(n), getattr(self.torch, dtype))
+                cached = kv_cache_bytes(self._plain[dtype], batch, length) * self.shape.num_layers // n
+                self.disk.put(disk_key, cached)
+            self._kv[key] = cached
         return self._kv[key]
 
     def keeps_scores(self) -> bool:
@@ -267,9 +371,7 @@ class Estimator:
         return self.train_trace(self.recipe.finetune, 1, 16).math_attention
 
     def takes_logits_to_keep(self) -> bool:
-        import inspect
-
-        return "logits_to_keep" in inspect.signature(type(self.meta).forward).parameters
+        return self._logits_to_keep
 
     def scratch(self, batch: int, length: int, dbytes: int, all_logits: bool = False) -> int:
         return forward_scratch(self.shape, batch, length, dbytes, self.keeps_scores(),
@@ -279,7 +381,8 @@ class Estimator:
     def finetune(self, ft) -> StageEstimate:
         shape = self.shape
         dtype, autocast = self.precision(ft)
-        b, s = ft.batch_size, ft.max_length
+        worst = self.worst_batch(ft)
+        b, s = ft.batch_size, worst.length
         n_lora = lora_params(shape, ft.lora.target_modules, ft.lora.r)
         comps: list[Component] = []
         notes: list[str] = []
@@ -287,14 +390,17 @@ class Estimator:
             _, rest = weight_bytes(shape, dtype)
             comps.append(Component(f"base weights ({dtype})", rest, f"{shape.total_params / 1e9:.2f}B params"))
         else:
-            q, rest = weight_bytes(shape, dtype, ft.base_precision, ft.bnb.double_quant, rest_dtype="float32")
+            rest_dtype = "float32" if self.kbit_upcast(ft) else dtype
+            q, rest = weight_bytes(shape, dtype, ft.base_precision, ft.bnb.double_quant, rest_dtype=rest_dtype)
             fmt = (f"{ft.bnb.quant_type}{' + double quant' if ft.bnb.double_quant else ''}"
                    if ft.base_precision == "4bit" else "LLM.int8 + fp32 row scales")
             n_q = sum(lin.weights for lin in shape.quantizable())
             comps.append(Component(f"base linears ({fmt})", q, f"{n_q / 1e9:.2f}B weights, "
                                                                 f"{q / max(n_q, 1):.3f} bytes each"))
-            comps.append(Component("rest of the base (fp32)", rest,
-                                   "embeddings, norms, head: upcast by peft's prepare_model_for_kbit_training"))
+            comps.append(Component(f"rest of the base ({rest_dtype})", rest,
+                                   "embeddings, norms, head: upcast by peft's prepare_model_for_kbit_training"
+                                   if rest_dtype == "float32" else
+                                   "embeddings, norms, head: kept 16-bit under bf16 training"))
         lora_dtype = self.lora_dtype(ft)
         lb, short = dtype_bytes(lora_dtype), {"float32": "fp32", "bfloat16": "bf16"}[lora_dtype]
         comps.append(Component(f"LoRA weights ({short})", lb * n_lora, f"{n_lora / 1e6:.1f}M params, r={ft.lora.r}"
@@ -317,9 +423,9 @@ class Estimator:
             act_note = f"{shape.num_layers} layers × ~{trace.per_layer[-1] / MIB:.0f} MiB saved for backward"
         comps.append(Component(f"activations (batch {b} × {s} tokens)", act, act_note))
 
-        head_saved, head_scratch = self._loss_head(ft, trace, b, s, dtype, autocast)
+        head_saved, head_scratch = self._loss_head(ft, trace, b, s, worst.labelled, dtype, autocast)
         comps.append(Component("loss head saved (TRL chunked log-probs)", head_saved,
-                               "hidden states of labelled tokens + per-token fp32 statistics"))
+                               f"hidden states of the {worst.labelled} labelled positions + per-token statistics"))
         # Backward starts at the head (its tiles and fp32 grad of the hidden states), then runs each layer's
         # backward with that layer's saved tensors still alive: ~2× its largest tensor plus gradients of the
         # residual stream. Both come on top of everything saved; the larger one is the peak.
@@ -329,24 +435,35 @@ class Estimator:
                                f"max(loss-head tiles {head_scratch / MIB:.0f} MiB, layer backward "
                                f"{layer_scratch / MIB:.0f} MiB)"))
         mixed = f"{autocast} autocast" if autocast else "no autocast"
+        notes.append(f"padded length {s}: {worst.why}")
         notes.append(f"{shape.architecture}, {shape.attn_implementation} attention, load {dtype}, {mixed}")
         if shape.attn_implementation == "eager":
             notes.append("eager attention keeps batch × heads × length² scores per layer: gradient checkpointing "
                          "or a shorter max_length helps most")
         return StageEstimate("finetune", comps, notes, settings={
-            "base_precision": ft.base_precision, "batch_size": b, "grad_accum": ft.grad_accum, "max_length": s,
+            "base_precision": ft.base_precision, "batch_size": b, "grad_accum": ft.grad_accum,
+            "max_length": ft.max_length, "padded_length": s, "labelled_tokens": worst.labelled,
             "gradient_checkpointing": ft.gradient_checkpointing, "lora_r": ft.lora.r, "lora_params": n_lora,
             "precision": autocast or dtype})
 
-    def _loss_head(self, ft, trace: Trace, b: int, s: int, dtype: str, autocast) -> tuple[int, int]:
-        """(saved, scratch) bytes of TRL 1.16's fused LM head (trainer/utils.py add_fused_lm_head,
-        kernels/chunked_logprob.py). Every position is assumed labelled (completion_only_loss makes it fewer)."""
+    def _loss_head(self, ft, trace: Trace, b: int, s: int, n: int, dtype: str, autocast) -> tuple[int, int]:
+        """(saved, scratch) bytes of TRL 1.16's fused LM head for ``n`` labelled positions of a ``b × s`` batch.
+
+        ``add_fused_lm_head`` (trainer/utils.py; SFTTrainer asks for log_probs, entropy and is_top1) scores only
+        the positions whose label is not -100 (``hidden_states[mask]``, compact on CUDA with Triton), through
+        ``_ChunkedLogProbFunction`` (kernels/chunked_logprob.py). Saved for backward: the selected hidden states
+        (a copy, N × H), the targets (int64), log_z and entropy (fp32), the boolean-mask index (two int64 index
+        vectors) and the mask itself (masked_scatter). Forward scratch: seven fp32 running statistics per token and
+        the ``min(N, 4096) × 32768`` mm tile in the compute dtype, plus casts of the hidden chunk and the weight
+        slice when their dtype differs. Backward: an fp32 grad_hidden (N × H) and the tile again, then its cast
+        to the hidden states' dtype while the fp32 one still exists.
+        """
         h, vocab = self.shape.hidden_size, self.shape.vocab_size
-        n = b * (s - 1)
         hb = trace.hidden_dtype_bytes
         cb = dtype_bytes(autocast or dtype)  # compute dtype of the tiles
-        head_dtype = "float32" if ft.base_precision != "none" else dtype  # k-bit: the head was upcast to fp32
-        saved = n * h * hb + 2 * n * 4 + n * 8 + b * s  # hidden[mask] copy, log_z + entropy, targets, mask
+        # k-bit under fp16/fp32 training: the head was upcast to fp32 (stages.finetune.prepare_kbit_base)
+        head_dtype = "float32" if ft.base_precision != "none" and self.kbit_upcast(ft) else dtype
+        saved = n * h * hb + n * 8 + 2 * n * 4 + 2 * n * 8 + b * (s - 1)
         tile_t, tile_v = min(n, TRL_TOKEN_TILE), min(vocab, TRL_VOCAB_TILE)
         tiles = tile_t * tile_v * cb  # mm_buf
         tiles += tile_v * h * cb if dtype_bytes(head_dtype) != cb else 0  # weight[start:end].to(compute)

@@ -48,7 +48,7 @@ def run(ctx) -> dict[str, Any]:
     precision = training_precision(ft.precision, dev)
 
     tokenizer = modelio.load_tokenizer(recipe.model)
-    model = load_model(recipe)
+    model = load_model(recipe, precision)
     splits = load_splits(recipe.data)
     prompt = PromptTemplate(recipe.prompt.template)
     train = prompt_completion(splits.train, prompt, tokenizer.eos_token)
@@ -103,6 +103,9 @@ def run(ctx) -> dict[str, Any]:
             "train_tokens_per_s": trainer.tokens_seen / train_seconds,
             "samples_per_s": trainer.examples_seen / train_seconds,  # training examples, not packed sequences
             "train_seconds": round(train_seconds, 3),
+            # Share of the computed positions that were padding (0 when packed): what group_by_length cuts.
+            "padding_fraction": round(1 - trainer.tokens_seen / trainer.positions_seen, 4)
+            if trainer.positions_seen else None,
         },
         "parameters": count_parameters(trainer.model),
         "memory_footprint_bytes": memory_footprint_bytes(trainer.model),
@@ -125,20 +128,37 @@ def training_precision(choice: str, dev: str) -> str:
     return choice
 
 
-def load_model(recipe):
+def load_model(recipe, precision: str):
     """The frozen base, in the model dtype or (QLoRA) in 4/8 bits, ready for a LoRA adapter."""
     ft = recipe.finetune
     dtype = modelio.resolve_dtype(recipe.model.dtype)
     quantization = modelio.bnb_config(ft, dtype)
     model = modelio.load_base_model(recipe.model, dtype=dtype, quantization_config=quantization)
     if quantization is not None:
-        from peft import prepare_model_for_kbit_training
-
-        # Upcasts the unquantized rest (norms, embeddings, lm_head) to fp32 for stable k-bit training: the
-        # QLoRA recipe, at the cost of 4 bytes per parameter for those layers (large for big vocabularies).
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=ft.gradient_checkpointing)
+        prepare_kbit_base(model, ft.gradient_checkpointing, upcast=precision != "bf16")
     check_target_modules(model, ft.lora.target_modules, recipe.model.name_or_path)
     return model
+
+
+def prepare_kbit_base(model, gradient_checkpointing: bool, upcast: bool) -> None:
+    """Freeze a 4/8-bit base for LoRA; with ``upcast``, also turn its 16-bit rest (norms, embeddings, lm_head) into
+    fp32 (peft's prepare_model_for_kbit_training, the QLoRA recipe).
+
+    The upcast protects fp16 training, whose 5-bit exponent overflows; bf16 has fp32's range, and the upcast costs
+    4 bytes per parameter of those layers: BLOOM-7B1's 250,880 × 4,096 embedding alone grows from 1.9 to 3.8 GiB.
+    So under bf16 the rest stays bf16 (measured: bench/results, cases *-noupcast).
+    """
+    if upcast:
+        from peft import prepare_model_for_kbit_training
+
+        prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        return
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if gradient_checkpointing:
+        # the checkpointed blocks' inputs must carry gradients, or no gradient reaches the LoRA weights in them
+        model.enable_input_require_grads()
+        model.gradient_checkpointing_enable()
 
 
 def check_target_modules(model, targets, model_name: str) -> None:
@@ -174,6 +194,7 @@ def build_trainer(recipe, model, tokenizer, train, evaluation, checkpoints: Path
         max_length=ft.max_length,
         packing=ft.packing,
         completion_only_loss=ft.completion_only_loss,
+        train_sampling_strategy="group_by_length" if ft.group_by_length else "random",
         # transformers 5 renamed gradient_checkpointing (TRL defaults that one to True): set the new name.
         activation_checkpointing=ft.gradient_checkpointing,
         bf16=precision == "bf16",  # SFTConfig defaults bf16 to True: always set both
@@ -391,8 +412,10 @@ def _counting_trainer_class():
 
         tokens_seen = 0
         examples_seen = 0
+        positions_seen = 0  # tokens + padding: what the GPU computed on
 
         def training_step(self, model, inputs, *args, **kwargs):
+            self.positions_seen += int(inputs["input_ids"].numel())
             if "attention_mask" in inputs:  # padded batch: one row per example
                 self.tokens_seen += int(inputs["attention_mask"].sum())
                 self.examples_seen += int(inputs["input_ids"].shape[0])

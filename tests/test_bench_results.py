@@ -1,0 +1,139 @@
+"""bench/results_md.py: RESULTS.md is made from the results JSON files alone (a temporary copy, no GPU)."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL = ROOT / "bench" / "results"
+# oldest to newest run (the newest file's rows win in RESULTS.md)
+GPU_FILES = sorted(REAL.glob("gpu-*.json"), key=lambda p: json.loads(p.read_text())["environment"]["date"])
+pytestmark = pytest.mark.skipif(not GPU_FILES, reason="no bench/results/gpu-*.json")
+
+
+@pytest.fixture(scope="module")
+def results_md():
+    sys.path.insert(0, str(ROOT / "bench"))  # the script imports bench_report and harness as siblings
+    try:
+        spec = importlib.util.spec_from_file_location("results_md", ROOT / "bench" / "results_md.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    return module
+
+
+@pytest.fixture
+def results(tmp_path) -> Path:
+    folder = tmp_path / "results"
+    folder.mkdir()
+    for path in GPU_FILES:
+        shutil.copy(path, folder)
+    return folder
+
+
+def first_measured(path: Path) -> dict:
+    data = json.loads(path.read_text())
+    return next(r for r in data["runs"] if (r.get("summary") or {}).get("steps_measured"))
+
+
+def test_cli_writes_tables_from_the_json_and_says_quality_not_measured(results, tmp_path):
+    out = tmp_path / "RESULTS.md"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "results_md.py"), "--results", str(results),
+                           "--out", str(out)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    text = out.read_text()
+    run = first_measured(GPU_FILES[-1])
+    row = next(line for line in text.splitlines() if line.startswith(f"| {run['case']} | "))
+    assert f"{run['summary']['tokens_per_s']:,.0f}" in row and f"{run['summary']['step_ms_median']:.1f}" in row
+    assert f"`{GPU_FILES[-1].name}`" in row
+    headings = [line for line in text.splitlines() if line.startswith("## ")]
+    assert [h.split(":")[0].split(" (")[0] for h in headings] == [
+        "## The original's table, redone", "## GPTQ", "## Levers", "## Estimator error", "## Quality", "## Chart",
+        "## Targets"]
+    assert "Quality: not measured" in text
+    assert "| quality: fine-tuned | execution accuracy ≥ 75% | not measured | not measured |" in text
+    assert "32.96 samples/s" in text  # the original's figures, labelled
+    data = json.loads(GPU_FILES[-1].read_text())
+    assert data["environment"]["command"] in text
+    pngs = list(results.glob("memory-per-stage-*.png"))
+    assert pngs and pngs[0].read_bytes()[:4] == b"\x89PNG"
+    assert f"](results/{pngs[0].name})" in text  # relative to the markdown file
+
+
+def _cases(path: Path) -> set[str]:
+    return {r["case"] for r in json.loads(path.read_text())["runs"]}
+
+
+def test_newest_file_wins_and_ratios_use_the_same_file(results_md, results, tmp_path):
+    # a file with bloom-1b1's baseline and ours, and a case (ours-bs64-gc) that no newer file has
+    source = next(p for p in GPU_FILES if {"bloom-1b1/baseline", "bloom-1b1/ours", "bloom-1b1/ours-bs64-gc"}
+                  <= _cases(p) and not any("bloom-1b1/ours-bs64-gc" in _cases(q) for q in GPU_FILES if q != p))
+    data = json.loads(source.read_text())
+    newer = copy.deepcopy(data)
+    newer["environment"]["date"] = "2099-01-01T00:00:00+00:00"
+    newer["command"] = "run(command='newer device call')"
+    ours = next(r for r in newer["runs"] if r["case"] == "bloom-1b1/ours")
+    base = next(r for r in newer["runs"] if r["case"] == "bloom-1b1/baseline")
+    ours["summary"]["tokens_per_s"] = 123456.0
+    newer["runs"] = [ours, base]
+    (results / "gpu-h200-2099-01-01.json").write_text(json.dumps(newer))
+    out = tmp_path / "R.md"
+    results_md.main(["--results", str(results), "--out", str(out)])
+    text = out.read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| bloom-1b1/ours | 123,456 |"))
+    assert "`gpu-h200-2099-01-01.json`" in row
+    assert f"| {123456.0 / base['summary']['tokens_per_s']:.2f} |" in row
+    assert "run(command='newer device call')" in text
+    # a case only in the older file keeps its own file
+    assert any(line.startswith("| bloom-1b1/ours-bs64-gc | ") and f"`{source.name}`" in line
+               for line in text.splitlines())
+
+
+def evaluate(**models) -> dict:
+    """An evaluate stage report: {model: (execution accuracy, exact match, parse rate)} at 200 rows."""
+    return {"duration_s": 12.5, "peak_memory": {"torch_allocated_bytes": None},
+            "metrics": {name: {"examples": 200, "execution_accuracy": acc, "exact_match": exact, "parse_rate": parse}
+                        for name, (acc, exact, parse) in models.items()},
+            "gates": [{"gate": "quantized_max_drop", "passed": True}]}
+
+
+def test_quality_json_gets_its_table_and_targets(results_md, results, tmp_path):
+    # bench/quality.py's shape: run 1 scores base, merged and its quantized model; run 2 only its quantized model
+    quality = {
+        "environment": {"date": "2026-11-29T10:00:00+00:00", "card": "NVIDIA H200", "versions": {},
+                        "command": "bench/quality.py --out /root/out", "device_command": "run(command='q')"},
+        "data": {"source": "wikisql_train.jsonl", "train_rows": 3800, "heldout_rows": 200},
+        "recipe": {},
+        "runs": {
+            "gptq8": {"status": {"finetune": "done"},
+                      "reports": {"finetune": {"duration_s": 301.0, "peak_memory": {"torch_allocated_bytes": 2**31}},
+                                  "evaluate": evaluate(base=(12.5, 3.0, 70.0), merged=(81.5, 60.0, 99.0),
+                                                       quantized=(81.25, 59.5, 99.0))}},
+            "gptq4": {"reports": {"evaluate": evaluate(quantized=(78.5, 55.0, 98.5))},
+                      "gates": [{"gate": "quantized_min_execution_accuracy", "passed": False}]},
+            "broken": {"error": {"stage": "quantize", "message": "out of memory"}},  # tolerated: no reports
+        },
+    }
+    (results / "quality-h200-2026-11-29.json").write_text(json.dumps(quality))
+    out = tmp_path / "R.md"
+    results_md.main(["--results", str(results), "--out", str(out)])
+    text = out.read_text()
+    assert "Quality: not measured" not in text
+    assert "| gptq8 | merged | 81.50 | 60.00 | 99.00 | 200 | – | – |" in text
+    assert "| gptq8 | quantized | 81.25 | 59.50 | 99.00 | 200 | -0.25 | -0.50 |" in text
+    assert "| gptq4 | quantized | 78.50 | 55.00 | 98.50 | 200 | -3.00 | -5.00 |" in text
+    assert "| gptq8 | base | 12.50 |" in text
+    assert "run(command='q')" in text and "finetune 301 s, peak 2.00 GiB" in text
+    assert "quantized_min_execution_accuracy FAIL" in text and "error in quantize: out of memory" in text
+    assert "| quality: fine-tuned (gptq8 merged) | execution accuracy ≥ 75% | 81.50% | met |" in text
+    assert "| quality: GPTQ-8 | within 0.5 point of the fine-tuned | +0.25 points lost | met |" in text
+    assert "| quality: GPTQ-4 | within 2 points of the fine-tuned | +3.00 points lost | missed |" in text
