@@ -40,6 +40,14 @@ def cli(verbose: int) -> None:
 
     level = logging.WARNING - 10 * min(verbose, 2) if verbose else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        # Import-time notices of libraries that transformers pulls in, about kernels this machine cannot use
+        # (torchao's CUDA-only extensions, torch's enum registration): nothing a user can act on.
+        for name in IMPORT_NOISE_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
+IMPORT_NOISE_LOGGERS = ("torchao", "torchao.kernel.intmm", "torch.utils._pytree")
 
 
 # Command modules register themselves on ``cli``; import them for that side effect.
