@@ -7,6 +7,7 @@ that ran (``kubetune.estimate`` on the recipe recorded in the stage report, with
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -29,10 +30,40 @@ def estimates(run: dict) -> dict:
         return {"error": "no recipe in the reports"}
     try:
         recipe = recipe_from_dict(recipe_dict, run["case"])
-        est = estimate_recipe(recipe, model_config=str(CONFIGS / MODELS[run["model"]]), suggest=False)
+        with kbit_upcast_as_measured(run):
+            est = estimate_recipe(recipe, model_config=str(CONFIGS / MODELS[run["model"]]), suggest=False)
     except Exception as exc:  # noqa: BLE001 - a failed estimate is reported, not fatal
         return {"error": f"{type(exc).__name__}: {exc}"}
     return {s.stage: {"allocated_bytes": s.allocated_bytes, "total_bytes": s.total_bytes} for s in est.stages}
+
+
+def upcast_measured(run: dict) -> bool | None:
+    """Whether the fine-tune of this run turned a k-bit base's 16-bit rest into fp32 (peft's preparation, which
+    kubetune ran under bf16 too before 2026-11-28's change), read from the parameters' bytes by dtype after the
+    load and after the preparation; None when the run did not record them."""
+    load, prepared = run.get("after_load"), run.get("after_prepare")
+    if not load or not prepared:
+        return None
+    grew = prepared["by_dtype_bytes"].get("float32", 0) - load["by_dtype_bytes"].get("float32", 0)
+    return grew > 0
+
+
+@contextlib.contextmanager
+def kbit_upcast_as_measured(run: dict):
+    """Estimate the code that ran: runs measured before kubetune stopped upcasting under bf16 are estimated with
+    the upcast (the estimator itself follows the current code)."""
+    from kubetune.estimate.stages import Estimator
+
+    measured = upcast_measured(run)
+    if measured is None:
+        yield
+        return
+    current = Estimator.kbit_upcast
+    Estimator.kbit_upcast = lambda self, ft: measured
+    try:
+        yield
+    finally:
+        Estimator.kbit_upcast = current
 
 
 def estimator_version() -> dict:

@@ -27,7 +27,7 @@ KUBETUNE = str(Path(sys.executable).with_name("kubetune"))
 RECIPES = {
     "bloom-1b1-lora": "bigscience--bloom-1b1", "bloom-7b1-qlora": "bigscience--bloom-7b1",
     "falcon-7b-8bit": "tiiuae--falcon-7b", "codegen2-1b-lora": "Salesforce--codegen2-1B",
-    "demo-cpu": None, "tiny-test": None,
+    "demo-cpu": None, "tiny-test": None, "gemma3-270m-text2sql": None,
 }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -326,6 +327,44 @@ def test_kv_cache_per_token_matches_the_attention_layout(tmp_path):
     assert falcon.kv_cache("bfloat16", 8, 640) == 8 * 640 * 2 * 32 * 64 * 2
 
 
+def test_bloom_7b1_quantize_peak_is_the_reload_check_of_the_packed_checkpoint():
+    """GPTQModel's loop holds one layer, all calibration rows' hidden states, the Hessians and GPTQ's working set;
+    the stage then reloads the saved checkpoint through transformers (after releasing GPTQModel's model): the larger
+    of the two is the peak. 8-bit g128, 128 rows padded to 512 tokens, batches of 8, bf16."""
+    recipe = recipe_from_dict({"model": {"name_or_path": "x"}, "quantize": {
+        "bits": 8, "group_size": 128, "batch_size": 8, "calibration": {"samples": 128, "max_length": 512}}})
+    est = Estimator(recipe, load_config(None, BLOOM_7B1), read_rows=False)
+    # per layer: query_key_value 4096→12288, dense 4096→4096, dense_h_to_4h 4096→16384, dense_4h_to_h 16384→4096
+    weights = 4096 * (12288 + 4096 + 16384) + 16384 * 4096
+    groups_x_out = 32 * 12288 + 32 * 4096 + 32 * 16384 + 128 * 4096
+    packed = weights + groups_x_out * (1 + 2) + (3 * 4096 + 16384) * 4  # int8 qweight, qzeros, fp16 scales, g_idx
+    rest = (7_069_016_064 - 30 * weights) * 2
+    assert 30 * packed + rest == 8_243_232_768  # transformers' footprint of the reloaded checkpoint: 8,243,236,608
+    loop = {c.name: c.bytes for c in est.quantize_loop(512)}
+    assert loop["one decoder layer (bfloat16)"] == (weights + 12288 + 4096 + 16384 + 4096 + 4 * 4096) * 2
+    assert loop["layer inputs + outputs of all 128 calibration rows"] == 2 * 128 * 512 * 4096 * 2
+    assert loop["Hessians (fp32 in² per linear)"] == 4 * (3 * 4096 ** 2 + 16384 ** 2)
+    assert loop["GPTQ working set (largest linear)"] == 3 * 4 * 16384 * 4096 + 4 * 16384 ** 2
+    assert loop["forward scratch (batch 8 × 512 tokens)"] == est.scratch(8, 512, 2)
+    stage = est.quantize()
+    assert [c.name for c in stage.components] == ["reload check: GPTQ 8-bit model"]
+    assert stage.allocated_bytes == 30 * packed + rest > sum(loop.values())
+    assert stage.settings["calibration_length"] == 512
+
+
+def test_quantize_peak_is_the_layer_loop_when_the_calibration_states_outweigh_the_model(tmp_path):
+    config = tiny_config("llama")
+    recipe = recipe_for(tmp_path, config)
+    recipe.quantize.calibration.samples = 4000
+    recipe.quantize.calibration.max_length = 64
+    est = Estimator(recipe, config, target="cpu", read_rows=False)
+    stage = est.quantize()
+    hidden = {c.name: c.bytes for c in stage.components}["layer inputs + outputs of all 4000 calibration rows"]
+    assert hidden == 2 * 4000 * 64 * 64 * 2  # inputs and outputs, every row, hidden 64, merge.dtype bf16
+    assert stage.allocated_bytes == sum(c.bytes for c in est.quantize_loop(64))
+    assert stage.allocated_bytes > sum(gptq_weight_bytes(est.shape, 8, 128, "bfloat16"))
+
+
 # ---- the whole estimate and the command ------------------------------------------------------------------------
 def shipped(name: str, *overrides: str):
     from kubetune.config import load_recipe
@@ -455,6 +494,27 @@ def test_estimate_uses_the_padded_length_of_local_rows_and_says_so(tiny_model_di
         "name_or_path": str(tiny_model_dir)}, "data": {"source": "nobody/hub-data"}}), suggest=False)
     assert worst.stage("finetune").settings["padded_length"] == 512
     assert "worst case" in " ".join(worst.stage("finetune").notes)
+
+
+def test_the_cli_reads_the_rows_in_a_forked_process_and_gets_the_same_figures(tiny_model_dir, tmp_path):
+    """`kubetune estimate` starts before torch is imported, so it tokenizes the rows in a forked process while it
+    imports; the figures are those of the in-process read."""
+    import subprocess
+    import sys
+
+    data = {"model": {"name_or_path": str(tiny_model_dir)},
+            "data": {"source": "builtin:text2sql", "builtin_examples": 120, "eval_size": 20},
+            "finetune": {"batch_size": 4, "max_length": 512}}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(data))
+    env = {**os.environ, "KUBETUNE_ESTIMATE_CACHE": "off"}
+    out = subprocess.run([str(Path(sys.executable).with_name("kubetune")), "estimate", str(path), "--json"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    ft = next(s for s in json.loads(out.stdout)["stages"] if s["stage"] == "finetune")
+    here = estimate_recipe(recipe_from_dict(data), suggest=False).stage("finetune")
+    assert ft["settings"]["padded_length"] == here.settings["padded_length"] < 512
+    assert ft["allocated_bytes"] == here.allocated_bytes
 
 
 def test_fused_head_saved_bytes_by_hand(tmp_path):

@@ -7,6 +7,7 @@ torch is imported lazily so that the CLI stays fast.
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib.metadata
 import logging
 import os
@@ -150,6 +151,7 @@ class PeakMemory:
     nvml_device_used_bytes: int | None = None
     gpu_total_bytes: int | None = None
     host_rss_bytes: int | None = None
+    torch_allocated_at_start_bytes: int | None = None  # still held when the stage began (0 in a fresh process)
     per_gpu: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -162,7 +164,13 @@ def track_peak_memory():
     result = PeakMemory()
     torch = _torch_if_loaded_or_importable()
     cuda = torch is not None and torch.cuda.is_available()
+    # What an earlier stage of this process left unreachable but uncollected (a Trainer and its callbacks form
+    # reference cycles that hold the model) would otherwise sit in this stage's GPU memory and in its peak.
+    gc.collect()
     if cuda:
+        torch.cuda.empty_cache()
+        result.torch_allocated_at_start_bytes = sum(torch.cuda.memory_allocated(i)
+                                                    for i in range(torch.cuda.device_count()))
         for i in range(torch.cuda.device_count()):
             torch.cuda.reset_peak_memory_stats(i)
     rss_reset = _reset_peak_rss()

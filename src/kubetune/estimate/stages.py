@@ -156,6 +156,16 @@ def forward_scratch(shape: ModelShape, batch: int, length: int, dbytes: int, sco
 
 
 # ---- the estimator ---------------------------------------------------------------------------------------------------
+def _read_rows_on_one_core(recipe):
+    """:func:`kubetune.estimate.rows.read_rows` in the forked process, leaving the other core to the imports."""
+    import os
+
+    from kubetune.estimate import rows as rows_mod
+
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # tokenizers' thread pool starts at its first use, after this
+    return rows_mod.read_rows(recipe)
+
+
 class Estimator:
     """Estimates for one recipe's model. The meta builds and traces are made at most once per process (and
     kept in the disk cache of :mod:`kubetune.estimate.cache` when the config came from a file), so suggestions
@@ -184,6 +194,7 @@ class Estimator:
         self._rows = None
         self.read_rows = read_rows
         """Tokenize the training rows for the padded length (False: every row is max_length tokens)."""
+        self._rows_future = self._prefetch_rows() if read_rows and "finetune" in recipe.stages else None
         # Only a config read from a file has a cheap key; a config object (tests, the GPU check) stays in memory.
         self.disk = (DiskCache("model", key_of(raw_config, self.model_dtype, target)) if raw_config is not None
                      else NoCache())
@@ -243,7 +254,7 @@ class Estimator:
             disk = DiskCache("rows", key_of(fingerprint))
             cached = disk.get("rows")
             if cached is None:
-                found = rows_mod.read_rows(self.recipe)
+                found = self._prefetched_rows() or rows_mod.read_rows(self.recipe)
                 disk.put("rows", dataclasses.asdict(found))
                 disk.save()
             else:
@@ -251,6 +262,41 @@ class Estimator:
             return found, ""
         except Exception as exc:  # noqa: BLE001 - unreadable rows: fall back to the worst case, say why
             return None, f"training rows not readable here ({type(exc).__name__}: {exc})"
+
+    def _prefetch_rows(self):
+        """On a cache miss, tokenize the training rows in a forked process while this one imports torch and builds
+        the meta model: loading a large tokenizer.json alone takes ~1 s (Gemma 3's 262k tokens), and the two use
+        different cores. Only before torch is imported (forking after its threads started is unsafe); else the
+        rows are read in this process when needed."""
+        import sys
+
+        if "torch" in sys.modules:
+            return None
+        from kubetune.estimate import rows as rows_mod
+        from kubetune.estimate.cache import DiskCache, key_of
+
+        try:
+            fingerprint, _ = rows_mod.fingerprint(self.recipe)
+            if fingerprint is None or DiskCache("rows", key_of(fingerprint)).get("rows") is not None:
+                return None
+            import concurrent.futures
+            import multiprocessing
+
+            pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork"))
+            future = pool.submit(_read_rows_on_one_core, self.recipe)
+            pool.shutdown(wait=False)
+            return future
+        except Exception:  # noqa: BLE001 - no prefetch: the rows are read in this process instead
+            return None
+
+    def _prefetched_rows(self):
+        future, self._rows_future = self._rows_future, None
+        if future is None:
+            return None
+        try:
+            return future.result()
+        except Exception:  # noqa: BLE001 - the forked read failed: read again here, where errors are reported
+            return None
 
     def save(self) -> None:
         """Write what this estimate found to the disk cache (nothing happens when nothing new was found)."""
@@ -498,35 +544,92 @@ class Estimator:
                                f"max(B·A of the largest layer {merge_scratch / MIB:.0f} MiB, verification forward "
                                f"of {length} tokens {check / MIB:.0f} MiB, cast of the largest tensor to {dtype} "
                                f"{cast / MIB:.0f} MiB)"))
-        return StageEstimate("merge", comps, ["measured ~25% higher on one GPU run (docs/estimator.md)"],
+        return StageEstimate("merge", comps, ["GPU runs measured 19-26% more, not yet explained (docs/estimator.md)"],
                              settings={"dtype": dtype, "verify": verify})
 
-    def quantize(self) -> StageEstimate:
-        recipe, shape = self.recipe, self.shape
-        q = recipe.quantize
-        dtype = recipe.merge.dtype  # GPTQModel.load(dtype=merge.dtype) in the quantize stage
+    def calibration_length(self) -> tuple[int, str]:
+        """(padded length of the longest calibration batch, why). GPTQModel pads each batch to its longest row
+        (gptqmodel/utils/calibration.py, ``prepare_calibration_dataset`` → ``collate_data``); the rows are the
+        first ``calibration.samples`` of the split, prompt + answer + eos, cut at ``calibration.max_length``
+        (kubetune.stages.quantize.calibration_examples). Without readable training rows: max_length."""
+        from kubetune.estimate import rows as rows_mod
+
+        cal = self.recipe.quantize.calibration
+        if cal.source != "train":
+            return cal.max_length, f"max_length {cal.max_length} (calibration on the eval split: rows not read)"
+        if self._rows is None:
+            self._rows = self._read_rows(rows_mod)
+        found, reason = self._rows
+        if found is None or not found.total:
+            return cal.max_length, f"max_length {cal.max_length} (worst case: {reason})"
+        longest = min(cal.max_length, max(found.total[:cal.samples]))
+        return longest, f"{longest} tokens: the longest of the first {cal.samples} training rows"
+
+    def quantize_loop(self, length: int) -> list[Component]:
+        """GPU memory of GPTQModel 7.6's layer loop (``GPTQModel.quantize`` → looper/module_looper.py ``loop``).
+
+        - The model itself stays off the GPU: ``ModelLoader.from_pretrained`` (models/loader.py) loads a
+          non-quantized model "always into cpu" (a meta shell over the checkpoint with ``offload_to_disk``), whatever
+          ``device=`` says; looper/stage_layer.py materialises one decoder layer on the GPU and, once quantized and
+          packed, resets it to the CPU (``target_device = CPU``, then ``offload_to_disk`` with offload on).
+        - Layer inputs of *every* calibration batch: looper/forward_executor.py ``run_single`` moves each batch's
+          output to ``cur_layer_device`` (the layer's GPU) and stage_layer keeps ``layer_inputs`` until the replay
+          forward (``fwd_replay_after_process``) has produced all outputs: inputs and outputs of all rows at once
+          (layer 0 reads its inputs from the CPU, stage_inputs_capture.py; every later layer from the GPU).
+        - Hessians: quantization/gptq.py ``add_batch`` keeps one fp32 in×in partial per linear
+          (``_device_hessian_partials``) until the subset is quantized; counted for all linears of the layer.
+        - GPTQ's working set for the largest linear and one batch's forward scratch, as before.
+        """
+        shape, q = self.shape, self.recipe.quantize
+        dtype = self.recipe.merge.dtype  # GPTQModel.load(dtype=merge.dtype) in the quantize stage
         db = dtype_bytes(dtype)
         layer = shape.layer_linears()
         cal = q.calibration
-        b, t = min(q.batch_size, cal.samples), cal.max_length
+        b = min(q.batch_size, cal.samples)
         hessians = sum(4 * lin.in_features ** 2 for lin in layer)
         widest = max(layer, key=lambda lin: lin.weights + lin.in_features ** 2, default=None)
         working = (3 * 4 * widest.weights + 4 * widest.in_features ** 2) if widest else 0
+        hidden = 2 * cal.samples * length * shape.hidden_size * db
         # GPTQModel runs the decoder layers only: no logits (scratch() adds a last-position row; negligible)
-        batch = 2 * b * t * shape.hidden_size * db + self.scratch(b, t, db)
-        comps = [
+        scratch = self.scratch(b, length, db)
+        return [
             Component(f"one decoder layer ({dtype})", shape.layer_params() * db,
                       "GPTQModel keeps the model on CPU/disk and moves one layer at a time to the GPU"),
+            Component(f"layer inputs + outputs of all {cal.samples} calibration rows", hidden,
+                      f"2 × {cal.samples} × {length} tokens × hidden {shape.hidden_size} × {db} B, kept on the GPU "
+                      "between layers (gptqmodel looper/forward_executor.py run_single)"),
             Component("Hessians (fp32 in² per linear)", hessians, f"{len(layer)} linears of one layer at once"),
             Component("GPTQ working set (largest linear)", working,
                       "fp32 weight, quantized copy and losses (3 × out·in·4) + inverse Hessian"),
-            Component(f"calibration batch ({b} × {t} tokens)", batch, "layer input + output + forward scratch"),
+            Component(f"forward scratch (batch {b} × {length} tokens)", scratch, "one layer's no-grad working set"),
         ]
-        host = cal.samples * t * shape.hidden_size * db * 2
-        notes = [f"host RAM: calibration inputs and outputs of every sample ≈ {host / GIB:.2f} GiB, plus the "
+
+    def quantize(self) -> StageEstimate:
+        """The quantize stage's peak: the larger of GPTQModel's layer loop and the reload check that follows it
+        in the same process (kubetune.stages.quantize.run: ``_quantize`` releases GPTQModel's model with
+        ``variants.release`` before ``load_quantized`` reads the saved checkpoint back through transformers, so
+        the two never hold the GPU together)."""
+        recipe, shape = self.recipe, self.shape
+        q = recipe.quantize
+        dtype = recipe.merge.dtype
+        length, why = self.calibration_length()
+        loop = self.quantize_loop(length)
+        qb, rest = gptq_weight_bytes(shape, q.bits, q.group_size, dtype)
+        reload = [Component(f"reload check: GPTQ {q.bits}-bit model", qb + rest,
+                            f"packed layers {qb / GIB:.2f} GiB + 16-bit embeddings/head {rest / GIB:.2f} GiB "
+                            "(variants.load_quantized, after GPTQModel's model is released)")]
+        loop_bytes, reload_bytes = sum(c.bytes for c in loop), qb + rest
+        comps = loop if loop_bytes >= reload_bytes else reload
+        other = (f"the reload check of the packed checkpoint needs {reload_bytes / GIB:.2f} GiB"
+                 if comps is loop else f"GPTQModel's layer loop needs {loop_bytes / GIB:.2f} GiB")
+        host = q.calibration.samples * length * shape.hidden_size * dtype_bytes(dtype) * 2
+        notes = [f"peak phase: {'layer loop' if comps is loop else 'reload check'}; {other}",
+                 f"calibration length {why}",
+                 f"host RAM: calibration inputs and outputs of every sample ≈ {host / GIB:.2f} GiB, plus the "
                  "CPU copy of the model",
-                 "the least certain figure: a real GPTQModel run held more than this (docs/estimator.md)"]
-        return StageEstimate("quantize", comps, notes, settings={"bits": q.bits, "group_size": q.group_size})
+                 "the least certain figure: GPU runs held more than this (docs/estimator.md, known gaps)"]
+        return StageEstimate("quantize", comps, notes, settings={
+            "bits": q.bits, "group_size": q.group_size, "calibration_length": length})
 
     def infer_model(self, name: str, batch: int) -> StageEstimate:
         recipe, shape = self.recipe, self.shape
