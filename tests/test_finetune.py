@@ -429,3 +429,23 @@ def test_an_8bit_layer_output_can_be_added_into_in_place():
     detach_int8_output_views(block)
     block(x * 1).sum().backward()
     assert torch.equal(x.grad, torch.full((4,), 2.0))
+
+
+def test_on_the_cpu_the_lm_head_projects_only_the_answer_positions(recipe, monkeypatch):
+    """TRL's chunked LM head scores every position off Triton devices unless told otherwise; with completion-only
+    loss only the answer positions carry a label, and only those go through the head (the demo's fine-tune step
+    is ~2.7x faster for it; the loss is the same)."""
+    from trl.kernels import chunked_logprob
+
+    seen = []
+    apply = chunked_logprob.ChunkedLogProbFunction.apply
+
+    def spy(hidden, *args):
+        seen.append(hidden.shape[0])  # positions projected through the head
+        return apply(hidden, *args)
+
+    monkeypatch.setattr(chunked_logprob.ChunkedLogProbFunction, "apply", spy)
+    report = run_stage(recipe(finetune={"max_steps": 1, "batch_size": 4}), "finetune").report
+    assert seen and report["metrics"]["steps_run"] == 1
+    # the answers (~12 of each row's ~100 tokens): not the prompts, not the padding (all of them: 412 > 415 / 2)
+    assert seen[0] < report["throughput"]["train_tokens"] / 2

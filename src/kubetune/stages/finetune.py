@@ -221,6 +221,8 @@ def build_trainer(recipe, model, tokenizer, train, evaluation, checkpoints: Path
         report_to="none",
         disable_tqdm=True,  # progress goes through ctx.progress; tqdm bars garble pod logs
     )
+    if dev == "cpu":
+        _score_only_labelled_positions()
     trainer_class = _counting_trainer_class()
     trainer = trainer_class(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
                             processing_class=tokenizer, peft_config=lora_config(ft.lora),
@@ -403,6 +405,26 @@ def _checkpoint_callback(preemption: Preemption):
 
 
 # ---- trainer pieces ------------------------------------------------------------------------------------------
+def _score_only_labelled_positions() -> None:
+    """Let TRL's chunked LM head score only the positions that carry a label on the CPU too.
+
+    TRL 1.16 projects through the LM head only the labelled positions (the answer, with completion-only loss) on
+    Triton devices, and every position elsewhere, so that the tile shapes stay fixed for compiling backends such as
+    Neuron. Nothing is compiled on a CPU, and there the head over Gemma 3's 262k-token vocabulary is ~2/3 of a demo
+    step, mostly spent on prompt positions whose loss is zero anyway. The loss and the gradients are the same
+    either way. Only the compact/full choice changes: the kernels keep choosing Triton or torch for themselves
+    (their own ``_use_triton`` in trl.kernels.chunked_logprob)."""
+    import trl.trainer.utils as trl_utils
+
+    if callable(getattr(trl_utils, "_use_triton", None)) and not getattr(trl_utils._use_triton, "kubetune", False):
+        def compact_on_every_device(device) -> bool:
+            return True
+
+        compact_on_every_device.kubetune = True
+        trl_utils._use_triton = compact_on_every_device
+
+
+
 # Built inside functions: importing trl takes ~10 s, and run_stage imports this module even for a skipped stage.
 def _counting_trainer_class():
     from trl import SFTTrainer
