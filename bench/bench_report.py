@@ -81,10 +81,14 @@ def gib(n) -> str:
     return "–" if n is None else f"{n / GIB:.2f}"
 
 
+def error_pct(predicted, measured) -> float | None:
+    """(estimate − measured) / measured in percent, or None when either is missing."""
+    return None if predicted is None or not measured else 100 * (predicted - measured) / measured
+
+
 def pct_error(predicted, measured) -> str:
-    if predicted is None or not measured:
-        return "–"
-    return f"{100 * (predicted - measured) / measured:+.0f}%"
+    error = error_pct(predicted, measured)
+    return "–" if error is None else f"{error:+.0f}%"
 
 
 def est_cells(est: dict, pm: dict) -> str:

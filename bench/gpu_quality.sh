@@ -8,26 +8,13 @@
 # Every input path can be moved by an environment variable (a dry run on the CPU machine uses them).
 set -o pipefail
 : "${OUT:?run this through the device tool: it sets OUT}"
-WHEELS=${WHEELS:-.carry/wheels}
+# shellcheck source=bench/gpu_wheels.sh
+. "$(dirname "$0")/gpu_wheels.sh"  # install_wheels; WHEELS, SITE, PYTHON
 GGUF_PARTS=${GGUF_PARTS:-.carry/gguf}
 DATA=${DATA:-.carry/data/wikisql_train.jsonl}
-SITE=${SITE:-/tmp/site}
 GGUF=${GGUF:-/tmp/gemma.gguf}
 MODEL_DIR=${MODEL_DIR:-.cache/models/gemma-3-270m}
-PYTHON=${PYTHON:-python3}
 export PYTHONPATH=$SITE:$PWD/src PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-
-install_wheels() {
-  local pkg missing=
-  for pkg in trl peft datasets gptqmodel gguf pydantic transformers; do
-    [ -d "$SITE/$pkg" ] || missing="$missing $pkg"
-  done
-  if [ -z "$missing" ]; then echo "wheels: already in $SITE"; return 0; fi
-  echo "wheels: installing into $SITE (missing:$missing)"
-  "$PYTHON" -m pip install -q --upgrade --no-index --no-deps --no-compile --target "$SITE" "$WHEELS"/*.whl \
-    > "$OUT/pip.txt" 2>&1 || { tail -20 "$OUT/pip.txt"; return 1; }
-  touch "$SITE/.kubetune-wheels"  # what bench/gpu_run.sh looks for
-}
 
 join_gguf() {
   local want parts

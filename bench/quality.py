@@ -117,11 +117,14 @@ def reuse_stages(first: Recipe, recipe: Recipe) -> None:
 
 def read_metrics(layout: RunLayout, recipe: Recipe) -> dict:
     """The evaluate stage's metrics.json, if this recipe made it (not an older recipe's left in the same run)."""
+    from kubetune.errors import ArtifactError
+    from kubetune.stages.evaluate import load_metrics
+
     if layout.state("evaluate", recipe.fingerprint("evaluate")) != "done":
         return {}
     try:
-        return json.loads((layout.stage_dir("evaluate") / "metrics.json").read_text())
-    except (OSError, ValueError):
+        return load_metrics(layout.stage_dir("evaluate"))
+    except ArtifactError:
         return {}
 
 

@@ -20,7 +20,7 @@ import os
 import re
 from pathlib import Path
 
-from bench_report import GIB, est_cells, estimator_version, gib  # bench/bench_report.py
+from bench_report import GIB, error_pct, est_cells, estimator_version, gib  # bench/bench_report.py
 from harness import MODELS  # bench/harness.py (stdlib imports only at module level)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,10 +155,6 @@ def num(value, fmt: str, scale: float = 1.0) -> str:
 
 def ratio(a, b, marker: str = "") -> str:
     return f"{a / b:.2f}{marker}" if a and b else "–"
-
-
-def error_pct(predicted, measured) -> float | None:
-    return None if predicted is None or not measured else 100 * (predicted - measured) / measured
 
 
 def table(header: list[str], rows: list[list]) -> list[str]:

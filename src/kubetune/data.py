@@ -67,26 +67,49 @@ def _load_raw(data):
         raise DataError(f"{source}: cannot load data set: {reason}") from None
 
 
+def column_mapping(data) -> dict[str, str]:
+    """{field: the source's column for it} (data.columns)."""
+    return {field: getattr(data.columns, field) for field in FIELDS}
+
+
+def as_example(row, mapping: dict[str, str]) -> dict[str, str]:
+    """One source row as ``context``/``question``/``answer`` strings (a missing value is "")."""
+    return {field: "" if row.get(col) is None else str(row[col]) for field, col in mapping.items()}
+
+
+def has_question_and_answer(example) -> bool:
+    return bool(example["question"].strip()) and bool(example["answer"].strip())
+
+
+def split_sizes(data, n: int) -> tuple[int, int]:
+    """(held-out rows, training rows) of ``n`` shuffled rows: the first ``eval_size`` are held out, then
+    ``train_fraction`` of the rest is trained on."""
+    n_eval = int(data.eval_size) if data.eval_size >= 1 else max(1, round(n * data.eval_size))
+    return n_eval, max(1, int((n - n_eval) * data.train_fraction))
+
+
+def example_texts(example, prompt, eos_token: str | None) -> tuple[str, str]:
+    """(prompt, completion) of one example as the fine-tune learns it; calibration and the estimator's token
+    counts use the same text."""
+    return prompt.format(example["context"], example["question"]), example["answer"].strip() + (eos_token or "")
+
+
 def load_examples(data) -> "datasets.Dataset":  # noqa: F821
     """All rows of the source as ``context``/``question``/``answer`` strings (empty rows dropped)."""
     raw = _load_raw(data)
     if len(raw) == 0:
         raise DataError(f"{data.source}: the data set has no rows")
-    mapping = {field: getattr(data.columns, field) for field in FIELDS}
+    mapping = column_mapping(data)
     missing = [f"{field} → '{col}'" for field, col in mapping.items() if col not in raw.column_names]
     if missing:
         raise DataError(f"{data.source}: missing column(s) {', '.join(missing)}; the data has columns "
                         f"{raw.column_names} (set data.columns.<field>)")
     raw = raw.select_columns(list(dict.fromkeys(mapping.values())))
-
-    def convert(row):
-        return {field: "" if row[col] is None else str(row[col]) for field, col in mapping.items()}
-
     try:
-        ds = raw.map(convert, remove_columns=raw.column_names)
+        ds = raw.map(lambda row: as_example(row, mapping), remove_columns=raw.column_names)
     except UnicodeDecodeError as exc:  # JSON readers pass invalid UTF-8 through; it breaks here, on first use
         raise DataError(f"{data.source}: not valid UTF-8 text ({exc.reason}: {exc.object[:40]!r})") from None
-    ds = ds.filter(lambda r: bool(r["question"].strip()) and bool(r["answer"].strip()))
+    ds = ds.filter(has_question_and_answer)
     if len(ds) == 0:
         raise DataError(f"{data.source}: the data set has no rows with a question and an answer")
     return ds
@@ -95,10 +118,9 @@ def load_examples(data) -> "datasets.Dataset":  # noqa: F821
 def load_splits(data) -> Splits:
     ds = load_examples(data).shuffle(seed=data.seed)
     n = len(ds)
-    n_eval = int(data.eval_size) if data.eval_size >= 1 else max(1, round(n * data.eval_size))
+    n_eval, n_train = split_sizes(data, n)
     if n_eval >= n:
         raise DataError(f"{data.source}: data.eval_size={data.eval_size} leaves no training rows out of {n}")
-    n_train = max(1, int((n - n_eval) * data.train_fraction))
     eval_ds = ds.select(range(n_eval))
     if data.max_eval_examples:
         eval_ds = eval_ds.select(range(min(n_eval, data.max_eval_examples)))
@@ -107,9 +129,8 @@ def load_splits(data) -> Splits:
 
 def prompt_completion(ds, prompt, eos_token: str | None):
     """Rows in TRL's prompt-completion form: the loss can then be taken on the completion alone."""
-    eos = eos_token or ""
-
     def convert(row):
-        return {"prompt": prompt.format(row["context"], row["question"]), "completion": row["answer"].strip() + eos}
+        text, completion = example_texts(row, prompt, eos_token)
+        return {"prompt": text, "completion": completion}
 
     return ds.map(convert, remove_columns=ds.column_names)

@@ -16,7 +16,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from kubetune.data import BUILTIN_PREFIX, FIELDS
+from kubetune.data import (BUILTIN_PREFIX, as_example, column_mapping, example_texts, has_question_and_answer,
+                           split_sizes)
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,6 @@ def _examples(data) -> list[dict]:
         from kubetune.text2sql import generate
 
         raw = generate(data.builtin_examples, seed=data.seed)
-        mapping = {f: f for f in FIELDS}
     else:
         file = Path(data.source).expanduser()
         text = file.read_text(encoding="utf-8")
@@ -119,9 +119,8 @@ def _examples(data) -> list[dict]:
         else:
             loaded = json.loads(text)
             raw = loaded if isinstance(loaded, list) else next(v for v in loaded.values() if isinstance(v, list))
-        mapping = {f: getattr(data.columns, f) for f in FIELDS}
-    rows = [{f: "" if r.get(col) is None else str(r.get(col)) for f, col in mapping.items()} for r in raw]
-    return [r for r in rows if r["question"].strip() and r["answer"].strip()]
+    mapping = column_mapping(data)
+    return [e for e in (as_example(r, mapping) for r in raw) if has_question_and_answer(e)]
 
 
 def train_rows(data, examples: list[dict]) -> list[dict]:
@@ -130,8 +129,7 @@ def train_rows(data, examples: list[dict]) -> list[dict]:
 
     n = len(examples)
     order = np.random.default_rng(data.seed).permutation(n)
-    n_eval = int(data.eval_size) if data.eval_size >= 1 else max(1, round(n * data.eval_size))
-    n_train = max(1, int((n - n_eval) * data.train_fraction))
+    n_eval, n_train = split_sizes(data, n)
     return [examples[i] for i in order[n_eval:n_eval + n_train]]
 
 
@@ -148,8 +146,9 @@ def read_rows(recipe) -> Rows:
     eos = _eos(tok_file)
     template = PromptTemplate(recipe.prompt.template)
     rows = train_rows(recipe.data, _examples(recipe.data))
-    prompts = [template.format(r["context"], r["question"]) for r in rows]
-    whole = [p + r["answer"].strip() + eos for p, r in zip(prompts, rows)]
+    texts = [example_texts(r, template, eos) for r in rows]
+    prompts = [prompt for prompt, _ in texts]
+    whole = [prompt + completion for prompt, completion in texts]
     p_ids = tok.encode_batch(prompts)
     w_ids = tok.encode_batch(whole)
     total, completion = [], []

@@ -194,7 +194,8 @@ class Estimator:
         self._rows = None
         self.read_rows = read_rows
         """Tokenize the training rows for the padded length (False: every row is max_length tokens)."""
-        self._rows_future = self._prefetch_rows() if read_rows and "finetune" in recipe.stages else None
+        self._rows_disk, self._rows_why = self._rows_cache() if read_rows else (None, "training rows not read")
+        self._rows_future = self._prefetch_rows() if "finetune" in recipe.stages else None
         # Only a config read from a file has a cheap key; a config object (tests, the GPU check) stays in memory.
         self.disk = (DiskCache("model", key_of(raw_config, self.model_dtype, target)) if raw_config is not None
                      else NoCache())
@@ -236,22 +237,36 @@ class Estimator:
         from the training rows when the tokenizer and the data are on this machine, else ``max_length``."""
         from kubetune.estimate import rows as rows_mod
 
-        if self._rows is None:
-            self._rows = self._read_rows(rows_mod)
-        found, reason = self._rows
+        found, reason = self.training_rows()
         return rows_mod.worst_batch(found, reason, ft.batch_size, ft.max_length, ft.completion_only_loss,
                                     ft.packing)
 
-    def _read_rows(self, rows_mod):
+    def _rows_cache(self):
+        """(the rows' disk cache entry, "") when the rows can be read here, else (None, why not)."""
+        from kubetune.estimate import rows as rows_mod
         from kubetune.estimate.cache import DiskCache, key_of
 
-        if not self.read_rows:
-            return None, "training rows not read"
         try:
             fingerprint, reason = rows_mod.fingerprint(self.recipe)
-            if fingerprint is None:
-                return None, reason
-            disk = DiskCache("rows", key_of(fingerprint))
+        except Exception as exc:  # noqa: BLE001 - unreadable rows: fall back to the worst case, say why
+            return None, f"training rows not readable here ({type(exc).__name__}: {exc})"
+        if fingerprint is None:
+            return None, reason
+        return DiskCache("rows", key_of(fingerprint)), ""
+
+    def training_rows(self):
+        """(token counts of the training rows, "") or (None, why they are not known), read once."""
+        if self._rows is None:
+            self._rows = self._read_rows()
+        return self._rows
+
+    def _read_rows(self):
+        from kubetune.estimate import rows as rows_mod
+
+        disk = self._rows_disk
+        if disk is None:
+            return None, self._rows_why
+        try:
             cached = disk.get("rows")
             if cached is None:
                 found = self._prefetched_rows() or rows_mod.read_rows(self.recipe)
@@ -270,15 +285,9 @@ class Estimator:
         rows are read in this process when needed."""
         import sys
 
-        if "torch" in sys.modules:
+        if "torch" in sys.modules or self._rows_disk is None or self._rows_disk.get("rows") is not None:
             return None
-        from kubetune.estimate import rows as rows_mod
-        from kubetune.estimate.cache import DiskCache, key_of
-
         try:
-            fingerprint, _ = rows_mod.fingerprint(self.recipe)
-            if fingerprint is None or DiskCache("rows", key_of(fingerprint)).get("rows") is not None:
-                return None
             import concurrent.futures
             import multiprocessing
 
@@ -335,9 +344,11 @@ class Estimator:
         return self.model_dtype, autocast
 
     def kbit_upcast(self, ft) -> bool:
-        """Whether the fine-tune turns a k-bit base's 16-bit rest into fp32: not under bf16 training (the rule of
-        kubetune.stages.finetune.prepare_kbit_base)."""
-        return self.precision(ft)[1] != "bfloat16"
+        """Whether the fine-tune turns a k-bit base's 16-bit rest into fp32 (kubetune.modelio.upcasts_kbit_rest)."""
+        from kubetune.modelio import upcasts_kbit_rest
+
+        autocast = self.precision(ft)[1]
+        return upcasts_kbit_rest({"bfloat16": "bf16", "float16": "fp16"}.get(autocast, "fp32"))
 
     @staticmethod
     def lora_dtype(ft) -> str:
@@ -552,14 +563,10 @@ class Estimator:
         (gptqmodel/utils/calibration.py, ``prepare_calibration_dataset`` → ``collate_data``); the rows are the
         first ``calibration.samples`` of the split, prompt + answer + eos, cut at ``calibration.max_length``
         (kubetune.stages.quantize.calibration_examples). Without readable training rows: max_length."""
-        from kubetune.estimate import rows as rows_mod
-
         cal = self.recipe.quantize.calibration
         if cal.source != "train":
             return cal.max_length, f"max_length {cal.max_length} (calibration on the eval split: rows not read)"
-        if self._rows is None:
-            self._rows = self._read_rows(rows_mod)
-        found, reason = self._rows
+        found, reason = self.training_rows()
         if found is None or not found.total:
             return cal.max_length, f"max_length {cal.max_length} (worst case: {reason})"
         longest = min(cal.max_length, max(found.total[:cal.samples]))

@@ -135,19 +135,15 @@ def load_model(recipe, precision: str):
     quantization = modelio.bnb_config(ft, dtype)
     model = modelio.load_base_model(recipe.model, dtype=dtype, quantization_config=quantization)
     if quantization is not None:
-        prepare_kbit_base(model, ft.gradient_checkpointing, upcast=precision != "bf16")
+        prepare_kbit_base(model, ft.gradient_checkpointing, upcast=modelio.upcasts_kbit_rest(precision))
     check_target_modules(model, ft.lora.target_modules, recipe.model.name_or_path)
     return model
 
 
 def prepare_kbit_base(model, gradient_checkpointing: bool, upcast: bool) -> None:
-    """Freeze a 4/8-bit base for LoRA; with ``upcast``, also turn its 16-bit rest (norms, embeddings, lm_head) into
-    fp32 (peft's prepare_model_for_kbit_training, the QLoRA recipe).
-
-    The upcast protects fp16 training, whose 5-bit exponent overflows; bf16 has fp32's range, and the upcast costs
-    4 bytes per parameter of those layers: BLOOM-7B1's 250,880 × 4,096 embedding alone grows from 1.9 to 3.8 GiB.
-    So under bf16 the rest stays bf16 (measured: bench/results, cases *-noupcast).
-    """
+    """Freeze a 4/8-bit base for LoRA; with ``upcast`` (modelio.upcasts_kbit_rest), also turn its 16-bit rest
+    (norms, embeddings, lm_head) into fp32 (peft's prepare_model_for_kbit_training, the QLoRA recipe). Measured
+    without it: bench/results, cases *-noupcast."""
     if upcast:
         from peft import prepare_model_for_kbit_training
 

@@ -97,14 +97,14 @@ def verification_inputs(recipe, tokenizer, n: int) -> list:
     """Token ids of the first ``n`` training examples, prompt *and* answer: the adapter was trained to change
     the answer's logits, so those positions are where a broken merge shows. One tensor per example (no padding
     to mask out); truncated to ``finetune.max_length`` like in training."""
-    from kubetune.data import load_splits
+    from kubetune.data import example_texts, load_splits
     from kubetune.prompt import PromptTemplate
 
     template = PromptTemplate(recipe.prompt.template)
     train = load_splits(recipe.data).train
     out = []
     for row in train.select(range(min(n, len(train)))):
-        text = template.format(row["context"], row["question"]) + row["answer"].strip()
+        text = "".join(example_texts(row, template, None))  # no eos: the logits of the answer are compared
         ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=recipe.finetune.max_length)
         out.append(ids["input_ids"])
     return out

@@ -189,16 +189,15 @@ def check_group_size(recipe, merged_dir: Path | None) -> int:
 def calibration_examples(recipe, template: PromptTemplate, tokenizer) -> list[dict]:
     """The first ``calibration.samples`` rows of the chosen split as token ids: prompt + answer + eos, exactly
     what the fine-tune trained on, truncated to ``calibration.max_length`` tokens."""
-    from kubetune.data import load_splits
+    from kubetune.data import example_texts, load_splits
 
     cal = recipe.quantize.calibration
     splits = load_splits(recipe.data)
     rows = splits.train if cal.source == "train" else splits.eval
     rows = rows.select(range(min(cal.samples, len(rows))))
-    eos = tokenizer.eos_token or ""
     out = []
     for row in rows:
-        text = template.format(row["context"], row["question"]) + row["answer"].strip() + eos
+        text = "".join(example_texts(row, template, tokenizer.eos_token))
         enc = tokenizer(text, truncation=True, max_length=cal.max_length)
         out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
     if not out:
