@@ -7,8 +7,9 @@
     # after a run: add the estimator's prediction and write bench/results/<name>.{json,md}
     .venv/bin/python bench/harness.py report /path/to/results.json --name gpu-2026-11-28
 
-Each case is one recipe run through :func:`kubetune.stages.run_stage` (the stage code a pod runs), in its own
-process (a clean CUDA context: NVML's per-process figure is that case's alone). The model folder is built from
+Each case is one recipe run through :func:`kubetune.stages.run_stage` (the stage code a pod runs), each stage in its own
+process, as each stage is its own pod in the cluster (a clean CUDA context: the peaks and NVML's per-process figure
+are that stage's alone). The model folder is built from
 ``bench/configs/<org>--<name>.json`` (the published config.json shape fields) with random bf16 weights and a
 byte-level BPE tokenizer trained on the builtin Text-to-SQL rows; the weights' values change neither time nor
 memory. Data: ``builtin:text2sql``.
@@ -74,6 +75,8 @@ CASES: dict[str, dict] = {
     "bloom-1b1/baseline": {"model": "bloom-1b1", "set": ORIGINAL + ["model.dtype=float32", "finetune.precision=fp32"],
                            "sft": WRAPPED},
     "bloom-1b1/ours": {"model": "bloom-1b1", "set": []},
+    # one lever on the original's recipe: bf16 weights and mixed precision instead of fp32 (nothing else changed)
+    "bloom-1b1/baseline-bf16": {"model": "bloom-1b1", "set": ORIGINAL, "sft": WRAPPED},
     "bloom-1b1/ours-bs8-nogc": {"model": "bloom-1b1",
                                 "set": ["finetune.batch_size=8", "finetune.gradient_checkpointing=false"]},
     "bloom-1b1/ours-bs32": {"model": "bloom-1b1", "set": ["finetune.batch_size=32"]},
@@ -91,6 +94,11 @@ CASES: dict[str, dict] = {
                                                   "finetune.gradient_checkpointing=false"]},
     "bloom-1b1/ours-nodropout": {"model": "bloom-1b1", "set": ["finetune.lora.dropout=0.0"]},
     "bloom-1b1/ours-wholeloss": {"model": "bloom-1b1", "set": ["finetune.completion_only_loss=false"]},
+    # the shipped recipe again, with one more step run under torch.profiler (left out of the figures): where a
+    # step's time goes
+    "bloom-1b1/ours-profile": {"model": "bloom-1b1", "set": [], "profile": True},
+    # torch.compile through TRL's SFTConfig: on the H200 the first steps had not finished compiling after 103 s and
+    # 184 s (two runs; batches grouped by length change shape at every step, and each new shape recompiles)
     "bloom-1b1/ours-compile": {"model": "bloom-1b1", "set": ["finetune.group_by_length=true"],
                                "sft": {"torch_compile": True}},
     # 2. bloom-7b1 on a 4-bit base
@@ -213,7 +221,7 @@ def recipe_for(case: str, spec: dict, folder: Path, work: Path, steps: int, warm
     from kubetune.config import recipe_from_dict
 
     data = yaml.safe_load((ROOT / JOBS[spec["model"]]).read_text())
-    stages = spec.get("stages", ["finetune"])
+    stages = case_stages(case)
     common = [f"run.name={case.replace('/', '-')}", f"run.artifacts_root={work / 'artifacts'}",
               f"model.name_or_path={folder}", "model.revision=null", "model.trust_remote_code=false",
               "data.source=builtin:text2sql", "data.builtin_examples=4000", "data.train_fraction=1.0",
@@ -363,9 +371,36 @@ PATCHES = {"no_kbit_upcast": _patch_no_kbit_upcast, "gptq_no_offload": _patch_gp
            "calibration_2048": _patch_calibration_2048}
 
 
-def instrument(record: dict, sft_overrides: dict, cuda: bool) -> StepTimer:
+def profile_micro_batch(run, into: dict, cuda: bool):
+    """Run one micro-batch (forward + backward) under torch.profiler: its wall time, the GPU's busy time (sum of
+    kernel times) and the kernels that take it. Busy time far below wall time means the host (Python, kernel
+    launches) limits the step, not the GPU."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    if cuda:
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    with profile(activities=activities) as prof:
+        out = run()
+        if cuda:
+            torch.cuda.synchronize()
+    into["wall_ms"] = (time.perf_counter() - started) * 1e3
+    events = [e for e in prof.key_averages() if e.device_type.name == ("CUDA" if cuda else "CPU")]
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    total_us = sum(getattr(e, key) for e in events)
+    into["device_busy_ms"] = total_us / 1e3
+    into["kernels"] = sum(e.count for e in events)
+    into["top"] = [{"name": e.key[:120], "ms": getattr(e, key) / 1e3, "count": e.count}
+                   for e in sorted(events, key=lambda e: -getattr(e, key))[:20]]
+    return out
+
+
+def instrument(record: dict, sft_overrides: dict, cuda: bool, profile_step: int | None = None) -> StepTimer:
     """Wrap the fine-tune stage's building blocks (load, SFTConfig, trainer) to observe, not to change them
-    (apart from the recorded SFTConfig overrides of the baseline)."""
+    (apart from the recorded SFTConfig overrides of the baseline). With ``profile_step``, the first micro-batch
+    of that optimizer step (0-based) runs under the profiler; the step summary leaves that step out."""
     import torch
     import trl
 
@@ -417,6 +452,9 @@ def instrument(record: dict, sft_overrides: dict, cuda: bool) -> StepTimer:
 
         def training_step(model, inputs, *a, **kw):
             timer.note_batch(inputs)
+            if profile_step is not None and trainer.state.global_step == profile_step and "profile" not in record:
+                record["profile"] = {}  # the first micro-batch of that step only
+                return profile_micro_batch(lambda: step(model, inputs, *a, **kw), record["profile"], cuda)
             return step(model, inputs, *a, **kw)
 
         trainer.training_step = training_step
@@ -426,8 +464,9 @@ def instrument(record: dict, sft_overrides: dict, cuda: bool) -> StepTimer:
     return timer
 
 
-def step_summary(steps: list[dict], warmup: int, n_matmul: int, layers: int, hidden: int) -> dict:
-    measured = steps[warmup:]
+def step_summary(steps: list[dict], warmup: int, n_matmul: int, layers: int, hidden: int,
+                 measured_steps: int | None = None) -> dict:
+    measured = steps[warmup:None if measured_steps is None else warmup + measured_steps]
     if not measured:
         return {"steps_total": len(steps), "steps_measured": 0}
     ms = [s["ms"] for s in measured]
@@ -493,7 +532,12 @@ def probe_load(recipe, record: dict) -> None:
     record["probe_after_prepare"] = snapshot(model)
 
 
+def case_stages(case: str) -> list[str]:
+    return CASES[case].get("stages", ["finetune"])
+
+
 def run_case(case: str, args) -> dict:
+    """Run the case's stages named by ``args.stage`` (all when None) in this process."""
     import torch
 
     from kubetune.stages import run_stage
@@ -502,7 +546,8 @@ def run_case(case: str, args) -> dict:
     cuda = torch.cuda.is_available()
     work = Path(args.work)
     folder = work / "models" / (spec["model"] + ("-tiny" if args.tiny else ""))
-    recipe = recipe_for(case, spec, folder, work, args.steps, args.warmup, args.tiny)
+    recipe = recipe_for(case, spec, folder, work, args.steps + (1 if spec.get("profile") else 0), args.warmup,
+                        args.tiny)
     config = model_config(spec["model"], args.tiny)
     text = config.get_text_config()
     record: dict = {"case": case, "model": spec["model"], "set": spec["set"], "sft_overrides": spec.get("sft", {}),
@@ -514,9 +559,10 @@ def run_case(case: str, args) -> dict:
     if spec.get("probe"):
         probe_load(recipe, record)
         return record
-    timer = instrument(record, spec.get("sft", {}), cuda)
+    profile_step = args.warmup + args.steps if spec.get("profile") else None  # one step after the measured ones
+    timer = instrument(record, spec.get("sft", {}), cuda, profile_step)
     reports = {}
-    for stage in recipe.stages:
+    for stage in [st for st in recipe.stages if args.stage in (None, st)]:
         if cuda:
             torch.cuda.empty_cache()
         result = run_stage(recipe, stage)
@@ -529,7 +575,7 @@ def run_case(case: str, args) -> dict:
     record["steps"] = steps
     if "finetune" in reports:
         record["summary"] = step_summary(steps, args.warmup, record["n_matmul_params"], record["layers"],
-                                         record["hidden"])
+                                         record["hidden"], measured_steps=args.steps)
     return record
 
 
@@ -591,9 +637,14 @@ def cmd_run(args) -> int:
         print(f"== {case} (time left {left:.0f} s)", flush=True)
         log.write(f"\n===== {case} =====\n")
         folder = work / "models" / (model + ("-tiny" if args.tiny else ""))
+        # One process per stage, as one pod per stage in the cluster: a stage's peaks never include what the
+        # stage before it left allocated, and NVML's per-process figure is that stage's alone.
+        parts = [case_json.with_suffix(f".{stage}.json") for stage in case_stages(case)]
         steps = ([] if (folder / "tokenizer.json").is_file() else [["build", model]]) + \
-            [["one", case, "--json", str(case_json)]]
+            [["one", case, "--stage", stage, "--json", str(part)] for stage, part in zip(case_stages(case), parts)]
         rc = 0
+        for part in parts:
+            part.unlink(missing_ok=True)
         for step in steps:
             try:
                 proc = subprocess.run(base + step + common, stdout=log, stderr=subprocess.STDOUT,
@@ -603,10 +654,9 @@ def cmd_run(args) -> int:
                 rc = "timeout"
             if rc != 0:
                 break
-        if case_json.exists():
-            record = json.loads(case_json.read_text())
-        else:
-            record = {"case": case, "error": f"exit {rc} (see log.txt)"}
+        record = merge_stage_records([json.loads(p.read_text()) for p in parts if p.exists()])
+        if record is None or rc != 0:
+            record = dict(record or {"case": case}, error=f"exit {rc} (see log.txt)")
         record["wall_s"] = round(time.perf_counter() - started, 1)
         results["runs"] = [r for r in results["runs"] if r.get("case") != case] + [record]
         results_path.write_text(json.dumps(results, indent=1, default=str))
@@ -620,6 +670,21 @@ def cmd_run(args) -> int:
         results["builds"] = [json.loads(line) for line in builds.read_text().splitlines() if line.strip()]
     results_path.write_text(json.dumps(results, indent=1, default=str))
     return 0
+
+
+def merge_stage_records(records: list[dict]) -> dict | None:
+    """One case's record from its per-stage processes' records (stage reports side by side; the fine-tune's
+    steps and summary)."""
+    if not records:
+        return None
+    merged = dict(records[0])
+    merged["reports"] = {}
+    merged["stage_processes"] = len(records)
+    for rec in records:
+        merged["reports"].update(rec.get("reports", {}))
+        if rec.get("steps"):
+            merged["steps"], merged["summary"] = rec["steps"], rec.get("summary")
+    return merged
 
 
 def brief(r: dict) -> str:
@@ -692,6 +757,7 @@ def main(argv=None) -> int:
             q.add_argument("model", choices=list(MODELS))
         else:
             q.add_argument("case", choices=list(CASES))
+            q.add_argument("--stage", help="run only this stage of the case (the stages before it ran already)")
             q.add_argument("--json", required=True)
     q = sub.add_parser("report")
     q.add_argument("results")

@@ -108,6 +108,7 @@ def run(ctx: StageContext) -> dict:
         "desc_act": q.desc_act,
         "sym": q.sym,
         "calibration_samples": len(calibration),
+        "calibration_tokens": sum(len(example["input_ids"]) for example in calibration),
         "calibration_source": q.calibration.source,
         "backend": gptq_backend(recipe),
         "seconds": round(seconds, 3),
