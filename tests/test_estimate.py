@@ -221,6 +221,39 @@ def test_traced_activations_equal_real_saved_tensors(model_type, tmp_path):
         assert trace.saved == real, (batch, length, trace.saved, real)
 
 
+def test_layers_of_two_kinds_are_traced_as_a_prefix_and_still_equal_real_saved_tensors(tmp_path):
+    """Gemma 3's sliding-window and full-attention layers: the estimator traces the leading layers up to one of
+    each kind, lets each later layer be counted as its kind, and counts the masks every layer shares once. The
+    trace equals the one through all eight layers; the KV cache equals a real model's."""
+    import torch
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+
+    kinds = ["sliding_attention"] * 3 + ["full_attention"]
+    config = Gemma3TextConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=8,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
+                              layer_types=kinds * 2, max_position_embeddings=256)
+    recipe = recipe_for(tmp_path, config)
+    est = Estimator(recipe, config, target="cpu")
+    assert (est.trace_layers, est.layer_map) == (4, [0, 1, 2, 3, 2, 2, 2, 3])
+    every = Estimator(recipe, config, target="cpu")
+    every.trace_layers, every.layer_map = 8, list(range(8))
+    model = real_peft_model(config, recipe)
+    for batch, length in ((3, 24), (2, 40)):  # longer than the window: the two kinds save different tensors
+        prefix, whole = est.train_trace(recipe.finetune, batch, length), every.train_trace(recipe.finetune, batch,
+                                                                                         length)
+        assert (prefix.per_layer, prefix.outside) == (whole.per_layer, whole.outside)
+        # Known gap (docs/estimator.md): on the CPU a real Gemma 3 saves 0.9-1.4% more than the meta trace of
+        # windows shorter than the rows.
+        assert 0.98 < prefix.saved / saved_bytes(model, batch, length) <= 1.0
+    plain = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        cache = plain(input_ids=torch.randint(0, 300, (2, 40)), use_cache=True).past_key_values
+    # storages, not views: right after the prompt a sliding-window layer's keys are a view of the whole prompt's
+    real_kv = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                   for layer in cache.layers for t in (layer.keys, layer.values)}.values())
+    assert est.kv_cache("float32", 2, 40) == real_kv
+
+
 def test_traced_activations_under_mixed_precision_equal_real_autocast(tmp_path):
     """fp32 weights under bf16 autocast: peft's fp32 cast of x, bf16 copies for the matmuls, grouped-query
     attention in the flash kernel. For Llama (explicit fp32 RMSNorm, SDPA) the CPU and CUDA autocast policies
@@ -291,9 +324,11 @@ def test_gradient_checkpointing_keeps_layer_inputs_and_one_layer(tmp_path):
     act = next(c.bytes for c in est.finetune(gc).components if c.name.startswith("activations"))
     # hidden 64 fp32 per token per layer input, four layers, plus the biggest layer's own tensors and the rest
     assert act == trace.outside + 4 * 3 * 24 * 64 * 4 + max(trace.per_layer)
-    # layer 0 now saves what the others do, plus the rotary cos/sin tables (24 positions × head dim 16, fp32)
-    # that every layer shares and layer 0 saves first
-    assert trace.per_layer[0] - trace.per_layer[1] == 2 * 24 * 16 * 4
+    # layer 0 now saves what the others do; the rotary cos/sin tables (24 positions × head dim 16, fp32) that
+    # every layer shares are made before the layers and counted once, outside them
+    assert trace.per_layer[0] == trace.per_layer[1]
+    no_gc = est.train_trace(recipe.finetune, 3, 24)
+    assert trace.outside - no_gc.outside == 0 and no_gc.outside >= 2 * 24 * 16 * 4
     off = est.train_trace(recipe.finetune, 3, 24)
     assert next(c.bytes for c in est.finetune(recipe.finetune).components
                 if c.name.startswith("activations")) == off.saved > act

@@ -68,6 +68,7 @@ class Estimate:
             "seconds": round(self.seconds, 3), "notes": self.notes,
             "stages": [{
                 "stage": s.stage, "allocated_bytes": s.allocated_bytes, "total_bytes": s.total_bytes,
+                "allocator_slack": s.slack,
                 "settings": s.settings, "notes": s.notes,
                 "components": [{"name": c.name, "bytes": c.bytes, "note": c.note} for c in s.components],
                 "fits": {g.name: s.fits(g.memory_bytes, self.headroom) for g in GPUS},

@@ -16,14 +16,14 @@ def gib(n: int) -> str:
 
 
 def stage_table(stage, target=None) -> Table:
-    from kubetune.estimate.stages import ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES
+    from kubetune.estimate.stages import CUDA_CONTEXT_BYTES
 
     # lora_params is for --json; the table shows it in the LoRA rows already
     settings = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in stage.settings.items() if k != "lora_params")
     table = Table(title=f"{stage.stage}  [dim]{settings}[/]", title_justify="left", show_footer=True)
     table.add_column("component", footer="peak (nvidia-smi)")
     table.add_column("GiB", justify="right", footer=gib(stage.total_bytes))
-    footer = (f"allocated {gib(stage.allocated_bytes)} + {ALLOCATOR_SLACK:.0%} allocator slack + "
+    footer = (f"allocated {gib(stage.allocated_bytes)} + {stage.slack:.0%} allocator slack + "
               f"{gib(CUDA_CONTEXT_BYTES)} CUDA context")
     if target is not None:
         footer += f"; {target.name} has {gib(target.memory_bytes)}"

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kubetune.estimate.modelshape import Linear, ModelShape, build_meta_model, shape_of
-from kubetune.estimate.trace import Trace, TrainSetup, kv_cache_bytes, prepare_for_training, trace_backbone
+from kubetune.estimate.trace import Trace, TrainSetup, kv_cache_elements, prepare_for_training, trace_backbone
 
 GIB = 2**30
 MIB = 2**20
@@ -28,6 +28,10 @@ CUDA_CONTEXT_BYTES = 700 * MIB
 # The caching allocator reserves more than it hands out (block rounding, fragmentation). GPTQModel, which peft
 # imports, sets PYTORCH_ALLOC_CONF=expandable_segments:True in every stage, which keeps this small.
 ALLOCATOR_SLACK = 0.05
+# GPTQModel's layer loop also sets garbage_collection_threshold:0.7: the allocator keeps freed blocks of every
+# layer's differently sized tensors until 70% of the card is reserved. Measured reserved (NVML less the context)
+# over allocated: 1.38-1.48 for bloom-1b1/7b1 with short and 2048-token rows (H200, bench/RESULTS.md).
+GPTQ_LOOP_SLACK = 0.45
 DEFAULT_HEADROOM = 0.10
 """Share of a card's memory left unused when judging 'fits': covers this estimate's error and other processes."""
 
@@ -59,6 +63,8 @@ class StageEstimate:
     notes: list[str] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
     """The recipe values this estimate depends on (shown in the table, used by suggestions)."""
+    slack: float = ALLOCATOR_SLACK
+    """Reserved beyond allocated, as a share of allocated."""
 
     @property
     def allocated_bytes(self) -> int:
@@ -68,7 +74,7 @@ class StageEstimate:
     @property
     def total_bytes(self) -> int:
         """Peak as nvidia-smi shows it: allocated, the allocator's slack and the CUDA context."""
-        return int(self.allocated_bytes * (1 + ALLOCATOR_SLACK)) + CUDA_CONTEXT_BYTES
+        return int(self.allocated_bytes * (1 + self.slack)) + CUDA_CONTEXT_BYTES
 
     def fits(self, memory_bytes: int, headroom: float = DEFAULT_HEADROOM) -> bool:
         return self.total_bytes <= memory_bytes * (1 - headroom)
@@ -188,9 +194,9 @@ class Estimator:
         self._half = half
         self._meta = None
         self._models: dict[tuple, Any] = {}
-        self._plain: dict[str, Any] = {}
+        self._plain = None
         self._traces: dict[tuple, Trace] = {}
-        self._kv: dict[tuple, int] = {}
+        self._kv: dict[tuple, int] = {}  # (batch, length) -> cache elements
         self._rows = None
         self.read_rows = read_rows
         """Tokenize the training rows for the padded length (False: every row is max_length tokens)."""
@@ -202,12 +208,15 @@ class Estimator:
         facts = self.disk.get("facts")
         if facts is None:
             self.shape = shape_of(self.meta)
-            facts = {"shape": self.shape.to_dict(), "trace_layers": self._layers_to_trace(),
+            n, layer_map = self._layers_to_trace()
+            facts = {"shape": self.shape.to_dict(), "trace_layers": n, "layer_map": layer_map,
                      "logits_to_keep": self._takes_logits_to_keep()}
             self.disk.put("facts", facts)
         else:
             self.shape = ModelShape.from_dict(facts["shape"])
         self.trace_layers = facts["trace_layers"]
+        self.layer_map: list[int] = facts["layer_map"]
+        """For each of the model's layers, the traced layer that stands for it."""
         self._logits_to_keep = facts["logits_to_keep"]
 
     # -- helpers -----------------------------------------------------------------------------------------------------
@@ -311,21 +320,46 @@ class Estimator:
         """Write what this estimate found to the disk cache (nothing happens when nothing new was found)."""
         self.disk.save()
 
-    def _layers_to_trace(self) -> int:
-        """Two layers stand for all of them when every layer is alike (same parameters, no per-layer settings in
-        the config such as sliding/full attention); the first layer differs (its input needs no gradient)."""
-        layers = self.meta.get_submodule(self.shape.layers_path)
-        sizes = {sum(p.numel() for p in layer.parameters()) for layer in layers}
+    def _per_layer_settings(self) -> list[str]:
+        """Names of the text config's per-layer lists that vary (e.g. Gemma 3's sliding/full ``layer_types``)."""
         text = self.config.get_text_config()
-        per_layer_lists = [k for k, v in vars(text).items() if isinstance(v, (list, tuple))
-                           and len(v) == self.shape.num_layers and len(set(map(str, v))) > 1]
-        return 2 if len(sizes) == 1 and not per_layer_lists and self.shape.num_layers > 2 else self.shape.num_layers
+        return [k for k, v in vars(text).items() if isinstance(v, (list, tuple))
+                and len(v) == self.shape.num_layers and len(set(map(str, v))) > 1]
+
+    def _layers_to_trace(self) -> tuple[int, list[int]]:
+        """(how many leading layers to trace, the traced layer standing for each layer). A layer is represented by
+        a traced one with the same parameter count and the same per-layer settings; the first layer stands only
+        for itself (its input needs no gradient). All layers alike: two are traced. Gemma 3 (five sliding-window
+        layers, then a full-attention one): the first six. Tracing time grows with the layers traced, and the
+        trace is most of a cold estimate's time after the imports."""
+        layers = self.meta.get_submodule(self.shape.layers_path)
+        text = self.config.get_text_config()
+        lists = [getattr(text, k) for k in self._per_layer_settings()]
+        kinds = [(sum(p.numel() for p in layer.parameters()), *(str(v[i]) for v in lists))
+                 for i, layer in enumerate(layers)]
+        total = len(kinds)
+        needed = set(kinds[1:])
+        n, seen = total, set()
+        for i in range(1, total):
+            seen.add(kinds[i])
+            if seen >= needed:
+                n = max(2, i + 1)
+                break
+        if n >= total:
+            return total, list(range(total))
+        stand_in = {}
+        for i in range(1, n):
+            stand_in[kinds[i]] = i  # the last traced layer of each kind (past the first layer)
+        return n, list(range(n)) + [stand_in[k] for k in kinds[n:]]
 
     def _config_with_layers(self, n: int):
         if n == self.shape.num_layers:
             return self.config
         cfg = copy.deepcopy(self.config)
-        cfg.get_text_config().num_hidden_layers = n
+        text = cfg.get_text_config()
+        for name in self._per_layer_settings():  # the leading n layers' settings, as the model would read them
+            setattr(text, name, type(getattr(text, name))(getattr(text, name)[:n]))
+        text.num_hidden_layers = n
         return cfg
 
     def _takes_logits_to_keep(self) -> bool:
@@ -393,12 +427,11 @@ class Estimator:
         return trace
 
     def _extrapolate(self, trace: Trace) -> Trace:
-        n, total = len(trace.per_layer), self.shape.num_layers
-        if n == total:
+        if len(trace.per_layer) == self.shape.num_layers:
             return trace
 
         def spread(values: list[int]) -> list[int]:
-            return values[:1] + [values[-1]] * (total - 1)
+            return [values[i] for i in self.layer_map]
 
         return Trace(per_layer=spread(trace.per_layer), outside=trace.outside, layer_input=spread(trace.layer_input),
                      largest_in_layer=trace.largest_in_layer, hidden_dtype_bytes=trace.hidden_dtype_bytes,
@@ -406,25 +439,32 @@ class Estimator:
                      int8_held=spread(trace.int8_held))
 
     def kv_cache(self, dtype: str, batch: int, length: int) -> int:
-        """KV cache bytes, read from the cache of a meta forward through the traced layers (all alike, so the
-        two-layer model's cache scales to every layer)."""
-        key = (dtype, batch, length)
+        """KV cache bytes: the elements of the cache a meta forward through the traced layers returns (per layer,
+        each layer counted by its stand-in), at ``dtype``'s size: the cache holds keys and values in the model's
+        dtype, so one forward serves every dtype."""
+        key = (batch, length)
         if key not in self._kv:
-            disk_key = "kv:" + json.dumps(key)
+            disk_key = "kv-elements:" + json.dumps(key)
             cached = self.disk.get(disk_key)
             if cached is None:
-                n = self.trace_layers
-                if dtype not in self._plain:  # one plain n-layer model per dtype serves every batch and length
-                    self._plain[dtype] = build_meta_model(self._config_with_layers(n), getattr(self.torch, dtype))
-                cached = kv_cache_bytes(self._plain[dtype], batch, length) * self.shape.num_layers // n
+                if self._plain is None:  # one plain model of the traced layers serves every batch and length
+                    self._plain = build_meta_model(self._config_with_layers(self.trace_layers), self.torch.bfloat16)
+                per_layer = kv_cache_elements(self._plain, batch, length)
+                if len(per_layer) == self.trace_layers:
+                    cached = sum(per_layer[i] for i in self.layer_map)
+                else:  # a cache not kept per layer: the layers are alike (else all of them were traced)
+                    cached = sum(per_layer) * self.shape.num_layers // self.trace_layers
                 self.disk.put(disk_key, cached)
             self._kv[key] = cached
-        return self._kv[key]
+        return self._kv[key] * dtype_bytes(dtype)
 
     def keeps_scores(self) -> bool:
-        """Does attention materialise length² scores (eager, or SDPA on its math backend)?"""
+        """Does attention materialise length² scores (eager, or SDPA on its math backend)? A property of the model
+        and the fine-tune's setup, not of the batch: any trace already made answers it."""
         if self.shape.attn_implementation == "eager":
             return True
+        if self._traces:
+            return next(iter(self._traces.values())).math_attention
         return self.train_trace(self.recipe.finetune, 1, 16).math_attention
 
     def takes_logits_to_keep(self) -> bool:
@@ -555,7 +595,7 @@ class Estimator:
                                f"max(B·A of the largest layer {merge_scratch / MIB:.0f} MiB, verification forward "
                                f"of {length} tokens {check / MIB:.0f} MiB, cast of the largest tensor to {dtype} "
                                f"{cast / MIB:.0f} MiB)"))
-        return StageEstimate("merge", comps, ["GPU runs measured 19-26% more, not yet explained (docs/estimator.md)"],
+        return StageEstimate("merge", comps, ["measured on an H200 in its own process: within 7% (bench/RESULTS.md)"],
                              settings={"dtype": dtype, "verify": verify})
 
     def calibration_length(self) -> tuple[int, str]:
@@ -573,19 +613,26 @@ class Estimator:
         return longest, f"{longest} tokens: the longest of the first {cal.samples} training rows"
 
     def quantize_loop(self, length: int) -> list[Component]:
-        """GPU memory of GPTQModel 7.6's layer loop (``GPTQModel.quantize`` → looper/module_looper.py ``loop``).
+        """GPU memory of GPTQModel 7.6's layer loop (``GPTQModel.quantize`` → looper/module_looper.py ``loop``):
+        the larger of its two phases for the layer on the GPU.
 
         - The model itself stays off the GPU: ``ModelLoader.from_pretrained`` (models/loader.py) loads a
           non-quantized model "always into cpu" (a meta shell over the checkpoint with ``offload_to_disk``), whatever
           ``device=`` says; looper/stage_layer.py materialises one decoder layer on the GPU and, once quantized and
-          packed, resets it to the CPU (``target_device = CPU``, then ``offload_to_disk`` with offload on).
-        - Layer inputs of *every* calibration batch: looper/forward_executor.py ``run_single`` moves each batch's
-          output to ``cur_layer_device`` (the layer's GPU) and stage_layer keeps ``layer_inputs`` until the replay
-          forward (``fwd_replay_after_process``) has produced all outputs: inputs and outputs of all rows at once
-          (layer 0 reads its inputs from the CPU, stage_inputs_capture.py; every later layer from the GPU).
-        - Hessians: quantization/gptq.py ``add_batch`` keeps one fp32 in×in partial per linear
-          (``_device_hessian_partials``) until the subset is quantized; counted for all linears of the layer.
-        - GPTQ's working set for the largest linear and one batch's forward scratch, as before.
+          packed, resets it to the CPU.
+        - Subset forwards (phase A, the peak with long calibration rows): for each group of linears
+          (qkv, out-projection, MLP in, MLP out) every calibration batch runs the layer until the group's last
+          linear raises GPTQModel's one shared ``StopForward`` exception (nn_modules/hooked_linear.py); the
+          exception keeps its traceback, so the previous batch's attention and MLP locals stay alive while the
+          current batch runs (looper/forward_executor.py catches it and never clears it): two batches' forward
+          scratch at once. Eager attention in bf16 also makes an fp32 copy of the scores before softmax (ATen's
+          softmax(dtype=float32) converts a bf16 input first; only fp16 has the fused path). The layer inputs of
+          all rows are on the GPU once; one fp32 in×in Hessian partial.
+        - Replay (phase B, the peak with short rows): ``fwd_replay_after_process`` produces every row's output
+          while all inputs are still held (stage_layer.py): inputs and outputs of all rows, the Hessians of the
+          layer's linears and GPTQ's working set for the largest one.
+
+        Measured (H200, bench/RESULTS.md): rows of ~65 tokens and rows of 2048 tokens, bloom-1b1 and bloom-7b1.
         """
         shape, q = self.shape, self.recipe.quantize
         dtype = self.recipe.merge.dtype  # GPTQModel.load(dtype=merge.dtype) in the quantize stage
@@ -594,22 +641,36 @@ class Estimator:
         cal = q.calibration
         b = min(q.batch_size, cal.samples)
         hessians = sum(4 * lin.in_features ** 2 for lin in layer)
+        largest_hessian = max((4 * lin.in_features ** 2 for lin in layer), default=0)
         widest = max(layer, key=lambda lin: lin.weights + lin.in_features ** 2, default=None)
         working = (3 * 4 * widest.weights + 4 * widest.in_features ** 2) if widest else 0
-        hidden = 2 * cal.samples * length * shape.hidden_size * db
+        rows = cal.samples * length * shape.hidden_size * db  # one copy of every calibration row's hidden states
         # GPTQModel runs the decoder layers only: no logits (scratch() adds a last-position row; negligible)
         scratch = self.scratch(b, length, db)
-        return [
-            Component(f"one decoder layer ({dtype})", shape.layer_params() * db,
-                      "GPTQModel keeps the model on CPU/disk and moves one layer at a time to the GPU"),
-            Component(f"layer inputs + outputs of all {cal.samples} calibration rows", hidden,
-                      f"2 × {cal.samples} × {length} tokens × hidden {shape.hidden_size} × {db} B, kept on the GPU "
-                      "between layers (gptqmodel looper/forward_executor.py run_single)"),
+        upcast = b * shape.num_heads * length ** 2 * 4 if self.keeps_scores() and dtype == "bfloat16" else 0
+        one_layer = Component(f"one decoder layer ({dtype})", shape.layer_params() * db,
+                              "GPTQModel keeps the model on CPU/disk and moves one layer at a time to the GPU")
+        subset = [
+            one_layer,
+            Component(f"layer inputs of all {cal.samples} calibration rows", rows,
+                      f"{cal.samples} × {length} tokens × hidden {shape.hidden_size} × {db} B"),
+            Component(f"forward scratch of two batches ({b} × {length} tokens each)", 2 * scratch,
+                      "the current batch and the previous one, kept alive by GPTQModel's StopForward traceback"),
+            Component("fp32 copy of the attention scores", upcast, "softmax(dtype=float32) of bf16 eager scores"),
+            Component("one Hessian partial (fp32 in²)", largest_hessian, "the widest input of the layer"),
+        ]
+        replay = [
+            one_layer,
+            Component(f"layer inputs + outputs of all {cal.samples} calibration rows", 2 * rows,
+                      f"2 × {cal.samples} × {length} tokens × hidden {shape.hidden_size} × {db} B, until the "
+                      "replay has produced every output (gptqmodel looper/stage_layer.py)"),
             Component("Hessians (fp32 in² per linear)", hessians, f"{len(layer)} linears of one layer at once"),
             Component("GPTQ working set (largest linear)", working,
                       "fp32 weight, quantized copy and losses (3 × out·in·4) + inverse Hessian"),
             Component(f"forward scratch (batch {b} × {length} tokens)", scratch, "one layer's no-grad working set"),
         ]
+        phase_a, phase_b = sum(c.bytes for c in subset), sum(c.bytes for c in replay)
+        return [c for c in (subset if phase_a > phase_b else replay) if c.bytes]
 
     def quantize(self) -> StageEstimate:
         """The quantize stage's peak: the larger of GPTQModel's layer loop and the reload check that follows it
@@ -626,7 +687,8 @@ class Estimator:
                             f"packed layers {qb / GIB:.2f} GiB + 16-bit embeddings/head {rest / GIB:.2f} GiB "
                             "(variants.load_quantized, after GPTQModel's model is released)")]
         loop_bytes, reload_bytes = sum(c.bytes for c in loop), qb + rest
-        comps = loop if loop_bytes >= reload_bytes else reload
+        # judged as nvidia-smi sees them: the loop's allocator keeps more of what it frees
+        comps = loop if loop_bytes * (1 + GPTQ_LOOP_SLACK) >= reload_bytes * (1 + ALLOCATOR_SLACK) else reload
         other = (f"the reload check of the packed checkpoint needs {reload_bytes / GIB:.2f} GiB"
                  if comps is loop else f"GPTQModel's layer loop needs {loop_bytes / GIB:.2f} GiB")
         host = q.calibration.samples * length * shape.hidden_size * dtype_bytes(dtype) * 2
@@ -634,9 +696,11 @@ class Estimator:
                  f"calibration length {why}",
                  f"host RAM: calibration inputs and outputs of every sample ≈ {host / GIB:.2f} GiB, plus the "
                  "CPU copy of the model",
-                 "the least certain figure: GPU runs held more than this (docs/estimator.md, known gaps)"]
+                 "GPTQModel's subset forwards (two batches' scratch) vs its replay (inputs and outputs of all "
+                 "rows, all Hessians): the larger one (docs/estimator.md)"]
         return StageEstimate("quantize", comps, notes, settings={
-            "bits": q.bits, "group_size": q.group_size, "calibration_length": length})
+            "bits": q.bits, "group_size": q.group_size, "calibration_length": length},
+            slack=GPTQ_LOOP_SLACK if comps is loop else ALLOCATOR_SLACK)
 
     def infer_model(self, name: str, batch: int) -> StageEstimate:
         recipe, shape = self.recipe, self.shape

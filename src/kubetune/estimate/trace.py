@@ -325,6 +325,7 @@ def trace_backbone(model, layers_path: str, batch: int, length: int, autocast_dt
     exclude = {t.untyped_storage()._cdata for t in (*model.parameters(), *model.buffers())}
     current: list[int | None] = [None]
     layer_input = [0] * len(layers)
+    inputs: set[int] = set()  # the layers' hidden-state inputs (layer 0's is made outside, yet its own)
     saved: dict[int, tuple[int, int | None, Any]] = {}
     handles = []
 
@@ -334,6 +335,7 @@ def trace_backbone(model, layers_path: str, batch: int, length: int, autocast_dt
             hs = args[0] if args else kwargs.get("hidden_states")
             if isinstance(hs, torch.Tensor):
                 layer_input[index] = hs.numel() * hs.element_size()
+                inputs.add(hs.untyped_storage()._cdata)
         return hook
 
     def post_hook(module, args, kwargs, output):
@@ -357,10 +359,11 @@ def trace_backbone(model, layers_path: str, batch: int, length: int, autocast_dt
 
     ids = torch.zeros((batch, length), dtype=torch.long, device="meta")
     mode = _gpu_emulation_mode(autocast_dtype, fused_attention=True, target=target)
+    made_outside = _outputs_made_outside_layers(current)
     global _INT8_HELD
     _INT8_HELD = held = []
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), mode:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), mode, made_outside:
             out = backbone(input_ids=ids, use_cache=False)
     finally:
         _INT8_HELD = None
@@ -375,10 +378,12 @@ def trace_backbone(model, layers_path: str, batch: int, length: int, autocast_dt
     largest = 0
     outside = 0
     by_kind: dict[str, int] = {}
-    for nbytes, index, dtype in saved.values():
+    for key, (nbytes, index, dtype) in saved.items():
         kind = str(dtype).removeprefix("torch.")
         by_kind[kind] = by_kind.get(kind, 0) + nbytes
-        if index is None:
+        # Made before the layers (a mask, rotary cos/sin) and saved by whichever layer first used it: shared by
+        # all layers, so it belongs outside them (else a layer standing for others would count it again).
+        if index is None or (key in made_outside.keys and key not in inputs):
             outside += nbytes
         else:
             per_layer[index] += nbytes
@@ -388,9 +393,36 @@ def trace_backbone(model, layers_path: str, batch: int, length: int, autocast_dt
                  int8_held=int8_held)
 
 
-def kv_cache_bytes(model, batch: int, length: int) -> int:
-    """Bytes of the KV cache after ``length`` tokens, read from the cache a meta forward returns (so MQA/GQA,
-    Bloom's layout and sliding-window layers are whatever the model really keeps)."""
+def _outputs_made_outside_layers(current: list):
+    """A TorchFunctionMode collecting the storages of tensors made while no decoder layer runs (``current[0]`` is
+    None): the inputs every layer shares."""
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._pytree import tree_leaves
+
+    import torch
+
+    class MadeOutside(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            # storage id -> the storage, held so that its id is not reused by a tensor made inside a layer
+            self.keys: dict[int, object] = {}
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if current[0] is None:
+                for t in tree_leaves(out):
+                    if isinstance(t, torch.Tensor):
+                        storage = t.untyped_storage()
+                        self.keys[storage._cdata] = storage
+            return out
+
+    return MadeOutside()
+
+
+def kv_cache_elements(model, batch: int, length: int) -> list[int]:
+    """Elements of the KV cache after ``length`` tokens, per layer (one entry in all when the cache is not kept per
+    layer), read from the cache a meta forward returns (so MQA/GQA, Bloom's layout and sliding-window layers are
+    whatever the model really keeps)."""
     import torch
 
     ids = torch.zeros((batch, length), dtype=torch.long, device="meta")
@@ -398,14 +430,19 @@ def kv_cache_bytes(model, batch: int, length: int) -> int:
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
     # transformers 5.2x names it ``cache`` (``past_key_values`` still works, with a deprecation warning)
     cache = out["cache"] if "cache" in out else out.past_key_values
+    per_layer = getattr(cache, "layers", None)
+    groups = list(per_layer) if per_layer is not None else [cache]
     seen: set[int] = set()
-    total = 0
-    for t in _tensors(cache):
-        key = t.untyped_storage()._cdata
-        if key not in seen:
-            seen.add(key)
-            total += t.untyped_storage().nbytes()
-    return total
+    counts = []
+    for group in groups:
+        total = 0
+        for t in _tensors(group if per_layer is None else [getattr(group, n, None) for n in ("keys", "values")]):
+            key = t.untyped_storage()._cdata
+            if key not in seen:
+                seen.add(key)
+                total += t.untyped_storage().nbytes() // t.element_size()
+        counts.append(total)
+    return counts
 
 
 def _tensors(obj, depth: int = 0):
