@@ -30,7 +30,7 @@ def estimates(run: dict) -> dict:
         return {"error": "no recipe in the reports"}
     try:
         recipe = recipe_from_dict(recipe_dict, run["case"])
-        with kbit_upcast_as_measured(run):
+        with kbit_upcast_as_measured(run), calibration_as_measured(run):
             est = estimate_recipe(recipe, model_config=str(CONFIGS / MODELS[run["model"]]), suggest=False)
     except Exception as exc:  # noqa: BLE001 - a failed estimate is reported, not fatal
         return {"error": f"{type(exc).__name__}: {exc}"}
@@ -64,6 +64,24 @@ def kbit_upcast_as_measured(run: dict):
         yield
     finally:
         Estimator.kbit_upcast = current
+
+
+@contextlib.contextmanager
+def calibration_as_measured(run: dict):
+    """Runs patched with ``calibration_2048`` (harness.py) calibrated on rows joined into sequences of exactly
+    ``calibration.max_length`` tokens, which a recipe cannot say: estimate them with that length."""
+    from kubetune.estimate.stages import Estimator
+
+    if "calibration_2048" not in run.get("patches", []):
+        yield
+        return
+    current = Estimator.calibration_length
+    Estimator.calibration_length = lambda self: (self.recipe.quantize.calibration.max_length,
+                                                 "rows joined to max_length (harness patch calibration_2048)")
+    try:
+        yield
+    finally:
+        Estimator.calibration_length = current
 
 
 def estimator_version() -> dict:
