@@ -552,6 +552,28 @@ def test_the_cli_reads_the_rows_in_a_forked_process_and_gets_the_same_figures(ti
     assert ft["allocated_bytes"] == here.allocated_bytes
 
 
+def test_the_console_script_skips_teardown_yet_prints_everything_and_keeps_exit_codes(tmp_path):
+    """`kubetune estimate` ends its process without Python's finalization (~1 s after torch and transformers): the
+    whole table still comes out, and a stage that does not fit still exits 12 with its one-line error."""
+    import subprocess
+    import sys
+
+    script = str(Path(sys.executable).with_name("kubetune"))
+    env = {**os.environ, "KUBETUNE_ESTIMATE_CACHE": str(tmp_path / "cache")}
+    config = str(ROOT / "bench" / "configs" / "bigscience--bloom-7b1.json")
+    fits = subprocess.run([script, "estimate", str(ROOT / "jobs" / "bloom-7b1-qlora.yaml"), "--model-config", config],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert fits.returncode == 0, fits.stderr
+    assert all(stage in fits.stdout for stage in ("finetune", "merge", "quantize", "infer"))
+    assert fits.stdout.rstrip().endswith("┘")  # the last table's bottom border: nothing was cut off
+    big = subprocess.run([script, "estimate", str(ROOT / "jobs" / "bloom-7b1-qlora.yaml"), "--model-config", config,
+                          "--set", "finetune.batch_size=256", "--gpu", "A100-40GB"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert big.returncode == 12
+    assert big.stderr.strip().splitlines() == [line for line in big.stderr.strip().splitlines()
+                                               if line.startswith("error: ")] and "A100-40GB" in big.stderr
+
+
 def test_fused_head_saved_bytes_by_hand(tmp_path):
     recipe = recipe_for(tmp_path, tiny_config("llama"))
     est = Estimator(recipe, load_config(recipe.model), target="cpu")

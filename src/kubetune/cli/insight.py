@@ -6,7 +6,7 @@ import json
 
 import click
 
-from kubetune.cli import cli
+from kubetune.cli import cli, skip_interpreter_teardown
 from kubetune.cli.local import set_option
 
 
@@ -57,6 +57,7 @@ def estimate(recipe_path: str, gpu, headroom: float, as_json: bool, model_config
 
     recipe = load_recipe(recipe_path, list(overrides))
     result = estimate_recipe(recipe, model_config=model_config, gpu=gpu, headroom=headroom)
+    skip_interpreter_teardown()  # the estimate cache is saved; only printing is left
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
     else:

@@ -1,7 +1,7 @@
 """The estimate's disk cache: what the meta-device builds and traces found, per model config.
 
-Importing torch and transformers' model classes is ~4.5 s of a cold ``kubetune estimate`` on a 2-core machine,
-while the arithmetic after them takes ~0.2 s. What those imports are needed for depends only on the model's
+Importing torch and transformers' model classes is ~3.3 s of a cold ``kubetune estimate`` on a 2-core machine,
+while the traces and the arithmetic after them take 0.1-0.8 s. What those imports are needed for depends only on the model's
 config.json, the dtypes and the batch shapes: the model's shape (parameters, linears, layers), the saved-tensor
 traces per (setup, batch, length), the KV cache per (dtype, batch, length). Those are kept in one JSON file per
 config under ``$XDG_CACHE_HOME/kubetune/estimate`` (``KUBETUNE_ESTIMATE_CACHE`` sets the folder; ``off`` turns
