@@ -46,6 +46,32 @@ def test_step_summary_flops(harness):
     assert s["padding_fraction"] == 0
 
 
+def test_a_profiled_step_after_the_measured_ones_is_left_out(harness):
+    steps = [{"ms": 100.0, "tokens": 100, "sum_s2": 0, "rows": 1, "padded_tokens": 100}] * 3 + \
+        [{"ms": 900.0, "tokens": 100, "sum_s2": 0, "rows": 1, "padded_tokens": 100}]
+    s = harness.step_summary(steps, warmup=1, n_matmul=1, layers=1, hidden=1, measured_steps=2)
+    assert s["steps_measured"] == 2 and s["step_ms_max"] == 100.0
+
+
+def test_one_record_from_the_per_stage_processes(harness):
+    finetune = {"case": "c", "reports": {"finetune": {"duration_s": 1}}, "steps": [{"ms": 1}], "summary": {"x": 1}}
+    merge = {"case": "c", "reports": {"merge": {"duration_s": 2}}, "steps": [], "summary": None}
+    record = harness.merge_stage_records([finetune, merge])
+    assert list(record["reports"]) == ["finetune", "merge"] and record["stage_processes"] == 2
+    assert record["steps"] == [{"ms": 1}] and record["summary"] == {"x": 1}
+    assert harness.merge_stage_records([]) is None
+
+
+def test_profile_of_a_micro_batch_names_its_kernels(harness):
+    import torch
+
+    into: dict = {}
+    x = torch.randn(64, 64, requires_grad=True)
+    out = harness.profile_micro_batch(lambda: (x @ x).relu().sum().backward(), into, cuda=False)
+    assert out is None and into["wall_ms"] > 0 and into["kernels"] > 0
+    assert any("mm" in k["name"] for k in into["top"])
+
+
 @pytest.mark.parametrize("case", ["bloom-1b1/baseline", "bloom-7b1/ours", "falcon-7b/baseline", "bloom-1b1/gptq8"])
 def test_case_recipes_validate(harness, case, tmp_path):
     recipe = harness.recipe_for(case, harness.CASES[case], tmp_path / "model", tmp_path, steps=10, warmup=3,
