@@ -30,7 +30,7 @@ def estimates(run: dict) -> dict:
         return {"error": "no recipe in the reports"}
     try:
         recipe = recipe_from_dict(recipe_dict, run["case"])
-        with kbit_upcast_as_measured(run), calibration_as_measured(run):
+        with as_measured(run):
             est = estimate_recipe(recipe, model_config=str(CONFIGS / MODELS[run["model"]]), suggest=False)
     except Exception as exc:  # noqa: BLE001 - a failed estimate is reported, not fatal
         return {"error": f"{type(exc).__name__}: {exc}"}
@@ -48,40 +48,25 @@ def upcast_measured(run: dict) -> bool | None:
     return grew > 0
 
 
-@contextlib.contextmanager
-def kbit_upcast_as_measured(run: dict):
-    """Estimate the code that ran: runs measured before kubetune stopped upcasting under bf16 are estimated with
-    the upcast (the estimator itself follows the current code)."""
+def as_measured(run: dict) -> contextlib.ExitStack:
+    """Estimate the code and data that ran, where they differ from what the estimator follows now:
+
+    - runs measured before kubetune stopped upcasting a k-bit base's rest under bf16 are estimated with the upcast;
+    - runs patched with ``calibration_2048`` (harness.py) calibrated on rows joined into sequences of exactly
+      ``calibration.max_length`` tokens, which a recipe cannot say: they are estimated with that length."""
+    from unittest import mock
+
     from kubetune.estimate.stages import Estimator
 
+    stack = contextlib.ExitStack()
     measured = upcast_measured(run)
-    if measured is None:
-        yield
-        return
-    current = Estimator.kbit_upcast
-    Estimator.kbit_upcast = lambda self, ft: measured
-    try:
-        yield
-    finally:
-        Estimator.kbit_upcast = current
-
-
-@contextlib.contextmanager
-def calibration_as_measured(run: dict):
-    """Runs patched with ``calibration_2048`` (harness.py) calibrated on rows joined into sequences of exactly
-    ``calibration.max_length`` tokens, which a recipe cannot say: estimate them with that length."""
-    from kubetune.estimate.stages import Estimator
-
-    if "calibration_2048" not in run.get("patches", []):
-        yield
-        return
-    current = Estimator.calibration_length
-    Estimator.calibration_length = lambda self: (self.recipe.quantize.calibration.max_length,
-                                                 "rows joined to max_length (harness patch calibration_2048)")
-    try:
-        yield
-    finally:
-        Estimator.calibration_length = current
+    if measured is not None:
+        stack.enter_context(mock.patch.object(Estimator, "kbit_upcast", lambda self, ft: measured))
+    if "calibration_2048" in run.get("patches", []):
+        stack.enter_context(mock.patch.object(
+            Estimator, "calibration_length", lambda self: (self.recipe.quantize.calibration.max_length,
+                                                           "rows joined to max_length (harness patch calibration_2048)")))
+    return stack
 
 
 def estimator_version() -> dict:

@@ -632,14 +632,12 @@ def cmd_run(args) -> int:
             continue
         model = CASES[case]["model"]
         started = time.perf_counter()
-        case_json = work / f"case-{case.replace('/', '-')}.json"
-        case_json.unlink(missing_ok=True)
         print(f"== {case} (time left {left:.0f} s)", flush=True)
         log.write(f"\n===== {case} =====\n")
         folder = work / "models" / (model + ("-tiny" if args.tiny else ""))
         # One process per stage, as one pod per stage in the cluster: a stage's peaks never include what the
         # stage before it left allocated, and NVML's per-process figure is that stage's alone.
-        parts = [case_json.with_suffix(f".{stage}.json") for stage in case_stages(case)]
+        parts = [work / f"case-{case.replace('/', '-')}.{stage}.json" for stage in case_stages(case)]
         steps = ([] if (folder / "tokenizer.json").is_file() else [["build", model]]) + \
             [["one", case, "--stage", stage, "--json", str(part)] for stage, part in zip(case_stages(case), parts)]
         rc = 0

@@ -352,9 +352,7 @@ class Estimator:
                 break
         if n >= total:
             return total, list(range(total))
-        stand_in = {}
-        for i in range(1, n):
-            stand_in[kinds[i]] = i  # the last traced layer of each kind (past the first layer)
+        stand_in = {kinds[i]: i for i in range(1, n)}  # the last traced layer of each kind (past the first layer)
         return n, list(range(n)) + [stand_in[k] for k in kinds[n:]]
 
     def _config_with_layers(self, n: int):
@@ -692,21 +690,21 @@ class Estimator:
         reload = [Component(f"reload check: GPTQ {q.bits}-bit model", qb + rest,
                             f"packed layers {qb / GIB:.2f} GiB + 16-bit embeddings/head {rest / GIB:.2f} GiB "
                             "(variants.load_quantized, after GPTQModel's model is released)")]
-        loop_bytes, reload_bytes = sum(c.bytes for c in loop), qb + rest
-        # judged as nvidia-smi sees them: the loop's allocator keeps more of what it frees
-        comps = loop if loop_bytes * (1 + GPTQ_LOOP_SLACK) >= reload_bytes * (1 + ALLOCATOR_SLACK) else reload
-        other = (f"the reload check of the packed checkpoint needs {reload_bytes / GIB:.2f} GiB"
-                 if comps is loop else f"GPTQModel's layer loop needs {loop_bytes / GIB:.2f} GiB")
+        # (components, allocator slack) per phase, judged as nvidia-smi sees them: the loop's allocator keeps more
+        # of what it frees
+        phases = {"layer loop": (loop, GPTQ_LOOP_SLACK), "reload check": (reload, ALLOCATOR_SLACK)}
+        peak, (comps, slack) = max(phases.items(), key=lambda kv: sum(c.bytes for c in kv[1][0]) * (1 + kv[1][1]))
+        other = "; ".join(f"the {name} needs {sum(c.bytes for c in parts) / GIB:.2f} GiB"
+                          for name, (parts, _) in phases.items() if name != peak)
         host = q.calibration.samples * length * shape.hidden_size * dtype_bytes(dtype) * 2
-        notes = [f"peak phase: {'layer loop' if comps is loop else 'reload check'}; {other}",
+        notes = [f"peak phase: {peak}; {other}",
                  f"calibration length {why}",
                  f"host RAM: calibration inputs and outputs of every sample ≈ {host / GIB:.2f} GiB, plus the "
                  "CPU copy of the model",
                  "GPTQModel's subset forwards (two batches' scratch) vs its replay (inputs and outputs of all "
                  "rows, all Hessians): the larger one (docs/estimator.md)"]
         return StageEstimate("quantize", comps, notes, settings={
-            "bits": q.bits, "group_size": q.group_size, "calibration_length": length},
-            slack=GPTQ_LOOP_SLACK if comps is loop else ALLOCATOR_SLACK)
+            "bits": q.bits, "group_size": q.group_size, "calibration_length": length}, slack=slack)
 
     def infer_model(self, name: str, batch: int) -> StageEstimate:
         recipe, shape = self.recipe, self.shape
