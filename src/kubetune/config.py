@@ -136,13 +136,15 @@ class FinetuneSection(Section):
     max_length: Annotated[int, Field(ge=16)] = 512
     """Tokens per sequence (prompt + answer); longer rows are truncated."""
     packing: bool = False
-    """Pack several examples into each sequence (faster on short rows; TRL's padding-free BFD packing)."""
+    """Pack several examples into each max_length sequence (TRL's best-fit packing), each example attending only to
+    itself: fewer, fuller sequences when rows are short. Refused for models whose attention mask ignores
+    position_ids (BLOOM); group_by_length is the alternative there."""
     completion_only_loss: bool = True
     """Learn only the answer tokens, not the prompt."""
     group_by_length: bool = False
     """Batch rows of similar length together (random groups of 50 batches, sorted inside): less padding per batch
     when lengths vary, at the cost of batches that are less mixed. The alternative to packing for models whose
-    attention cannot keep packed rows apart."""
+    attention cannot keep packed examples apart."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward: much less memory, about 30% slower."""
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"

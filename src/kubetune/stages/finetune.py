@@ -27,6 +27,7 @@ from kubetune.errors import DataError, ModelError, RecipeError
 from kubetune.measure import Stopwatch, count_parameters, memory_footprint_bytes
 from kubetune.metrics.callbacks import metrics_callback
 from kubetune.prompt import PromptTemplate
+from kubetune.stages import packing
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,8 @@ def run(ctx) -> dict[str, Any]:
 
     tokenizer = modelio.load_tokenizer(recipe.model)
     model = load_model(recipe, precision)
+    if ft.packing:
+        packing.check_examples_kept_apart(model, recipe.model.name_or_path)
     splits = load_splits(recipe.data)
     prompt = PromptTemplate(recipe.prompt.template)
     train = prompt_completion(splits.train, prompt, tokenizer.eos_token)
@@ -96,6 +99,7 @@ def run(ctx) -> dict[str, Any]:
             "resumed_from_step": checkpoint_step(resume) if resume else None,
             "train_examples": len(train),
             "train_sequences": len(trainer.train_dataset),  # fewer than examples when packed
+            "packing": packing.packing_layout(trainer.model) if ft.packing else None,
         },
         "throughput": {
             # This process only: after a resume, the steps run before the restart are not in these figures.
@@ -223,6 +227,8 @@ def build_trainer(recipe, model, tokenizer, train, evaluation, checkpoints: Path
     trainer = trainer_class(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
                             processing_class=tokenizer, peft_config=lora_config(ft.lora),
                             callbacks=[_progress_callback(ctx)])
+    if ft.packing and packing.packing_layout(model) == packing.ROWS:
+        packing.use_row_packing(trainer)
     trainer.remove_callback(PrinterCallback)  # it prints raw dicts; the progress callback logs the same figures
     metrics = metrics_callback(ctx, trainer)  # loss, learning rate, tokens/s, ETA for Prometheus (docs/monitoring.md)
     if metrics is not None:
@@ -437,9 +443,10 @@ def _counting_trainer_class():
             if "attention_mask" in inputs:  # padded batch: one row per example
                 self.tokens_seen += int(inputs["attention_mask"].sum())
                 self.examples_seen += int(inputs["input_ids"].shape[0])
-            else:  # padding-free packing: one flat row without padding; each example restarts position_ids at 0
-                self.tokens_seen += int(inputs["input_ids"].numel())
-                self.examples_seen += int((inputs["position_ids"] == 0).sum())
+            else:  # packed: each example restarts position_ids at 0 (stages/packing.py)
+                tokens, examples = packing.count_packed_batch(inputs["position_ids"])
+                self.tokens_seen += tokens
+                self.examples_seen += examples
             return super().training_step(model, inputs, *args, **kwargs)
 
     return CountingSFTTrainer

@@ -1,0 +1,106 @@
+"""Packing several training examples into each sequence (``finetune.packing``) without letting one attend to another.
+
+TRL 1.16 bins the examples into sequences of at most ``max_length`` tokens (best-fit decreasing) and then, by
+default, flattens each batch into one padding-free row whose ``position_ids`` restart at 0 for every example.
+Two things follow, and this module handles both:
+
+* Examples stay apart only if the attention reads those restarts: a varlen flash-attention kernel (from the
+  collator's ``cu_seq_lens``), or transformers' mask builders, which turn restarting ``position_ids`` into a
+  block-diagonal mask when no ``attention_mask`` is passed. BLOOM's mask builder gets no ``position_ids``, so a
+  packed BLOOM batch would silently attend across examples: ``check_examples_kept_apart`` refuses it.
+* Without a varlen kernel (sdpa, eager: every image we ship), the flattened row is *one* sequence of
+  batch_size × max_length tokens under a dense block mask, so attention work and mask memory grow with
+  (batch_size × max_length)². On falcon-7b (8 × 512 tokens, H200) that row took 37.7 GiB and 8.1 s per step
+  (bench/results/gpu-h200-2026-11-28-falcon-packed.md). There the stage keeps TRL's bins as rows instead
+  (``RowPackedCollator``): right-padded rows of at most max_length, ``position_ids`` restarting per example, no
+  ``attention_mask``; attention per row is max_length², the shape ``kubetune estimate`` assumes for packing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from kubetune.errors import RecipeError
+
+FLATTENED = "padding-free"  # TRL's one flat row per batch, for varlen flash kernels
+ROWS = "rows"  # one row per packed sequence, block-diagonal mask from position_ids
+
+
+def uses_varlen_attention(model) -> bool:
+    """Flash-attention kernels read the flattened row's sequence boundaries (cu_seq_lens) directly."""
+    return "flash" in str(getattr(model.config, "_attn_implementation", None) or "")
+
+
+def packing_layout(model) -> str:
+    return FLATTENED if uses_varlen_attention(model) else ROWS
+
+
+def check_examples_kept_apart(model, model_name: str) -> None:
+    """Refuse packing for a model whose attention mask ignores ``position_ids`` (a RecipeError, before any data
+    is read): one forward of 4 tokens packed as two examples, watching whether the model's mask builder derives
+    per-example blocks from the restarting positions. A varlen flash kernel keeps examples apart by itself."""
+    if uses_varlen_attention(model):
+        return
+    import torch
+    from transformers import masking_utils
+
+    blocks_found = []
+    find_blocks = masking_utils.find_packed_sequence_indices
+
+    def watched(position_ids):
+        blocks = find_blocks(position_ids)
+        blocks_found.append(blocks is not None)
+        return blocks
+
+    device = next(model.parameters()).device
+    input_ids = torch.zeros((1, 4), dtype=torch.long, device=device)
+    position_ids = torch.tensor([[0, 1, 0, 1]], device=device)
+    masking_utils.find_packed_sequence_indices = watched
+    try:
+        with torch.no_grad():
+            model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+    finally:
+        masking_utils.find_packed_sequence_indices = find_blocks
+    if not any(blocks_found):
+        architecture = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
+        raise RecipeError("recipe", [
+            f"finetune.packing: {model_name} ({architecture}, {model.config._attn_implementation} attention) "
+            "would attend across packed examples: its attention mask ignores position_ids; "
+            "use finetune.group_by_length instead"])
+
+
+@dataclass
+class RowPackedCollator:
+    """TRL's collator for packed sequences, but one row per sequence: right padding, ``position_ids`` restarting
+    at 0 per example and no ``attention_mask`` (so transformers builds the block-diagonal mask from them).
+    The first token of each example gets no label: it would be predicted from the end of the previous example."""
+
+    packed: Any  # trl's DataCollatorForLanguageModeling, as SFTTrainer built it for padding-free packing
+
+    def __post_init__(self):
+        self.packed = replace(self.packed, padding_free=False, return_position_ids=True)
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.packed(examples)
+        batch.pop("attention_mask")
+        batch["labels"][batch["position_ids"] == 0] = -100
+        return batch
+
+
+def use_row_packing(trainer) -> None:
+    trainer.data_collator = RowPackedCollator(trainer.data_collator)
+
+
+def count_packed_batch(position_ids) -> tuple[int, int]:
+    """(tokens, examples) in a packed batch without ``attention_mask``, flattened or in rows.
+
+    An example starts where ``position_ids`` is 0 and the next one is 1; a 0 followed by anything else (another 0,
+    or the row's end) is right padding. A one-token example would count as padding: it has nothing to learn."""
+    import torch
+
+    starts = position_ids == 0
+    continues = torch.zeros_like(starts)
+    continues[:, :-1] = position_ids[:, 1:] == 1
+    padding = int((starts & ~continues).sum())
+    return position_ids.numel() - padding, int((starts & continues).sum())
