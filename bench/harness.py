@@ -135,7 +135,15 @@ CASES: dict[str, dict] = {
     # bitsandbytes quantizes them; before, the "8-bit" falcon was a bf16 model)
     "falcon-7b/baseline": {"model": "falcon-7b", "set": ORIGINAL + ["finetune.base_precision=8bit"], "sft": WRAPPED},
     "falcon-7b/ours": {"model": "falcon-7b", "set": []},
-    "falcon-7b/ours-packed": {"model": "falcon-7b", "set": ["finetune.packing=true"]},
+    # falcon-7b's shipped recipe packs 2 rows of 512 per step; these are the settings it replaced (8 × 2 unpacked)
+    # and packing at those batch settings, as rows and as TRL's one flattened row
+    "falcon-7b/ours-unpacked": {"model": "falcon-7b", "set": ["finetune.packing=false", "finetune.batch_size=8",
+                                                             "finetune.grad_accum=2"]},
+    "falcon-7b/ours-packed": {"model": "falcon-7b", "set": ["finetune.packing=true", "finetune.batch_size=8",
+                                                           "finetune.grad_accum=2"]},
+    "falcon-7b/ours-packed-flat": {"model": "falcon-7b", "set": ["finetune.packing=true", "finetune.batch_size=8",
+                                                                "finetune.grad_accum=2"],
+                                   "patch": ["trl_flattened_packing"]},
     # the same tokens per optimizer step as ours-packed (16 rows of 512), in micro-batches a quarter the size
     "falcon-7b/ours-packed-bs2": {"model": "falcon-7b",
                                   "set": ["finetune.packing=true", "finetune.batch_size=2", "finetune.grad_accum=8"]},
@@ -274,10 +282,12 @@ class StepTimer:
             return
         if "attention_mask" in inputs:
             lengths = inputs["attention_mask"].sum(dim=1).tolist()
-        else:  # padding-free: one flat row, position_ids restart at 0 for each example
-            pos = inputs["position_ids"].flatten().tolist()
-            starts = [i for i, p in enumerate(pos) if p == 0] + [len(pos)]
-            lengths = [b - a for a, b in zip(starts, starts[1:]) if b > a]
+        else:  # packed (stages/packing.py): position_ids restart at 0 for each example, flattened or in rows
+            lengths = []
+            for pos in inputs["position_ids"].tolist():
+                starts = [i for i, p in enumerate(pos) if p == 0] + [len(pos)]
+                # a lone 0 is right padding of a packed row (kubetune.stages.packing.count_packed_batch)
+                lengths += [b - a for a, b in zip(starts, starts[1:]) if b - a > 1]
         self._pending["tokens"] += int(sum(lengths))
         self._pending["sum_s2"] += int(sum(s * s for s in lengths))
         self._pending["rows"] += int(inputs["input_ids"].shape[0])
@@ -370,7 +380,15 @@ def _patch_calibration_2048() -> None:
     quantize.calibration_examples = joined
 
 
-PATCHES = {"no_kbit_upcast": _patch_no_kbit_upcast, "gptq_no_offload": _patch_gptq_no_offload,
+def _patch_trl_flattened_packing() -> None:
+    """Packing as TRL 1.16 does it by itself: each batch flattened into one padding-free row under sdpa's dense
+    block mask, instead of kubetune's rows of max_length (kubetune.stages.packing)."""
+    from kubetune.stages import packing
+
+    packing.packing_layout = lambda model: packing.FLATTENED
+
+
+PATCHES = {"no_kbit_upcast": _patch_no_kbit_upcast, "trl_flattened_packing": _patch_trl_flattened_packing, "gptq_no_offload": _patch_gptq_no_offload,
            "calibration_2048": _patch_calibration_2048}
 
 
