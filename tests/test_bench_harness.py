@@ -18,7 +18,7 @@ def harness():
     return module
 
 
-def test_batch_lengths_padded_and_padding_free(harness):
+def test_batch_lengths_padded_padding_free_and_packed_rows(harness):
     import torch
 
     timer = harness.StepTimer(cuda=False)
@@ -26,12 +26,15 @@ def test_batch_lengths_padded_and_padding_free(harness):
     # padded rows: lengths 3 and 5 in a 2×5 batch
     timer.note_batch({"input_ids": torch.zeros(2, 5, dtype=torch.long),
                       "attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])})
-    # padding-free: one row of 3 examples (2, 4, 1 tokens); position_ids restart at 0
-    timer.note_batch({"input_ids": torch.zeros(1, 7, dtype=torch.long),
-                      "position_ids": torch.tensor([[0, 1, 0, 1, 2, 3, 0]])})
-    assert timer._pending["tokens"] == 3 + 5 + 2 + 4 + 1
-    assert timer._pending["sum_s2"] == 9 + 25 + 4 + 16 + 1
-    assert timer._pending["padded_tokens"] == 10 + 7
+    # padding-free: one row of 2 examples (2, 4 tokens); position_ids restart at 0
+    timer.note_batch({"input_ids": torch.zeros(1, 6, dtype=torch.long),
+                      "position_ids": torch.tensor([[0, 1, 0, 1, 2, 3]])})
+    # packed rows: (3, 2) and (4) + 3 positions of right padding (each a lone 0)
+    timer.note_batch({"input_ids": torch.zeros(2, 7, dtype=torch.long),
+                      "position_ids": torch.tensor([[0, 1, 2, 0, 1, 0, 0], [0, 1, 2, 3, 0, 0, 0]])})
+    assert timer._pending["tokens"] == 3 + 5 + 2 + 4 + 3 + 2 + 4
+    assert timer._pending["sum_s2"] == 9 + 25 + 4 + 16 + 9 + 4 + 16
+    assert timer._pending["padded_tokens"] == 10 + 6 + 14
 
 
 def test_step_summary_flops(harness):
