@@ -48,6 +48,15 @@ def upcast_measured(run: dict) -> bool | None:
     return grew > 0
 
 
+# Harness patches that run code kubetune does not run and the estimator does not follow: those runs get no estimate.
+NOT_ESTIMATED = {"trl_flattened_packing": "not estimated: TRL's flattened packing, which kubetune does not run "
+                                          "(stages/packing.py)"}
+
+
+def not_estimated(run: dict) -> str | None:
+    return next((NOT_ESTIMATED[p] for p in run.get("patches", []) if p in NOT_ESTIMATED), None)
+
+
 def as_measured(run: dict) -> contextlib.ExitStack:
     """Estimate the code and data that ran, where they differ from what the estimator follows now:
 
@@ -105,7 +114,7 @@ def write_report(results_path: Path, name: str, command: str) -> int:
     data = json.loads(results_path.read_text())
     env = data.get("environment", {})
     for run in data["runs"]:
-        if "reports" in run and not data.get("tiny"):
+        if "reports" in run and not data.get("tiny") and not not_estimated(run):
             run["estimate"] = estimates(run)
     RESULTS.mkdir(parents=True, exist_ok=True)
     data["command"] = command
@@ -174,7 +183,7 @@ def write_report(results_path: Path, name: str, command: str) -> int:
         for stage, rep in (run.get("reports") or {}).items():
             pm = rep["peak_memory"]
             est = run.get("estimate", {}).get(stage, {})
-            note = ""
+            note = not_estimated(run) or ""
             if stage == "quantize":
                 note = (f"GPTQ {rep.get('bits')}-bit g{rep.get('group_size')}, {rep.get('calibration_samples')} "
                         f"samples: quantize() {rep.get('seconds')} s")

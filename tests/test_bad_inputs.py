@@ -29,7 +29,7 @@ from kubetune.cli import cli
 from kubetune.config import recipe_from_dict
 from kubetune.errors import EXIT_CODES
 from kubetune.stages import run_stage
-from tiny import tiny_recipe_dict
+from tiny import build_tiny_bloom, tiny_recipe_dict
 
 DOC = (Path(__file__).resolve().parents[1] / "docs" / "exit-codes.md").read_text()
 
@@ -292,6 +292,18 @@ def test_unknown_lora_target_module(write, artifacts):
     recipe = write(finetune={"max_steps": 2, "lora": {"r": 4, "alpha": 8, "target_modules": ["qkv_proj"]}})
     handled(kubetune("stage", "finetune", "--recipe", recipe), 5, "['qkv_proj'] not found", artifacts, before,
             stage="finetune")
+
+
+def test_packing_a_model_whose_attention_ignores_position_ids(write, artifacts, tmp_path):
+    """BLOOM would let packed examples attend to each other: refused after the load, before the data is read."""
+    bloom = build_tiny_bloom(tmp_path / "bloom")
+    before = snapshot(artifacts)
+    recipe = write(model={"name_or_path": str(bloom), "dtype": "float32"},
+                   finetune={"max_steps": 2, "packing": True})
+    handled(kubetune("stage", "finetune", "--recipe", recipe), 3,
+            "finetune.packing: " + str(bloom) + " (BloomForCausalLM, eager attention) would attend across packed "
+            "examples: its attention mask ignores position_ids; use finetune.group_by_length instead",
+            artifacts, before, stage="finetune")
 
 
 # ---- stage order and finished artifacts: exit 6; a recipe problem found late: exit 3 -------------------------------

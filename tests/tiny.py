@@ -50,6 +50,20 @@ def build_tiny_model(path: Path, seed: int = 0) -> Path:
     return path
 
 
+def build_tiny_bloom(path: Path, seed: int = 0) -> Path:
+    """A 1-layer BLOOM (ALiBi; its attention mask ignores position_ids) saved with the tiny tokenizer."""
+    import torch
+    from transformers import BloomConfig, BloomForCausalLM
+
+    torch.manual_seed(seed)
+    tok = build_tokenizer()
+    cfg = BloomConfig(vocab_size=len(tok), hidden_size=32, n_layer=1, n_head=4, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    BloomForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
 def tiny_recipe_dict(model_dir: Path, artifacts: Path, **sections) -> dict:
     """A recipe that runs every stage on the tiny model in seconds; keyword arguments update sections."""
     recipe = {
