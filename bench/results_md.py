@@ -228,18 +228,20 @@ def gptq_rows(res: Results) -> list[Row]:
 
 def gptq_table(res: Results) -> list[str]:
     lines = ["## GPTQ", "", "Cases that ran the quantize stage (fine-tune of 2 steps → merge → GPTQ). `quantize()` "
-             "s: the GPTQ call itself (report `seconds`); stage wall s: load, quantize, save and reload.", ""]
+             "s: the GPTQ call itself (report `seconds`); of which solves: GPTQModel's per-module solve times "
+             "summed (`quant_log.csv`; the rest is calibration forwards and packing; recorded since 2026-11-28 "
+             "15:20); stage wall s: load, quantize, save and reload.", ""]
     rows = []
     for row in gptq_rows(res):
         q = row.reports["quantize"]
         rows.append([row.case, f"{q.get('bits')}-bit g{q.get('group_size')}", num(q.get("seconds"), ".1f"),
-                     num(q.get("duration_s"), ".1f"),
+                     num((q.get("metrics") or {}).get("gptq_solve_seconds"), ".1f"), num(q.get("duration_s"), ".1f"),
                      q.get("calibration_samples", quantize_setting(row, "samples")),
                      quantize_setting(row, "max_length") or "–", gib(row.peak("quantize")),
                      gib(row.peak("quantize", "nvml_process_bytes")), q.get("backend", "–"),
                      num((row.reports.get("merge") or {}).get("duration_s"), ".1f"), gib(row.peak("merge")),
                      f"`{row.source['name']}`"])
-    lines += table(["case", "GPTQ", "quantize() s", "stage wall s", "calibration samples", "calibration length",
+    lines += table(["case", "GPTQ", "quantize() s", "of which solves s", "stage wall s", "calibration samples", "calibration length",
                     "peak alloc GiB", "NVML GiB", "kernel", "merge wall s", "merge peak GiB", "source"],
                    rows) if rows else ["No GPTQ case measured yet."]
     return lines + [""]

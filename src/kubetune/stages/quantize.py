@@ -208,12 +208,20 @@ def calibration_examples(recipe, template: PromptTemplate, tokenizer) -> list[di
 
 def _quant_log_summary(path: Path) -> dict:
     """Per-module GPTQ loss (GPTQModel's quant_log.csv) reduced to mean and max: a module with a loss far above
-    the rest points at too few or unrepresentative calibration rows."""
+    the rest points at too few or unrepresentative calibration rows. Also the seconds GPTQModel spent solving the
+    modules (its per-module ``time``: Hessian inverse and the column-by-column quantization, without the
+    calibration forwards), summed: the rest of the stage's quantize time is forwards, packing and saving."""
     try:
         with open(path, newline="") as fh:
-            losses = [float(row["loss"]) for row in csv.DictReader(fh)]
+            rows = list(csv.DictReader(fh))
+        losses = [float(row["loss"]) for row in rows]
     except (OSError, KeyError, ValueError):
         return {}
     if not losses:
         return {}
-    return {"gptq_modules": len(losses), "gptq_loss_mean": sum(losses) / len(losses), "gptq_loss_max": max(losses)}
+    summary = {"gptq_modules": len(losses), "gptq_loss_mean": sum(losses) / len(losses), "gptq_loss_max": max(losses)}
+    try:
+        summary["gptq_solve_seconds"] = round(sum(float(row["time"]) for row in rows), 3)
+    except (KeyError, TypeError, ValueError):
+        pass
+    return summary
