@@ -119,6 +119,10 @@ CASES: dict[str, dict] = {
     # "-cal2048" cases calibrate on 128 sequences of 2048 tokens (rows joined: see PATCHES["calibration_2048"]).
     "bloom-1b1/gptq8": {"model": "bloom-1b1", "set": ["finetune.max_steps=2"],
                         "stages": ["finetune", "merge", "quantize"]},
+    # GPTQModel's torch loop instead of its JIT-compiled CUDA block update: what a pod of the shipped image runs
+    # (it has no nvcc, so the JIT build fails there and GPTQModel falls back)
+    "bloom-1b1/gptq8-torch-loop": {"model": "bloom-1b1", "set": ["finetune.max_steps=2"],
+                                   "stages": ["finetune", "merge", "quantize"], "patch": ["gptq_torch_block_update"]},
     "bloom-1b1/gptq8-nooffload": {"model": "bloom-1b1", "set": ["finetune.max_steps=2"],
                                   "stages": ["finetune", "merge", "quantize"], "patch": ["gptq_no_offload"]},
     "bloom-1b1/gptq8-cal2048": {"model": "bloom-1b1", "set": ["finetune.max_steps=2",
@@ -388,8 +392,14 @@ def _patch_trl_flattened_packing() -> None:
     packing.packing_layout = lambda model: packing.FLATTENED
 
 
+def _patch_gptq_torch_block_update() -> None:
+    """GPTQModel without its CUDA block-update extension (GPTQMODEL_DISABLE_GPTQ_CUDA): the column loop in torch,
+    as in an image without a CUDA compiler."""
+    os.environ["GPTQMODEL_DISABLE_GPTQ_CUDA"] = "1"
+
+
 PATCHES = {"no_kbit_upcast": _patch_no_kbit_upcast, "trl_flattened_packing": _patch_trl_flattened_packing, "gptq_no_offload": _patch_gptq_no_offload,
-           "calibration_2048": _patch_calibration_2048}
+           "calibration_2048": _patch_calibration_2048, "gptq_torch_block_update": _patch_gptq_torch_block_update}
 
 
 def profile_micro_batch(run, into: dict, cuda: bool):

@@ -67,6 +67,8 @@ def test_quantize_reloads_with_the_torch_kernel_and_generates(tiny_recipe, tiny_
     assert report["memory_footprint_bytes"] < TINY_PARAMETERS * 4
     assert report["metrics"]["gptq_modules"] == 14 and report["metrics"]["gptq_loss_max"] >= 0
     assert 0 < report["metrics"]["gptq_solve_seconds"] < report["seconds"]  # the solves, not the forwards
+    assert report["metrics"]["gptq_solve_max_seconds"] <= report["metrics"]["gptq_solve_seconds"]
+    assert report["metrics"]["gptq_solve_slowest_module"].split(".")[0] in ("0", "1")  # "<layer>.<module>"
     assert [c for c in calls if c[3].startswith("layer") and c[1]] == [
         ("quantize", 1, 2, "layer 1/2"), ("quantize", 2, 2, "layer 2/2")]
     out = result.path

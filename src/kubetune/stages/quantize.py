@@ -44,6 +44,11 @@ def _gptqmodel_env() -> None:
       ValueError ("requests 2 workers but parent 'cpu' only has 1").
     - Its packing extension is compiled with g++ at first use (~50 s, and a compiler the image may lack);
       the Python packer gives the same bytes, and packing is a small part of the run.
+
+    Its CUDA "GPTQ block update" is left to GPTQModel: it compiles it with nvcc at first use (29.1 s of a 52.4 s
+    bloom-1b1 quantize() on the bench's H200 machine: bench/results/gptq-modules-h200-2026-11-28.json), caching
+    the build under GPTQMODEL_TORCH_EXTENSIONS_DIR (on the claim in a cluster: k8s.render); in an image without
+    nvcc, such as ours, the build fails at once and GPTQModel runs the same loop in torch.
     """
     if (os.cpu_count() or 1) < 4:
         os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
@@ -221,7 +226,11 @@ def _quant_log_summary(path: Path) -> dict:
         return {}
     summary = {"gptq_modules": len(losses), "gptq_loss_mean": sum(losses) / len(losses), "gptq_loss_max": max(losses)}
     try:
-        summary["gptq_solve_seconds"] = round(sum(float(row["time"]) for row in rows), 3)
+        seconds = [float(row["time"]) for row in rows]
     except (KeyError, TypeError, ValueError):
-        pass
+        return summary
+    slowest = max(range(len(rows)), key=seconds.__getitem__)
+    # The slowest is usually the first: GPTQModel JIT-compiles its CUDA block update there when it can (29 s)
+    summary.update(gptq_solve_seconds=round(sum(seconds), 3), gptq_solve_max_seconds=seconds[slowest],
+                   gptq_solve_slowest_module=f"{rows[slowest].get('layer')}.{rows[slowest].get('module')}")
     return summary
