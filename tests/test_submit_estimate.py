@@ -38,3 +38,22 @@ def test_force_submits_anyway_with_a_warning():
     assert result.exit_code == 0, result.output
     assert "--force: submitting although finetune needs" in result.output
     assert "kind: Job" in result.output
+
+
+def test_packing_bloom_is_refused_before_anything_is_submitted_even_with_force():
+    # BLOOM's attention mask ignores position_ids: packed examples would see each other (the pod would refuse it
+    # too, after the image pull and the model load)
+    result = submit("--set", "finetune.packing=true", "--force")
+    assert result.exit_code == 3, result.output
+    assert ("finetune.packing: bigscience/bloom-7b1 (BloomForCausalLM, eager attention) would attend across packed "
+            "examples") in result.output
+    assert "kind: Job" not in result.output
+
+
+def test_estimate_refuses_packing_bloom_and_accepts_packing_falcon():
+    runner = CliRunner()
+    bloom = runner.invoke(cli, ["estimate", RECIPE, "--model-config", CONFIG, "--set", "finetune.packing=true"])
+    assert bloom.exit_code == 3 and "finetune.packing:" in bloom.output and "Traceback" not in bloom.output
+    falcon = runner.invoke(cli, ["estimate", str(ROOT / "jobs" / "falcon-7b-8bit.yaml"), "--model-config",
+                                 str(ROOT / "bench" / "configs" / "tiiuae--falcon-7b.json")])
+    assert falcon.exit_code == 0, falcon.output  # the shipped falcon recipe packs

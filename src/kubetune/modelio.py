@@ -225,3 +225,37 @@ def check_kbit_quantized(model, base_precision: str, name: str) -> None:
                          f"(they are {kinds}, which bitsandbytes does not replace); use base_precision: none")
     if plain:
         log.warning("%d linear layers of %s stay unquantized (e.g. %s)", len(plain), name, plain[0])
+
+
+def mask_reads_position_ids(model) -> bool:
+    """Whether the model's attention mask keeps packed examples apart: one forward of 4 tokens packed as two
+    examples (position_ids 0 1 0 1, no attention_mask), watching for transformers' mask builder to derive
+    per-example blocks from the restarting positions. BLOOM's never gets position_ids. Works on the meta device
+    (the estimator's model) as on a loaded one."""
+    import torch
+    from transformers import masking_utils
+
+    seen = []
+    find_blocks = masking_utils.find_packed_sequence_indices
+
+    def watched(position_ids):
+        seen.append(True)
+        return None if position_ids.is_meta else find_blocks(position_ids)
+
+    device = next(model.parameters()).device
+    masking_utils.find_packed_sequence_indices = watched
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.zeros((1, 4), dtype=torch.long, device=device),
+                  position_ids=torch.tensor([[0, 1, 0, 1]], device=device), use_cache=False)
+    finally:
+        masking_utils.find_packed_sequence_indices = find_blocks
+    return bool(seen)
+
+
+def packing_refused(model_name: str, architecture: str, attn_implementation: str):
+    from kubetune.errors import RecipeError
+
+    return RecipeError("recipe", [
+        f"finetune.packing: {model_name} ({architecture}, {attn_implementation} attention) would attend across "
+        "packed examples: its attention mask ignores position_ids; use finetune.group_by_length instead"])

@@ -196,15 +196,20 @@ def _check_fits(recipe, recipe_path: str, model_config: str | None, force: bool)
     """Refuse a recipe whose estimated peak exceeds a requested card (WontFitError), unless forced.
 
     Only stages with a known resources.<stage>.gpu_type are judged. When the model's config cannot be read
-    (a hub id with no network or cache), say so and go on: the estimate guards, it must not block.
+    (a hub id with no network or cache), say so and go on: the estimate guards, it must not block. The same
+    estimate refuses packing for a model whose attention would let packed examples see each other (exit 3),
+    which would otherwise fail in the fine-tune's pod, after the image pull and the model load.
     """
-    if not any(getattr(recipe.resources, s).gpu_type for s in recipe.stages):
+    packing = "finetune" in recipe.stages and recipe.finetune.packing
+    if not packing and not any(getattr(recipe.resources, s).gpu_type for s in recipe.stages):
         return
-    from kubetune.errors import KubetuneError, WontFitError
+    from kubetune.errors import KubetuneError, RecipeError, WontFitError
     from kubetune.estimate import estimate_recipe
 
     try:
         result = estimate_recipe(recipe, model_config=model_config, suggest=False)
+    except RecipeError:
+        raise
     except KubetuneError as exc:
         click.secho(f"warning: memory estimate skipped ({exc}); pass --model-config to check fit", fg="yellow",
                     err=True)

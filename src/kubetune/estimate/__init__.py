@@ -114,6 +114,10 @@ def estimate_recipe(recipe, model_config=None, gpu: Gpu | None = None, headroom:
         est = Estimator(recipe, raw_config=raw[0], config_source=raw[1], bf16=bf16)
     else:
         est = Estimator(recipe, load_config(recipe.model, model_config), bf16=bf16)
+    if "finetune" in recipe.stages and recipe.finetune.packing and est.packs_apart is False:
+        from kubetune.modelio import packing_refused
+
+        raise packing_refused(recipe.model.name_or_path, est.shape.architecture, est.shape.attn_implementation)
     stages = []
     for stage in GPU_STAGES:
         if stage in recipe.stages:

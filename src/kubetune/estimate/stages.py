@@ -211,11 +211,11 @@ class Estimator:
         self.disk = (DiskCache("model", key_of(raw_config, self.model_dtype, target)) if raw_config is not None
                      else NoCache())
         facts = self.disk.get("facts")
-        if facts is None:
+        if facts is None or "packs_apart" not in facts:
             self.shape = shape_of(self.meta)
             n, layer_map = self._layers_to_trace()
             facts = {"shape": self.shape.to_dict(), "trace_layers": n, "layer_map": layer_map,
-                     "logits_to_keep": self._takes_logits_to_keep()}
+                     "logits_to_keep": self._takes_logits_to_keep(), "packs_apart": self._packs_apart()}
             self.disk.put("facts", facts)
         else:
             self.shape = ModelShape.from_dict(facts["shape"])
@@ -223,6 +223,8 @@ class Estimator:
         self.layer_map: list[int] = facts["layer_map"]
         """For each of the model's layers, the traced layer that stands for it."""
         self._logits_to_keep = facts["logits_to_keep"]
+        self.packs_apart: bool | None = facts["packs_apart"]
+        """Whether packed examples stay apart in the model's attention (None: the meta forward could not say)."""
 
     # -- helpers -----------------------------------------------------------------------------------------------------
     @property
@@ -364,6 +366,14 @@ class Estimator:
             setattr(text, name, type(getattr(text, name))(getattr(text, name)[:n]))
         text.num_hidden_layers = n
         return cfg
+
+    def _packs_apart(self) -> bool | None:
+        from kubetune.modelio import mask_reads_position_ids
+
+        try:
+            return mask_reads_position_ids(self.meta)
+        except Exception:  # a model whose forward does not run on meta: the fine-tune stage checks it for real
+            return None
 
     def _takes_logits_to_keep(self) -> bool:
         import inspect

@@ -7,11 +7,12 @@ Two things follow, and this module handles both:
 * Examples stay apart only if the attention reads those restarts: a varlen flash-attention kernel (from the
   collator's ``cu_seq_lens``), or transformers' mask builders, which turn restarting ``position_ids`` into a
   block-diagonal mask when no ``attention_mask`` is passed. BLOOM's mask builder gets no ``position_ids``, so a
-  packed BLOOM batch would silently attend across examples: ``check_examples_kept_apart`` refuses it.
+  packed BLOOM batch would silently attend across examples: ``check_examples_kept_apart`` refuses it (and
+  ``kubetune estimate`` / ``submit`` before anything runs).
 * Without a varlen kernel (sdpa, eager: every image we ship), the flattened row is *one* sequence of
   batch_size × max_length tokens under a dense block mask, so attention work and mask memory grow with
-  (batch_size × max_length)². On falcon-7b (8 × 512 tokens, H200) that row took 37.7 GiB and 8.1 s per step
-  (bench/results/gpu-h200-2026-11-28-falcon-packed.md). There the stage keeps TRL's bins as rows instead
+  (batch_size × max_length)². On falcon-7b (8 × 512 tokens, H200) that row took 37.7 GiB and 8.2 s per step
+  (bench/results/gpu-h200-2026-11-28-falcon-packing.md). There the stage keeps TRL's bins as rows instead
   (``RowPackedCollator``): right-padded rows of at most max_length, ``position_ids`` restarting per example, no
   ``attention_mask``; attention per row is max_length², the shape ``kubetune estimate`` assumes for packing.
 """
@@ -20,8 +21,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from typing import Any
-
-from kubetune.errors import RecipeError
 
 FLATTENED = "padding-free"  # TRL's one flat row per batch, for varlen flash kernels
 ROWS = "rows"  # one row per packed sequence, block-diagonal mask from position_ids
@@ -37,37 +36,14 @@ def packing_layout(model) -> str:
 
 
 def check_examples_kept_apart(model, model_name: str) -> None:
-    """Refuse packing for a model whose attention mask ignores ``position_ids`` (a RecipeError, before any data
-    is read): one forward of 4 tokens packed as two examples, watching whether the model's mask builder derives
-    per-example blocks from the restarting positions. A varlen flash kernel keeps examples apart by itself."""
-    if uses_varlen_attention(model):
+    """Refuse packing (a RecipeError, before any data is read) for a model whose attention mask ignores
+    ``position_ids`` (modelio.mask_reads_position_ids); a varlen flash kernel keeps examples apart by itself."""
+    from kubetune import modelio
+
+    if uses_varlen_attention(model) or modelio.mask_reads_position_ids(model):
         return
-    import torch
-    from transformers import masking_utils
-
-    blocks_found = []
-    find_blocks = masking_utils.find_packed_sequence_indices
-
-    def watched(position_ids):
-        blocks = find_blocks(position_ids)
-        blocks_found.append(blocks is not None)
-        return blocks
-
-    device = next(model.parameters()).device
-    input_ids = torch.zeros((1, 4), dtype=torch.long, device=device)
-    position_ids = torch.tensor([[0, 1, 0, 1]], device=device)
-    masking_utils.find_packed_sequence_indices = watched
-    try:
-        with torch.no_grad():
-            model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
-    finally:
-        masking_utils.find_packed_sequence_indices = find_blocks
-    if not any(blocks_found):
-        architecture = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
-        raise RecipeError("recipe", [
-            f"finetune.packing: {model_name} ({architecture}, {model.config._attn_implementation} attention) "
-            "would attend across packed examples: its attention mask ignores position_ids; "
-            "use finetune.group_by_length instead"])
+    architecture = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
+    raise modelio.packing_refused(model_name, architecture, model.config._attn_implementation)
 
 
 @dataclass
