@@ -76,6 +76,9 @@ CASES: dict[str, dict] = {
                            "sft": WRAPPED},
     "bloom-1b1/ours": {"model": "bloom-1b1", "set": []},
     # one lever on the original's recipe: bf16 weights and mixed precision instead of fp32 (nothing else changed)
+    # the loss from full logits (bf16 logits of every position over the 250,880-token vocabulary, then
+    # cross-entropy), instead of TRL 1.16's chunked LM head that scores only the labelled positions
+    "bloom-1b1/ours-full-logits": {"model": "bloom-1b1", "set": [], "patch": ["full_logits_loss"]},
     "bloom-1b1/baseline-bf16": {"model": "bloom-1b1", "set": ORIGINAL, "sft": WRAPPED},
     "bloom-1b1/ours-bs8-nogc": {"model": "bloom-1b1",
                                 "set": ["finetune.batch_size=8", "finetune.gradient_checkpointing=false"]},
@@ -398,7 +401,16 @@ def _patch_gptq_torch_block_update() -> None:
     os.environ["GPTQMODEL_DISABLE_GPTQ_CUDA"] = "1"
 
 
-PATCHES = {"no_kbit_upcast": _patch_no_kbit_upcast, "trl_flattened_packing": _patch_trl_flattened_packing, "gptq_no_offload": _patch_gptq_no_offload,
+def _patch_full_logits_loss() -> None:
+    """SFTTrainer's loss as transformers' Trainer computes it: the model's own forward with labels, which builds
+    the logits of every position (TRL 1.16 otherwise scores only labelled positions in chunks)."""
+    import transformers
+    import trl
+
+    trl.SFTTrainer.compute_loss = transformers.Trainer.compute_loss
+
+
+PATCHES = {"no_kbit_upcast": _patch_no_kbit_upcast, "full_logits_loss": _patch_full_logits_loss, "trl_flattened_packing": _patch_trl_flattened_packing, "gptq_no_offload": _patch_gptq_no_offload,
            "calibration_2048": _patch_calibration_2048, "gptq_torch_block_update": _patch_gptq_torch_block_update}
 
 
