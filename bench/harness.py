@@ -289,12 +289,10 @@ class StepTimer:
             return
         if "attention_mask" in inputs:
             lengths = inputs["attention_mask"].sum(dim=1).tolist()
-        else:  # packed (stages/packing.py): position_ids restart at 0 for each example, flattened or in rows
-            lengths = []
-            for pos in inputs["position_ids"].tolist():
-                starts = [i for i, p in enumerate(pos) if p == 0] + [len(pos)]
-                # a lone 0 is right padding of a packed row (kubetune.stages.packing.count_packed_batch)
-                lengths += [b - a for a, b in zip(starts, starts[1:]) if b - a > 1]
+        else:  # packed: position_ids restart at 0 for each example, flattened or in rows
+            from kubetune.stages.packing import packed_example_lengths
+
+            lengths = packed_example_lengths(inputs["position_ids"]).tolist()
         self._pending["tokens"] += int(sum(lengths))
         self._pending["sum_s2"] += int(sum(s * s for s in lengths))
         self._pending["rows"] += int(inputs["input_ids"].shape[0])

@@ -211,7 +211,7 @@ class Estimator:
         self.disk = (DiskCache("model", key_of(raw_config, self.model_dtype, target)) if raw_config is not None
                      else NoCache())
         facts = self.disk.get("facts")
-        if facts is None or "packs_apart" not in facts:
+        if facts is None:
             self.shape = shape_of(self.meta)
             n, layer_map = self._layers_to_trace()
             facts = {"shape": self.shape.to_dict(), "trace_layers": n, "layer_map": layer_map,

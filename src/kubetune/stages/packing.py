@@ -43,8 +43,7 @@ def check_examples_kept_apart(model, model_name: str) -> None:
 
     if uses_varlen_attention(model) or modelio.mask_reads_position_ids(model):
         return
-    architecture = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
-    raise modelio.packing_refused(model_name, architecture, model.config._attn_implementation)
+    raise modelio.packing_refused(model_name, type(model).__name__, model.config._attn_implementation)
 
 
 @dataclass
@@ -69,15 +68,21 @@ def use_row_packing(trainer) -> None:
     trainer.data_collator = RowPackedCollator(trainer.data_collator)
 
 
-def count_packed_batch(position_ids) -> tuple[int, int]:
-    """(tokens, examples) in a packed batch without ``attention_mask``, flattened or in rows.
+def packed_example_lengths(position_ids):
+    """Token count of each example in a packed batch without ``attention_mask``, flattened or in rows (a 1-D tensor).
 
-    An example starts where ``position_ids`` is 0 and the next one is 1; a 0 followed by anything else (another 0,
-    or the row's end) is right padding. A one-token example would count as padding: it has nothing to learn."""
+    Inside an example ``position_ids`` rise by 1, so an example ends where the next position is 0 (the next example,
+    or right padding) or at the row's end, and its length is its last position + 1. Right padding is a run of lone
+    0s: a one-token example would count as padding, and it has nothing to learn."""
     import torch
 
-    starts = position_ids == 0
-    continues = torch.zeros_like(starts)
-    continues[:, :-1] = position_ids[:, 1:] == 1
-    padding = int((starts & ~continues).sum())
-    return position_ids.numel() - padding, int((starts & continues).sum())
+    ends = torch.ones_like(position_ids, dtype=torch.bool)
+    ends[:, :-1] = position_ids[:, 1:] == 0
+    last = position_ids[ends]
+    return last[last > 0] + 1
+
+
+def count_packed_batch(position_ids) -> tuple[int, int]:
+    """(tokens, examples) in a packed batch (``packed_example_lengths``)."""
+    lengths = packed_example_lengths(position_ids)
+    return int(lengths.sum()), int(lengths.numel())
