@@ -50,7 +50,9 @@ def upcast_measured(run: dict) -> bool | None:
 
 # Harness patches that run code kubetune does not run and the estimator does not follow: those runs get no estimate.
 NOT_ESTIMATED = {"trl_flattened_packing": "not estimated: TRL's flattened packing, which kubetune does not run "
-                                          "(stages/packing.py)"}
+                                          "(stages/packing.py)",
+                 "full_logits_loss": "not estimated: the loss over every position's logits, which kubetune does not "
+                                     "run (TRL's chunked loss is on)"}
 
 
 def not_estimated(run: dict) -> str | None:
@@ -160,8 +162,11 @@ def write_report(results_path: Path, name: str, command: str) -> int:
             f"| {ft['duration_s']:.0f} |")
         by_model.setdefault(run["model"], {})[run["case"].split("/", 1)[1]] = (s, pm)
 
-    lines += ["", "## Ratios to the original recipe (same card, same command)", "",
-              "| case | tokens/s × | peak alloc × | NVML × |", "|---|---|---|---|"]
+    lines += ["", "## Ratios to the original recipe (same card, same command)", ""]
+    if not any("baseline" in cases for cases in by_model.values()):
+        lines.append("No baseline case ran in this run; RESULTS.md sets it against the baseline of another run (†).")
+    else:
+        lines += ["| case | tokens/s × | peak alloc × | NVML × |", "|---|---|---|---|"]
     for model, cases in by_model.items():
         base = cases.get("baseline")
         if base is None:

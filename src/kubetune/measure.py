@@ -28,6 +28,9 @@ def library_versions() -> dict[str, str | None]:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
+    if versions["kubetune"] is None:  # run from a source tree (PYTHONPATH=src, as on the bench machine)
+        from kubetune import __version__
+        versions["kubetune"] = __version__
     return versions
 
 
