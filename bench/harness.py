@@ -126,6 +126,10 @@ CASES: dict[str, dict] = {
     # (it has no nvcc, so the JIT build fails there and GPTQModel falls back)
     "bloom-1b1/gptq8-torch-loop": {"model": "bloom-1b1", "set": ["finetune.max_steps=2"],
                                    "stages": ["finetune", "merge", "quantize"], "patch": ["gptq_torch_block_update"]},
+    # kubetune's image as it now runs: no compiled kernel, so the torch loop replayed as CUDA graphs
+    # (stages/gptq_block.py); the patch hides GPTQModel's kernel on a machine that could build it
+    "bloom-1b1/gptq8-graphed": {"model": "bloom-1b1", "set": ["finetune.max_steps=2"],
+                                "stages": ["finetune", "merge", "quantize"], "patch": ["gptq_no_compiled_kernel"]},
     "bloom-1b1/gptq8-nooffload": {"model": "bloom-1b1", "set": ["finetune.max_steps=2"],
                                   "stages": ["finetune", "merge", "quantize"], "patch": ["gptq_no_offload"]},
     "bloom-1b1/gptq8-cal2048": {"model": "bloom-1b1", "set": ["finetune.max_steps=2",
@@ -134,6 +138,8 @@ CASES: dict[str, dict] = {
                                 "stages": ["finetune", "merge", "quantize"], "patch": ["calibration_2048"]},
     "bloom-7b1/gptq8": {"model": "bloom-7b1", "set": ["finetune.max_steps=2"],
                         "stages": ["finetune", "merge", "quantize"]},
+    "bloom-7b1/gptq8-graphed": {"model": "bloom-7b1", "set": ["finetune.max_steps=2"],
+                                "stages": ["finetune", "merge", "quantize"], "patch": ["gptq_no_compiled_kernel"]},
     "bloom-7b1/gptq8-cal2048": {"model": "bloom-7b1", "set": ["finetune.max_steps=2",
                                                               "quantize.calibration.max_length=2048",
                                                               "data.builtin_examples=8000"],
@@ -399,6 +405,14 @@ def _patch_gptq_torch_block_update() -> None:
     os.environ["GPTQMODEL_DISABLE_GPTQ_CUDA"] = "1"
 
 
+def _patch_gptq_no_compiled_kernel() -> None:
+    """GPTQModel's compiled CUDA block update reported unavailable, as in an image without nvcc: kubetune's CUDA
+    graphs (stages/gptq_block.py) run the blocks."""
+    from gptqmodel.quantization import gptq_cuda
+
+    gptq_cuda.block_update_available = lambda: False
+
+
 def _patch_full_logits_loss() -> None:
     """SFTTrainer's loss as transformers' Trainer computes it: the model's own forward with labels, which builds
     the logits of every position (TRL 1.16 otherwise scores only labelled positions in chunks)."""
@@ -409,7 +423,8 @@ def _patch_full_logits_loss() -> None:
 
 
 PATCHES = {"no_kbit_upcast": _patch_no_kbit_upcast, "full_logits_loss": _patch_full_logits_loss, "trl_flattened_packing": _patch_trl_flattened_packing, "gptq_no_offload": _patch_gptq_no_offload,
-           "calibration_2048": _patch_calibration_2048, "gptq_torch_block_update": _patch_gptq_torch_block_update}
+           "calibration_2048": _patch_calibration_2048, "gptq_torch_block_update": _patch_gptq_torch_block_update,
+           "gptq_no_compiled_kernel": _patch_gptq_no_compiled_kernel}
 
 
 def profile_micro_batch(run, into: dict, cuda: bool):

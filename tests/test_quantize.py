@@ -60,6 +60,7 @@ def test_quantize_reloads_with_the_torch_kernel_and_generates(tiny_recipe, tiny_
     report = result.report
     assert (report["bits"], report["group_size"], report["calibration_samples"]) == (bits, 32, 8)
     assert report["seconds"] > 0 and report["backend"] == "torch"
+    assert report["block_update"] == "torch-loop"  # on the CPU GPTQModel never offers its CUDA seam
     # Packed int32 qweight counts as the weights it holds: the same total as the merged float model.
     params = report["parameters"]
     assert params["total"] == report["source_parameters_total"] == TINY_PARAMETERS

@@ -32,6 +32,7 @@ from kubetune.errors import DataError, RecipeError
 from kubetune.measure import count_parameters, memory_footprint_bytes
 from kubetune.prompt import PromptTemplate, template_for
 from kubetune.stages import StageContext
+from kubetune.stages.gptq_block import graphed_when_uncompiled
 from kubetune.variants import carry_prompt, gptq_backend, load_quantized, load_tokenizer_of, release
 
 log = logging.getLogger(__name__)
@@ -45,10 +46,10 @@ def _gptqmodel_env() -> None:
     - Its packing extension is compiled with g++ at first use (~50 s, and a compiler the image may lack);
       the Python packer gives the same bytes, and packing is a small part of the run.
 
-    Its CUDA "GPTQ block update" is left to GPTQModel: it compiles it with nvcc at first use (29.1 s of a 52.4 s
-    bloom-1b1 quantize() on the bench's H200 machine: bench/results/gptq-modules-h200-2026-11-28.json), caching
-    the build under GPTQMODEL_TORCH_EXTENSIONS_DIR (on the claim in a cluster: k8s.render); in an image without
-    nvcc, such as ours, the build fails at once and GPTQModel runs the same loop in torch.
+    GPTQModel compiles its CUDA "GPTQ block update" with nvcc at first use (29.1 s of a 52.4 s bloom-1b1
+    quantize() on the bench's H200 machine: bench/results/gptq-modules-h200-2026-11-28.json), caching the build
+    under GPTQMODEL_TORCH_EXTENSIONS_DIR (on the claim in a cluster: k8s.render). In an image without nvcc, such
+    as ours, the build fails and :mod:`kubetune.stages.gptq_block` replays GPTQModel's torch loop as CUDA graphs.
     """
     if (os.cpu_count() or 1) < 4:
         os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
@@ -82,7 +83,7 @@ def run(ctx: StageContext) -> dict:
         del merged
         src_dir = scratch
     try:
-        seconds = _quantize(ctx, src_dir, calibration)
+        seconds, block_update = _quantize(ctx, src_dir, calibration)
         # GPTQModel saves its own copy of the tokenizer and rewrites generation_config.json (it turns
         # do_sample on); put back the source's, so the quantized model generates like the merged one.
         tokenizer.save_pretrained(ctx.out)
@@ -116,12 +117,14 @@ def run(ctx: StageContext) -> dict:
         "calibration_tokens": sum(len(example["input_ids"]) for example in calibration),
         "calibration_source": q.calibration.source,
         "backend": gptq_backend(recipe),
+        "block_update": block_update,
         "seconds": round(seconds, 3),
     }
 
 
-def _quantize(ctx: StageContext, src_dir: Path, calibration: list[dict]) -> float:
-    """Run GPTQ on ``src_dir`` and save the checkpoint into ``ctx.out``; returns the quantize() seconds."""
+def _quantize(ctx: StageContext, src_dir: Path, calibration: list[dict]) -> tuple[float, str]:
+    """Run GPTQ on ``src_dir`` and save the checkpoint into ``ctx.out``; returns the quantize() seconds and what
+    ran GPTQ's block updates (:meth:`kubetune.stages.gptq_block.GraphedBlockUpdate.kind`)."""
     _gptqmodel_env()
     from gptqmodel import GPTQModel, QuantizeConfig
 
@@ -147,15 +150,17 @@ def _quantize(ctx: StageContext, src_dir: Path, calibration: list[dict]) -> floa
     try:
         # GPTQModel writes per-module logs into ./logs of the working directory; keep them in the stage's
         # scratch, not wherever the user (or the pod) happens to stand.
-        with contextlib.chdir(ctx.work):
+        with contextlib.chdir(ctx.work), graphed_when_uncompiled() as block_update:
             gmodel.quantize(calibration, batch_size=q.batch_size)
         seconds = time.perf_counter() - started
+        log.info("GPTQ block updates: %s (%d graph replays, %d blocks in the torch loop)", block_update.kind(),
+                 block_update.replays, block_update.eager_blocks)
         gmodel.save(str(ctx.out), max_shard_size=recipe.merge.max_shard_size)
     finally:
         release(gmodel.model)
         del gmodel
         shutil.rmtree(offload, ignore_errors=True)
-    return seconds
+    return seconds, block_update.kind()
 
 
 def check_group_size(recipe, merged_dir: Path | None) -> int:
