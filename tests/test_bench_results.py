@@ -140,3 +140,12 @@ def test_quality_json_gets_its_table_and_targets(results_md, results, tmp_path):
     assert "| quality: fine-tuned (gptq8 merged) | execution accuracy ≥ 75% | 81.50% | met |" in text
     assert "| quality: GPTQ-8 | within 0.5 point of the fine-tuned | +0.25 points lost | met |" in text
     assert "| quality: GPTQ-4 | within 2 points of the fine-tuned | +3.00 points lost | missed |" in text
+
+
+def test_committed_results_md_is_what_the_json_files_make(results_md, tmp_path):
+    """Every row of bench/RESULTS.md traces to a JSON file: regenerating it from bench/results changes nothing
+    (after a new run or a change to results_md.py: `make bench-results`)."""
+    folder = tmp_path / "results"
+    shutil.copytree(REAL, folder)
+    text = results_md.generate(folder, tmp_path / "RESULTS.md")
+    assert text == (ROOT / "bench" / "RESULTS.md").read_text(), "bench/RESULTS.md is stale: run make bench-results"
