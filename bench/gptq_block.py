@@ -1,6 +1,6 @@
 """GPTQ's 128-column block update three ways, on the GPU: checked bit for bit against each other, and timed.
 
-    python bench/gptq_block.py --out DIR        # on the device: bash bench/gpu_block.sh (writes into $OUT)
+    python bench/gptq_block.py --out DIR        # needs a CUDA device; the device call is in bench/README.md
 
 * ``torch-loop``: :func:`kubetune.stages.gptq_block.block_update` run eagerly, the operations of GPTQModel's torch
   column loop (what a pod runs when GPTQModel's CUDA kernel cannot be built): the baseline.
@@ -37,19 +37,31 @@ SHAPES = {"bloom-1b1 query_key_value": 4608, "bloom-1b1 dense / dense_4h_to_h": 
           "bloom-7b1 dense / dense_4h_to_h": 4096, "bloom-7b1 dense_h_to_4h": 16384}
 
 
-def block_inputs(rows: int, device, seed: int = 0):
+def inverse_hessian_factor(x):
+    """GPTQ's Hinv for layer inputs ``x`` (samples × 128): the upper Cholesky factor of the inverse of the
+    Hessian x^T x / n, damped by 1% of its mean diagonal."""
+    import torch
+
+    hessian = x.T @ x / x.shape[0]
+    hessian += 0.01 * hessian.diagonal().mean() * torch.eye(x.shape[1], device=x.device)
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True)
+
+
+def block_inputs(rows: int, device="cpu", seed: int = 0, groups: int = 1):
+    """A block as GPTQ meets it: weights, Hinv of random layer inputs, and per row the asymmetric min-max scales
+    and zero points of each of ``groups`` column groups."""
     import torch
 
     gen = torch.Generator(device=device).manual_seed(seed)
     work = torch.randn(rows, WIDTH, generator=gen, device=device)
-    x = torch.randn(4 * WIDTH, WIDTH, generator=gen, device=device)
-    hessian = x.T @ x / x.shape[0]
-    hessian += 0.01 * hessian.diagonal().mean() * torch.eye(WIDTH, device=device)
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True)
-    lo, hi = work.amin(1).clamp(max=0)[None], work.amax(1).clamp(min=0)[None]
+    hinv = inverse_hessian_factor(torch.randn(4 * WIDTH, WIDTH, generator=gen, device=device))
+    per = WIDTH // groups
+    column_group = torch.arange(WIDTH, dtype=torch.int32, device=device) // per
+    lo = torch.stack([work[:, g * per:(g + 1) * per].amin(1).clamp(max=0) for g in range(groups)])
+    hi = torch.stack([work[:, g * per:(g + 1) * per].amax(1).clamp(min=0) for g in range(groups)])
     scale = (hi - lo) / MAXQ
     zero = torch.round(-lo / scale)
-    return work, hinv, scale.contiguous(), zero.contiguous(), torch.zeros(WIDTH, dtype=torch.int32, device=device)
+    return work, hinv, scale, zero, column_group
 
 
 def run_once(update, inputs):

@@ -422,7 +422,8 @@ def _patch_full_logits_loss() -> None:
     trl.SFTTrainer.compute_loss = transformers.Trainer.compute_loss
 
 
-PATCHES = {"no_kbit_upcast": _patch_no_kbit_upcast, "full_logits_loss": _patch_full_logits_loss, "trl_flattened_packing": _patch_trl_flattened_packing, "gptq_no_offload": _patch_gptq_no_offload,
+PATCHES = {"no_kbit_upcast": _patch_no_kbit_upcast, "full_logits_loss": _patch_full_logits_loss,
+           "trl_flattened_packing": _patch_trl_flattened_packing, "gptq_no_offload": _patch_gptq_no_offload,
            "calibration_2048": _patch_calibration_2048, "gptq_torch_block_update": _patch_gptq_torch_block_update,
            "gptq_no_compiled_kernel": _patch_gptq_no_compiled_kernel}
 

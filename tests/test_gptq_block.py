@@ -10,34 +10,25 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+import importlib.util  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 from kubetune.stages.gptq_block import WIDTH, GraphedBlockUpdate, block_update, graphed_when_uncompiled  # noqa: E402
 
-MAXQ = 255  # 8-bit
+# The bench script's inputs and call (outputs as GPTQModel passes them: column slices of wider matrices)
+_spec = importlib.util.spec_from_file_location("bench_gptq_block",
+                                               Path(__file__).resolve().parents[1] / "bench" / "gptq_block.py")
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+MAXQ = bench.MAXQ  # 8-bit
 
 
 def block_inputs(rows=24, groups=1, seed=0):
-    """A block as GPTQ meets it: weights, the upper Cholesky factor of a damped inverse Hessian, per-row
-    asymmetric min-max scales and zero points of each group."""
-    gen = torch.Generator().manual_seed(seed)
-    work = torch.randn(rows, WIDTH, generator=gen)
-    x = torch.randn(4 * WIDTH, WIDTH, generator=gen)
-    hessian = x.T @ x / x.shape[0]
-    hessian += 0.01 * hessian.diagonal().mean() * torch.eye(WIDTH)
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True)
-    per = WIDTH // groups
-    column_group = torch.arange(WIDTH, dtype=torch.int32) // per
-    lo = torch.stack([work[:, g * per:(g + 1) * per].amin(1).clamp(max=0) for g in range(groups)])
-    hi = torch.stack([work[:, g * per:(g + 1) * per].amax(1).clamp(min=0) for g in range(groups)])
-    scale = (hi - lo) / MAXQ
-    zero = torch.round(-lo / scale)
-    return work, hinv, scale, zero, column_group
+    return bench.block_inputs(rows, seed=seed, groups=groups)
 
 
-def run(work, hinv, scale, zero, column_group, update=block_update):
-    work = work.clone()
-    outputs = [torch.full_like(work, float("nan")) for _ in range(3)]
-    update(work, hinv, scale, zero, column_group, *outputs, MAXQ)
-    return (work, *outputs)
+def run(*inputs, update=block_update):
+    return bench.run_once(update, inputs)
 
 
 def gptq_reference(work, hinv, scale, zero, column_group):
@@ -92,9 +83,7 @@ def test_error_feedback_lowers_the_output_error():
     work, hinv, scale, zero, column_group = block_inputs(rows=64, seed=3)
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(4 * WIDTH, WIDTH, generator=gen) @ torch.randn(WIDTH, WIDTH, generator=gen)
-    hessian = x.T @ x / x.shape[0]
-    hessian += 0.01 * hessian.diagonal().mean() * torch.eye(WIDTH)
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True)
+    hinv = bench.inverse_hessian_factor(x)
     gptq = run(work, hinv, scale, zero, column_group)[1]
     rtn = run(work, torch.eye(WIDTH), scale, zero, column_group)[1]
     out_error = lambda q: ((x @ (work - q).T) ** 2).mean()  # noqa: E731

@@ -147,7 +147,6 @@ class GraphedBlockUpdate:
                 self._graphs[key] = None
         return self._graphs[key]
 
-
     def kind(self) -> str:
         """What ran the blocks, for the stage report: GPTQModel's compiled kernel, these graphs, or a torch loop
         (on the CPU, with GPTQMODEL_DISABLE_GPTQ_CUDA=1, or after a failed capture)."""
