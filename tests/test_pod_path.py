@@ -188,3 +188,17 @@ def test_fs_group_on_root_mismatch_leaves_a_matching_volume_alone(tmp_path):
     os.chown(volume / "sub" / "f", 0, 0)
     apply_fs_group(volume, 1001, "OnRootMismatch")  # the root matches: no walk, as the kubelet does
     assert (volume / "sub" / "f").stat().st_gid == 0
+
+
+def test_a_deleted_driver_pod_ends_on_sigterm_as_pid_1(tmp_path, tiny_model):
+    """A container's entrypoint is PID 1 of its namespace, where a signal with the default action is dropped:
+    without its own handler the driver (and merge, quantize, infer, evaluate) would sit out the grace period and
+    be SIGKILLed (137). It must end on SIGTERM itself (143)."""
+    claim = fresh_claim(tmp_path, tiny_model)
+    with FakeCluster("ml") as fake, PodRunner(fake, tmp_path / "node", claims={f"{RUN}-data": claim}) as runner:
+        submit(fake, tmp_path, "kubernetes.driver.poll_s=30")  # the driver sleeps between passes: SIGTERM lands there
+        wait_for("the driver's first pass", lambda: f"{RUN}-finetune" in fake.objects("Job"), runner)
+        driver_pod = next(p for p in fake.objects("Pod") if p.startswith(f"{RUN}-driver"))
+        fake.delete("Pod", driver_pod)
+        wait_for("the driver pod to end", lambda: runner.runs[driver_pod].finished, runner, timeout_s=60)
+        assert runner.runs[driver_pod].process.poll() == 143
