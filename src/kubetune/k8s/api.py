@@ -181,7 +181,7 @@ class KubeCluster:
                    propagation_policy="Background")
 
     def patch(self, kind: str, name: str, changes: dict[str, Any]) -> dict[str, Any]:
-        """A merge patch (the client sends a dict body as application/merge-patch+json)."""
+        """A strategic merge patch (what the client sends for a dict body): the fields given, nothing else."""
         return self._json(self._call("patch", kind, name, f"patch_namespaced_{KINDS[kind][3]}", name,
                                      self.namespace, changes))
 
