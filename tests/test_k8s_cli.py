@@ -16,7 +16,7 @@ from kubetune.errors import ClusterError
 pytestmark = pytest.mark.timeout(60)
 RECIPE = """
 run: {name: cli1}
-model: {name_or_path: org/model}
+model: {name_or_path: .cache/models/base}  # on the claim: no fetch stage
 stages: [finetune, merge]
 """
 

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.timeout(60)
 
 
 def make_recipe(tmp_path=None, **extra):
-    data = {"run": {"name": "t1"}, "model": {"name_or_path": "org/model"},
+    data = {"run": {"name": "t1"}, "model": {"name_or_path": ".cache/models/base"},
             "stages": ["finetune", "merge", "infer"], "infer": {"models": ["base", "merged"]}}
     if tmp_path is not None:
         data["run"]["artifacts_root"] = str(tmp_path / "artifacts")

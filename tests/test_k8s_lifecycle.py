@@ -22,7 +22,7 @@ pytestmark = pytest.mark.timeout(60)
 
 
 def make_recipe(**kubernetes):
-    return recipe_from_dict({"run": {"name": "t1"}, "model": {"name_or_path": "org/model"},
+    return recipe_from_dict({"run": {"name": "t1"}, "model": {"name_or_path": ".cache/models/base"},
                              "stages": ["finetune", "merge", "infer"], "infer": {"models": ["base", "merged"]},
                              "kubernetes": kubernetes})
 

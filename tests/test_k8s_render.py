@@ -18,6 +18,7 @@ from k8s.checks import all_problems, openshift_restricted_v2, pss_restricted, rb
 from kubetune.config import load_recipe, recipe_from_dict
 from kubetune.errors import PERMANENT_EXIT_CODES, RecipeError
 from kubetune.k8s import gojson, render
+from kubetune.sources import pod_stages
 
 ROOT = Path(__file__).parent.parent
 GOLDEN = Path(__file__).parent / "golden" / "render"
@@ -83,7 +84,7 @@ def test_every_object_is_valid_and_restricted(name, make):
     objects = render.render(make())
     assert all_problems(objects) == []
     kinds = [o["kind"] for o in objects]
-    assert kinds.count("Job") == 1 + len(make().stages)
+    assert kinds.count("Job") == 1 + len(pod_stages(make()))
 
 
 def test_golden_files_have_no_orphans():

@@ -25,6 +25,11 @@ DEFAULT_PROMPT_TEMPLATE = (
 PROMPT_PLACEHOLDERS = ("context", "question")
 
 STAGE_NAMES = ("finetune", "merge", "quantize", "infer", "evaluate")
+# On Kubernetes a CPU-only stage first brings the recipe's hub model and data set onto the claim, so that the
+# GPU stages never wait on the network (docs/kubernetes.md). It is not a recipe stage: the pipeline gets it
+# when the recipe names something on the hub (kubetune.sources.pod_stages), and `kubetune run` reads the hub directly.
+FETCH_STAGE = "fetch"
+POD_STAGES = (FETCH_STAGE, *STAGE_NAMES)
 # Which stage produces each model that infer/evaluate can use ("base" is the recipe's model itself).
 MODEL_PRODUCERS: dict[str, str | None] = {"base": None, "adapter": "finetune", "merged": "merge",
                                           "quantized": "quantize"}
@@ -248,6 +253,8 @@ class Resources(Section):
 
 
 class ResourcesSection(Section):
+    fetch: Resources = Resources(gpus=0, cpu="1", memory="2Gi")
+    """The download stage on Kubernetes (first when the recipe names a hub model or data set): CPU only."""
     finetune: Resources = Resources()
     merge: Resources = Resources()
     quantize: Resources = Resources()
@@ -458,14 +465,16 @@ class Recipe(Section):
                     problems.append(f"infer.models: '{m}' needs stage '{producer}' in stages")
         if "evaluate" in self.stages:
             problems += gate_problems(self.evaluate.gates, list(self.infer.models))
+        if self.resources.fetch.gpus:
+            problems.append("resources.fetch.gpus: the fetch stage only downloads; it takes no GPU (set 0)")
         if problems:
             raise ValueError("\n".join(problems))  # one problem a line, each starting with its field path
         return self
 
     # ---- derived facts -------------------------------------------------------------------------------
     def upstream(self, stage: str) -> list[str]:
-        """Stages whose artifacts ``stage`` reads."""
-        if stage == "finetune":
+        """Stages whose artifacts ``stage`` reads (fetch fills the hub cache, which is no artifact of the run)."""
+        if stage in ("finetune", FETCH_STAGE):
             return []
         if stage == "merge":
             return ["finetune"]
@@ -486,10 +495,10 @@ class Recipe(Section):
             "stage": stage,
             "model": self.model.model_dump(exclude={"allow_pickle"}),  # how weights may load, not what they are
             "prompt": self.prompt.template,
-            "own": getattr(self, stage).model_dump(),
+            "own": {} if stage == FETCH_STAGE else getattr(self, stage).model_dump(),
             "upstream": {u: self.fingerprint(u) for u in self.upstream(stage)},
         }
-        if stage in ("finetune", "quantize", "infer", "evaluate"):
+        if stage in ("finetune", "quantize", "infer", "evaluate", FETCH_STAGE):
             parts["data"] = self.data.model_dump()
         return _sha256(parts)[:16]
 

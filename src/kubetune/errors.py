@@ -113,6 +113,12 @@ class DeviceError(KubetuneError):
     permanent = True
 
 
+class HubError(KubetuneError):
+    """The model or data set hub could not be reached or failed to answer (connection, proxy, 5xx): retried."""
+
+    exit_code = 15
+
+
 # errno values that mean "the volume cannot take this write", whatever the library that hit them.
 STORAGE_ERRNOS = {28: "no space left on the volume", 122: "disk quota exceeded", 30: "read-only file system",
                   13: "permission denied"}
@@ -145,7 +151,7 @@ EXIT_CODES: dict[int, str] = {
     2: "command-line usage error (click)",
     **{cls.exit_code: (cls.__doc__ or "").strip().splitlines()[0] for cls in (
         RecipeError, DataError, ModelError, ArtifactError, VerificationError, GateError, StageBusyError,
-        ClusterError, PipelineError, WontFitError, StorageError, DeviceError)},
+        ClusterError, PipelineError, WontFitError, StorageError, DeviceError, HubError)},
 }
 PERMANENT_EXIT_CODES: tuple[int, ...] = tuple(sorted(
     cls.exit_code for cls in KubetuneError.__subclasses__() if cls.permanent))

@@ -16,7 +16,7 @@ import click
 from kubetune.cli import cli
 from kubetune.cli.insight import model_config_option
 from kubetune.cli.local import set_option
-from kubetune.config import STAGE_NAMES
+from kubetune.config import POD_STAGES
 
 
 def _cluster_options(fn):
@@ -46,7 +46,7 @@ def _load(recipe_path: str, overrides: tuple[str, ...]):
 
 @cli.command()
 @click.argument("recipe_path", metavar="RECIPE", type=click.Path(dir_okay=False))
-@click.option("--stage", type=click.Choice(STAGE_NAMES), default=None,
+@click.option("--stage", type=click.Choice(POD_STAGES), default=None,
               help="Only what running this one stage needs (default: every object of the pipeline).")
 @click.option("--no-stage-jobs", is_flag=True,
               help="Only what `submit` creates (claim, recipe, driver and its RBAC), e.g. for a kustomize base.")
@@ -66,7 +66,7 @@ def render(recipe_path: str, stage: str | None, no_stage_jobs: bool, namespace: 
 
 @cli.command()
 @click.argument("recipe_path", metavar="RECIPE", type=click.Path(dir_okay=False))
-@click.option("--stage", type=click.Choice(("all",) + STAGE_NAMES), default="all", show_default=True,
+@click.option("--stage", type=click.Choice(("all",) + POD_STAGES), default="all", show_default=True,
               help="Run one stage as its own Job, or the whole pipeline through the driver.")
 @click.option("--detach", "mode", flag_value="detach", default=True,
               help="Start the driver in the cluster and return (default): the laptop can close.")
@@ -90,9 +90,10 @@ def submit(recipe_path, stage, mode, dry_run, poll_s, force, model_config, names
     the card its resources.gpu_type names, unless --force.
     """
     from kubetune.k8s import launcher
-    from kubetune.k8s.render import namespace_of, render as render_objects, to_yaml
+    from kubetune.k8s.render import claim_paths_check, namespace_of, render as render_objects, to_yaml
 
     recipe = _load(recipe_path, overrides)
+    claim_paths_check(recipe)
     _check_fits(recipe, recipe_path, model_config, force)
     one = None if stage == "all" else stage
     if dry_run == "client":
@@ -125,7 +126,7 @@ def status(run: str | None, namespace, context, kubeconfig) -> None:
 
 @cli.command()
 @click.argument("run")
-@click.option("--stage", required=True, type=click.Choice(("driver",) + STAGE_NAMES), help="Whose log to show.")
+@click.option("--stage", required=True, type=click.Choice(("driver",) + POD_STAGES), help="Whose log to show.")
 @click.option("-f", "--follow", is_flag=True, help="Wait for the pod to start and stream its log until it ends.")
 @_cluster_options
 def logs(run: str, stage: str, follow: bool, namespace, context, kubeconfig) -> None:

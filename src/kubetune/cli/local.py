@@ -7,7 +7,7 @@ import sys
 import click
 
 from kubetune.cli import cli
-from kubetune.config import STAGE_NAMES
+from kubetune.config import POD_STAGES
 
 set_option = click.option(
     "--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", envvar="KUBETUNE_SET",
@@ -55,7 +55,7 @@ def exit_on_sigterm() -> None:
 
 
 @cli.command()
-@click.argument("name", type=click.Choice(STAGE_NAMES))
+@click.argument("name", type=click.Choice(POD_STAGES))
 @click.option("--recipe", "recipe_path", required=True, type=click.Path(dir_okay=False),
               help="Recipe file (in a pod: the mounted ConfigMap).")
 @set_option

@@ -25,6 +25,7 @@ from kubetune.errors import ArtifactError, PipelineError
 from kubetune.k8s import render
 from kubetune.k8s.api import AlreadyExistsError, Cluster, NotFoundError
 from kubetune.k8s.state import job_state
+from kubetune.sources import pod_stages
 
 
 class StageFailedError(PipelineError):
@@ -44,7 +45,7 @@ class Driver:
                  layout: RunLayout | None = None, echo: Callable[[str], None] = print,
                  owner: dict | None = None):
         self.cluster, self.recipe, self.echo = cluster, recipe, echo
-        self.stages = stages or list(recipe.stages)
+        self.stages = stages or pod_stages(recipe)
         self.layout = layout  # set only where the claim is mounted at the recipe's paths
         self.owner = owner  # the driver's own Job, in the cluster: the stage Jobs' owner
         self._said: dict[str, str] = {}

@@ -8,11 +8,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from kubetune.config import STAGE_NAMES, Recipe, recipe_from_dict
+from kubetune.config import POD_STAGES, Recipe, recipe_from_dict
 from kubetune.errors import ClusterError, RecipeError
 from kubetune.k8s import render
 from kubetune.k8s.api import AlreadyExistsError, Cluster, NotFoundError
 from kubetune.k8s.driver import start_ttl
+from kubetune.sources import pod_stages
 from kubetune.k8s.state import (PodView, human_bytes, human_seconds, job_state, newest, newest_pod_of,
                                 pod_view, duration as elapsed)
 
@@ -87,14 +88,14 @@ def submit(cluster: Cluster, recipe: Recipe, stage: str | None, mode: str, echo:
             Driver(cluster, recipe, echo=echo).run(poll_s, sleep)
     elif mode == "follow":
         try:
-            follow(cluster, recipe, [stage] if stage else list(recipe.stages), echo, poll_s, sleep)
+            follow(cluster, recipe, [stage] if stage else pod_stages(recipe), echo, poll_s, sleep)
         finally:
             if stage:
                 start_ttl(cluster, recipe, [render.Names(run).job(stage)])
     else:
         echo(f"submitted run {run} to namespace {ns}. Follow it with:")
         echo(f"  kubetune status {run} -n {ns}")
-        echo(f"  kubetune logs {run} --stage {stage or recipe.stages[0]} -f -n {ns}")
+        echo(f"  kubetune logs {run} --stage {stage or pod_stages(recipe)[0]} -f -n {ns}")
 
 
 def wait_job(cluster: Cluster, name: str, echo: Echo, poll_s: float, sleep: Callable[[float], None]) -> None:
@@ -213,7 +214,7 @@ def status_rows(cluster: Cluster, run: str) -> list[StageRow]:
     if not jobs and recipe is None:
         raise NotFoundError(f"no run '{run}' in namespace {cluster.namespace} (see `kubetune list`)")
     by_stage = {(j["metadata"].get("labels") or {}).get(render.LABEL_STAGE): j for j in jobs}
-    stages = list(recipe.stages) if recipe else [s for s in STAGE_NAMES if s in by_stage]
+    stages = pod_stages(recipe) if recipe else [s for s in POD_STAGES if s in by_stage]
     rows = []
     driver = next((j for j in jobs if j["metadata"]["name"] == render.Names(run).driver), None)
     if driver is not None:

@@ -15,9 +15,10 @@ from posixpath import isabs, normpath
 from typing import Any
 
 from kubetune import __version__
-from kubetune.config import STAGE_NAMES, Recipe
+from kubetune.config import FETCH_STAGE, Recipe
 from kubetune.errors import PERMANENT_EXIT_CODES, RecipeError
 from kubetune.k8s import gojson
+from kubetune.sources import local_paths, on_claim, pod_stages
 
 RECIPE_DIR = "/etc/kubetune"
 RECIPE_FILE = "recipe.yaml"  # JSON text: valid YAML, and byte-equal to the chart's toPrettyJson
@@ -174,6 +175,23 @@ def _artifacts_check(recipe: Recipe) -> None:
                                      "artifacts written there would vanish with the pod"])
 
 
+def claim_paths_check(recipe: Recipe) -> None:
+    """The model and data folders a recipe reads must be on the claim, where every pod reads them (relative paths
+    start at kubernetes.pvc.mount_path, the pods' working directory). One outside it would fail the first stage
+    after the image pull and the queue: refuse it before anything is created, naming what puts it there."""
+    mount = recipe.kubernetes.pvc.mount_path
+    problems = []
+    for field, path in local_paths(recipe).items():
+        if on_claim(path, mount) is None:
+            name = path.rstrip("/").rsplit("/", 1)[-1] or "input"
+            problems.append(f"{field}: {path} is not on the claim (mounted at {mount}), so no pod can read it; copy "
+                            f"it onto claim {claim_name(recipe)} (`kubectl cp {path} POD:{mount}/inputs/{name}` into "
+                            f"a pod that mounts it) and set {field}=inputs/{name}, or name a hub id (the fetch "
+                            "stage downloads it)")
+    if problems:
+        raise RecipeError("recipe", problems)
+
+
 # ---- objects ----------------------------------------------------------------------------------------------
 def recipe_configmap(recipe: Recipe, namespace: str) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "ConfigMap",
@@ -238,13 +256,19 @@ def _cache_env(mount: str) -> list[dict[str, Any]]:
             {"name": "PYTHONUNBUFFERED", "value": "1"}]  # logs reach `kubetune logs` as they are written
 
 
+# The stages after fetch read the hub's files from the claim's cache only: no GPU waits on the network, and a
+# branch that moved on the hub meanwhile cannot change what the run trains on.
+OFFLINE_ENV = [{"name": "HF_HUB_OFFLINE", "value": "1"}, {"name": "HF_DATASETS_OFFLINE", "value": "1"}]
+
+
 def stage_job(recipe: Recipe, stage: str, namespace: str, owner: dict[str, Any] | None = None,
               driven: bool = True) -> dict[str, Any]:
     """One stage's Job. ``driven``: made by a driver, which keeps the run's TTL for the end of the run (a stage
     Job deleted meanwhile would be made again, forever where the driver cannot read the markers); ``owner``: the
     in-cluster driver's Job, whose deletion (TTL, `helm uninstall`, `kubetune cancel`) takes this one with it."""
-    if stage not in recipe.stages:
-        raise RecipeError("--stage", [f"{stage}: not a stage of this recipe ({', '.join(recipe.stages)})"])
+    stages = pod_stages(recipe)
+    if stage not in stages:
+        raise RecipeError("--stage", [f"{stage}: not a stage of this recipe ({', '.join(stages)})"])
     _artifacts_check(recipe)
     k, res = recipe.kubernetes, getattr(recipe.resources, stage)
     requests: dict[str, str] = {"cpu": res.cpu, "memory": res.memory}
@@ -252,6 +276,8 @@ def stage_job(recipe: Recipe, stage: str, namespace: str, owner: dict[str, Any] 
     if res.gpus:
         requests[k.gpu_resource] = limits[k.gpu_resource] = str(res.gpus)
     env = _cache_env(k.pvc.mount_path)
+    if stage != FETCH_STAGE and FETCH_STAGE in stages:
+        env += [dict(e) for e in OFFLINE_ENV]
     if k.hf_token_secret:
         env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": k.hf_token_secret.name,
                                                                        "key": k.hf_token_secret.key}}})
@@ -346,7 +372,7 @@ def render(recipe: Recipe, namespace: str | None = None, stage: str | None = Non
     ns = namespace_of(recipe, namespace)
     if stage:
         return base_objects(recipe, ns, driver=False) + [stage_job(recipe, stage, ns, driven=False)]
-    return base_objects(recipe, ns) + [stage_job(recipe, s, ns) for s in STAGE_NAMES if s in recipe.stages]
+    return base_objects(recipe, ns) + [stage_job(recipe, s, ns) for s in pod_stages(recipe)]
 
 
 def to_yaml(objects: list[dict[str, Any]]) -> str:

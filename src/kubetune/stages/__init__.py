@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.artifacts import RunLayout
-from kubetune.config import STAGE_NAMES, Recipe
+from kubetune.config import POD_STAGES, Recipe
 from kubetune.errors import ArtifactError
 
 log = logging.getLogger("kubetune")
@@ -66,7 +66,7 @@ def stage_module(stage: str):
     """``kubetune.stages.<stage>``: ``run(ctx) -> dict`` and, optionally, ``check(recipe, report)``, which runs
     after the artifact is committed (and again when a finished stage is skipped) and may raise, e.g. an
     evaluation gate: the results are kept, and the pipeline still fails."""
-    if stage not in STAGE_NAMES:
+    if stage not in POD_STAGES:
         raise KeyError(stage)
     return importlib.import_module(f"kubetune.stages.{stage}")
 
