@@ -41,6 +41,7 @@ class FakeHub:
     def __init__(self, repos: dict[str, dict[str, Path]]):
         self.repos = {(kind, repo_id): Repo(folder) for kind, named in repos.items() for repo_id, folder in named.items()}
         self.requests: list[tuple[str, str]] = []
+        self.closed = False  # True: every request is recorded and answered 503, as a hub out of reach
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -69,6 +70,8 @@ class FakeHub:
     def _answer(self, handler: BaseHTTPRequestHandler, body: bool) -> None:
         path = unquote(urlsplit(handler.path).path)
         self.requests.append((handler.command, path))
+        if self.closed:
+            return self._error(handler, 503, "Unavailable", "the fake hub is closed")
         parts = path.strip("/").split("/")
         if parts[0] == "api" and len(parts) >= 4 and parts[1] in ("models", "datasets"):
             kind = "model" if parts[1] == "models" else "dataset"

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from hubfake import FakeHub
 from k8s.fakeapi import FakeCluster
 from k8s.podrunner import PodRunner, apply_fs_group
 from tiny import build_tiny_model
@@ -109,6 +110,36 @@ def test_submit_runs_every_stage_pod_and_matches_kubetune_run(tmp_path, tiny_mod
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
     assert json.loads((pods_out / "evaluate" / "metrics.json").read_text()) == \
         json.loads((local_out / "evaluate" / "metrics.json").read_text())
+
+
+def test_a_hub_model_is_fetched_first_and_the_gpu_stages_run_offline(tmp_path, tiny_model):
+    """The DAG of a recipe that names a hub model: the fetch Job (no GPU) downloads it onto the claim; every later
+    stage runs with HF_HUB_OFFLINE=1 and reads the claim's cache. The hub closes as soon as fetch is done: a stage
+    that still asked it anything would be answered 503 and be seen in its request log."""
+    claim = tmp_path / "claim"  # empty: the model is not copied there by hand
+    with FakeHub({"model": {"kubetune-test/tiny-llama": tiny_model}}) as hub, FakeCluster("ml") as fake, \
+            PodRunner(fake, tmp_path / "node", claims={f"{RUN}-data": claim}) as runner:
+        kubeconfig = submit(fake, tmp_path, "model.name_or_path=kubetune-test/tiny-llama",
+                            f"kubernetes.env=[{{name: HF_ENDPOINT, value: '{hub.url}'}}]")
+        wait_for("the fetch Job to finish", lambda: job_condition(fake, f"{RUN}-fetch"), runner)
+        hub.closed = True
+        fetched = len(hub.requests)
+        assert job_condition(fake, f"{RUN}-fetch") == "Complete", cli("logs", RUN, "--stage", "fetch",
+                                                                       kubeconfig=kubeconfig, check=False).stdout
+        assert f"{RUN}-finetune" not in fake.objects("Job") or fake.objects("Job")[f"{RUN}-finetune"][
+            "metadata"]["creationTimestamp"] >= fake.objects("Job")[f"{RUN}-fetch"]["metadata"]["creationTimestamp"]
+        wait_for("the driver Job to finish", lambda: job_condition(fake, f"{RUN}-driver"), runner)
+        status = cli("status", RUN, kubeconfig=kubeconfig).stdout
+        for stage in ("driver", "fetch", *STAGES):
+            assert any(line.split()[:2] == [stage, "Succeeded"] for line in status.splitlines()), status
+        assert status.splitlines()[2].split()[0] == "fetch"  # first after the driver
+        assert hub.requests[fetched:] == []  # nothing asked the hub after the fetch
+        commit = hub.repos["model", "kubetune-test/tiny-llama"].commit
+        report = json.loads((claim / "artifacts" / RUN / "fetch" / "report.json").read_text())
+        assert report["sources"]["model"]["commit"] == commit
+        assert (claim / ".cache" / "huggingface" / "hub" / "models--kubetune-test--tiny-llama" / "snapshots" /
+                commit / "config.json").exists()
+        assert (claim / "artifacts" / RUN / "evaluate" / "metrics.json").exists()
 
 
 def test_a_pod_deleted_mid_finetune_is_replaced_and_resumes_from_its_checkpoint(tmp_path, tiny_model):

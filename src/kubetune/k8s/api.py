@@ -36,6 +36,7 @@ KINDS: dict[str, tuple[str, str, str, str]] = {
     "PersistentVolumeClaim": ("core", "persistentvolumeclaims", "", "persistent_volume_claim"),
     "ServiceAccount": ("core", "serviceaccounts", "", "service_account"),
     "Pod": ("core", "pods", "", "pod"),
+    "Event": ("core", "events", "", "event"),
     "Job": ("batch", "jobs", "batch", "job"),
     "Role": ("rbac", "roles", "rbac.authorization.k8s.io", "role"),
     "RoleBinding": ("rbac", "rolebindings", "rbac.authorization.k8s.io", "role_binding"),

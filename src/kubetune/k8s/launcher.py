@@ -15,7 +15,7 @@ from kubetune.k8s.api import AlreadyExistsError, Cluster, NotFoundError
 from kubetune.k8s.driver import start_ttl
 from kubetune.sources import pod_stages
 from kubetune.k8s.state import (PodView, human_bytes, human_seconds, job_state, newest, newest_pod_of,
-                                pod_view, duration as elapsed)
+                                pod_view, waiting_reason, duration as elapsed)
 
 Echo = Callable[[str], None]
 DRIVER_SELECTOR = "app.kubernetes.io/component=driver"
@@ -213,6 +213,7 @@ def status_rows(cluster: Cluster, run: str) -> list[StageRow]:
     recipe = run_recipe(cluster, run)
     if not jobs and recipe is None:
         raise NotFoundError(f"no run '{run}' in namespace {cluster.namespace} (see `kubetune list`)")
+    events = cluster.list("Event", "") if jobs else []  # Events carry no run label: one list for every stage
     by_stage = {(j["metadata"].get("labels") or {}).get(render.LABEL_STAGE): j for j in jobs}
     stages = pod_stages(recipe) if recipe else [s for s in POD_STAGES if s in by_stage]
     rows = []
@@ -232,6 +233,11 @@ def status_rows(cluster: Cluster, run: str) -> list[StageRow]:
             view.phase if view else "Pending")
         if view and state == "running" and view.reason:
             reason = view.reason  # ImagePullBackOff, Unschedulable: the reason a stage does not start
+        elif state == "running" and (view is None or view.phase == "Pending"):
+            # no pod (quota, admission) or one that does not start (volume, image, scheduling): the Events say why
+            job_pods = [p["metadata"]["name"] for p in pods if (p["metadata"].get("labels") or {}).get(
+                "batch.kubernetes.io/job-name") == job["metadata"]["name"]]
+            reason = waiting_reason(events, job["metadata"]["name"], job_pods)
         st = job.get("status") or {}
         summary = view.summary if view else {}
         rows.append(StageRow(

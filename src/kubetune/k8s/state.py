@@ -149,3 +149,26 @@ def parse_summary(message: str | None) -> dict[str, Any]:
     except ValueError:
         return {}
     return data if isinstance(data, dict) and data.get("kubetune") == 1 else {}
+
+
+# ---- events: why a Job has no pod, or a pod does not start ---------------------------------------------------
+def _event_time(event: dict[str, Any]) -> str:
+    meta = event.get("metadata") or {}
+    return event.get("lastTimestamp") or event.get("eventTime") or meta.get("creationTimestamp") or ""
+
+
+def waiting_reason(events: list[dict[str, Any]], job: str, pods: list[str]) -> str:
+    """The newest Warning event about the Job (FailedCreate: a ResourceQuota on requests.nvidia.com/gpu, a Pod
+    Security or SCC admission denial) or one of its pods (FailedScheduling, FailedAttachVolume, FailedMount, an
+    image that cannot be pulled), as "Reason: message"; "" when nothing is wrong."""
+    def about(event: dict[str, Any]) -> bool:
+        obj = event.get("involvedObject") or event.get("regarding") or {}
+        return (obj.get("kind") == "Job" and obj.get("name") == job) or (obj.get("kind") == "Pod"
+                                                                          and obj.get("name") in pods)
+
+    warnings = [e for e in events if e.get("type") == "Warning" and about(e)]
+    if not warnings:
+        return ""
+    event = max(warnings, key=_event_time)
+    message = " ".join(str(event.get("message") or event.get("note") or "").split())
+    return f"{event.get('reason') or 'Warning'}: {message[:300]}".rstrip(": ")
