@@ -34,9 +34,12 @@ class KubetuneGroup(click.Group):
                                                   "help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="kubetune")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
-def cli(verbose: int) -> None:
+@click.pass_context
+def cli(ctx: click.Context, verbose: int) -> None:
     """Fine-tune, merge, quantize, infer and evaluate LLMs from one recipe, locally or on Kubernetes."""
     import logging
+
+    ctx.obj = {"verbose": verbose}  # the commands that load models quiet the libraries unless -v (kubetune.console)
 
     level = logging.WARNING - 10 * min(verbose, 2) if verbose else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -59,18 +59,23 @@ def exit_on_sigterm() -> None:
 @click.option("--recipe", "recipe_path", required=True, type=click.Path(dir_okay=False),
               help="Recipe file (in a pod: the mounted ConfigMap).")
 @set_option
-def stage(name: str, recipe_path: str, overrides: tuple[str, ...]) -> None:
+@click.pass_context
+def stage(ctx: click.Context, name: str, recipe_path: str, overrides: tuple[str, ...]) -> None:
     """Run one stage NAME of a recipe (this is what each Kubernetes Job runs)."""
+    import logging
+
     from kubetune.config import load_recipe
+    from kubetune.console import ProgressLines, quiet_libraries
     from kubetune.stages import run_stage
 
+    quiet_libraries(_verbose(ctx))
     exit_on_sigterm()
     recipe = load_recipe(recipe_path, list(overrides))
     if name in recipe.stages:  # an unknown stage gets run_stage's own error
         from kubetune.devices import require_gpus
 
         require_gpus(name, getattr(recipe.resources, name).gpus)  # before anything is read: exit 14, not CPU training
-    result = run_stage(recipe, name, progress=_log_progress)
+    result = run_stage(recipe, name, progress=ProgressLines(logging.getLogger("kubetune.progress")))
     from kubetune.k8s.state import write_termination_message
 
     write_termination_message(result.report)  # in a pod: `kubetune status` shows peak VRAM from it; else no-op
@@ -78,10 +83,8 @@ def stage(name: str, recipe_path: str, overrides: tuple[str, ...]) -> None:
     click.echo(f"{name}: {word} → {result.path}")
 
 
-def _log_progress(stage: str, completed: float, total: float | None, description: str) -> None:
-    import logging
-
-    logging.getLogger("kubetune.progress").debug("%s %s/%s %s", stage, completed, total, description)
+def _verbose(ctx: click.Context) -> int:
+    return int(((ctx.find_root().obj or {}).get("verbose")) or 0)
 
 
 @cli.command()
@@ -89,9 +92,13 @@ def _log_progress(stage: str, completed: float, total: float | None, description
 @click.option("--stages", "only", default=None, metavar="S1,S2",
               help="Comma-separated subset of the recipe's stages to run (default: all of them).")
 @set_option
-def run(recipe_path: str, only: str | None, overrides: tuple[str, ...]) -> None:
+@click.pass_context
+def run(ctx: click.Context, recipe_path: str, only: str | None, overrides: tuple[str, ...]) -> None:
     """Run RECIPE's stages in this process, skipping those already done, and print a summary table."""
     from kubetune.config import load_recipe
+    from kubetune.console import quiet_libraries
+
+    quiet_libraries(_verbose(ctx))
     from kubetune.errors import RecipeError
     from kubetune.runner import run_pipeline
 

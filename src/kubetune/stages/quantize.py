@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 
 import csv
+import io
 import logging
 import math
 import os
@@ -155,7 +156,10 @@ def _quantize(ctx: StageContext, src_dir: Path, calibration: list[dict]) -> tupl
         seconds = time.perf_counter() - started
         log.info("GPTQ block updates: %s (%d graph replays, %d blocks in the torch loop)", block_update.kind(),
                  block_update.replays, block_update.eager_blocks)
-        gmodel.save(str(ctx.out), max_shard_size=recipe.merge.max_shard_size)
+        saved = io.StringIO()  # GPTQModel prints the saved folder's listing and both configs: they are in the artifact
+        with contextlib.redirect_stdout(saved):
+            gmodel.save(str(ctx.out), max_shard_size=recipe.merge.max_shard_size)
+        log.debug("GPTQModel's save said:\n%s", saved.getvalue())
     finally:
         release(gmodel.model)
         del gmodel
