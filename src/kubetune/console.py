@@ -14,8 +14,9 @@ import os
 import warnings
 
 # Loggers whose INFO lines describe the library's own work (kernel picks, format conversions, shard writes).
-LIBRARY_LOGGERS = ("transformers", "datasets", "huggingface_hub", "accelerate", "peft", "trl", "optimum",
-                   "gptqmodel", "tokenicer", "bitsandbytes", "torchao", "torchao.kernel.intmm", "torch.utils._pytree")
+LIBRARY_LOGGERS = ("transformers", "datasets", "huggingface_hub", "httpx", "httpx2", "httpcore", "accelerate", "peft",
+                   "trl", "optimum", "gptqmodel", "tokenicer", "bitsandbytes", "torchao", "torchao.kernel.intmm",
+                   "torch.utils._pytree")
 # Modules whose UserWarnings are advice about their own API ("You passed `quantization_config` …").
 LIBRARY_WARNING_MODULES = r"(transformers|peft|trl|accelerate|datasets|optimum|gptqmodel|torch)(\.|$)"
 QUIET_ENVIRONMENT = {
