@@ -127,5 +127,5 @@ def test_submit_refuses_a_path_off_the_claim_before_creating_anything(tmp_path, 
                                           "--kubeconfig", str(kubeconfig)])
         assert result.exit_code == 3, result.output
         assert f"{field}: {value} is not on the claim (mounted at /workspace)" in result.output
-        assert "kubectl cp" in result.output and f"set {field}=inputs/" in result.output
+        assert f"kubetune stage-in {value} --to inputs/" in result.output and f"set {field}=inputs/" in result.output
         assert fake.requests() == []  # refused before the first API call

@@ -87,15 +87,20 @@ class HostExecutor:
         self.bin_dir = str(bin_dir or Path(sys.executable).parent)
 
     def start(self, spec: ContainerSpec) -> Running:
-        script = self._setup_script(spec)
+        argv, env = self.command(spec)
         log = open(spec.log, "ab")
         try:
-            proc = subprocess.Popen(["unshare", "--mount", "--pid", "--fork", "--mount-proc", "--propagation", "private",
-                                     "sh", "-ec", script], stdin=subprocess.DEVNULL, stdout=log,
-                                    stderr=subprocess.STDOUT, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)
         finally:
             log.close()
         return Running(proc)
+
+    def command(self, spec: ContainerSpec) -> tuple[list[str], dict[str, str]]:
+        """(argv, environment) of the process that runs ``spec`` in its namespaces (also what `kubectl exec`
+        starts beside a pod's container: the same mounts, user and environment, another command)."""
+        argv = ["unshare", "--mount", "--pid", "--fork", "--mount-proc", "--propagation", "private",
+                "sh", "-ec", self._setup_script(spec)]
+        return argv, {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
 
     def _reveal_interpreter(self) -> list[str]:
         """The venv's python may live under a folder the pod's user cannot enter (pyenv under /root, mode 0700),

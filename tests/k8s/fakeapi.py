@@ -57,11 +57,14 @@ def matches(selector: str | None, labels: dict[str, str]) -> bool:
 class FakeKube(KubernetesEmulator):
     logs: dict[tuple[str, str], str]
     deny: set[tuple[str, str]]  # (verb, plural) answered 403, as RBAC would
+    # pods/exec: (pod name, command) -> (argv, env) of a process that runs it in that pod; set by the pod runner
+    exec_handler: Any
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
         self.logs = {}
         self.deny = set()
+        self.exec_handler = None
         for res in RESOURCES.values():
             self.resources[res].namespaced = True
 
@@ -93,7 +96,54 @@ class FakeKube(KubernetesEmulator):
         result["metadata"]["resourceVersion"] = str(next(_counter))
         return result
 
+    async def _serve_exec(self, request):
+        """pods/exec over a WebSocket (v5/v4.channel.k8s.io, as the client asks): channel 0 is the command's stdin,
+        1 and 2 its stdout and stderr, 3 its exit status; 255 closes a channel (v5). The pod runner starts the
+        command in the pod's mounts, user and environment (k8s.podrunner.PodRunner.exec)."""
+        import json
+
+        from aiohttp import WSMsgType, web
+
+        raw = request._raw_request
+        command = raw.query.getall("command", [])
+        launch = self.exec_handler(request.name, command) if self.exec_handler else None
+        if launch is None:
+            return web.json_response({"kind": "Status", "status": "Failure", "code": 400, "reason": "BadRequest",
+                                      "message": f"pod {request.name} is not running"}, status=400)
+        ws = web.WebSocketResponse(protocols=("v5.channel.k8s.io", "v4.channel.k8s.io"))
+        await ws.prepare(raw)
+        argv, env = launch
+        proc = await asyncio.create_subprocess_exec(*argv, env=env, stdin=asyncio.subprocess.PIPE,
+                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+
+        async def pump(stream, channel: int) -> None:
+            while chunk := await stream.read(65536):
+                await ws.send_bytes(bytes([channel]) + chunk)
+
+        async def feed() -> None:
+            async for msg in ws:
+                if msg.type != WSMsgType.BINARY or not msg.data:
+                    continue
+                if msg.data[0] == 0 and not proc.stdin.is_closing():
+                    proc.stdin.write(msg.data[1:])
+                    await proc.stdin.drain()
+                elif msg.data[0] == 255 and msg.data[1:2] == b"\x00":
+                    proc.stdin.close()
+
+        feeding = asyncio.ensure_future(feed())
+        await asyncio.gather(pump(proc.stdout, 1), pump(proc.stderr, 2))
+        code = await proc.wait()
+        status = {"metadata": {}, "status": "Success"} if code == 0 else {
+            "metadata": {}, "status": "Failure", "reason": "NonZeroExitCode", "message": f"exit code {code}",
+            "details": {"causes": [{"reason": "ExitCode", "message": str(code)}]}}
+        await ws.send_bytes(b"\x03" + json.dumps(status).encode())
+        feeding.cancel()
+        await ws.close()
+        return ws
+
     async def _serve_fetch(self, request):
+        if request.subresource == "exec":
+            return await self._serve_exec(request)
         if request.subresource == "log":
             if (request.namespace, request.name) not in self.logs:
                 await super()._serve_fetch(request)  # 404 unless the pod exists

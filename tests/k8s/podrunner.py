@@ -72,6 +72,7 @@ class PodRun:
     finished: bool = False
     started_at: float | None = None
     wall_s: float | None = None  # from process start to exit, as the container's lifetime
+    spec: ContainerSpec | None = None  # what the container was started with (pods/exec starts its like)
 
 
 class PodRunner:
@@ -89,6 +90,7 @@ class PodRunner:
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
     def __enter__(self) -> PodRunner:
+        self.fake.kube.exec_handler = self.exec
         self._thread.start()
         return self
 
@@ -116,6 +118,16 @@ class PodRunner:
             folder.chmod(0o755)
         self.claims[name] = folder
         return folder
+
+    def exec(self, pod: str, command: list[str]):
+        """pods/exec: the process that runs ``command`` in ``pod`` (its volumes, user, groups, environment and
+        working directory), or None when the pod is not running. The fake API server streams its stdio."""
+        run = self.runs.get(pod)
+        if run is None or run.spec is None or run.finished or not command:
+            return None
+        from dataclasses import replace
+
+        return self.executor.command(replace(run.spec, argv=list(command), termination_log=None))
 
     # ---- the Job controller ------------------------------------------------------------------------------
     def reconcile(self) -> None:
@@ -191,6 +203,7 @@ class PodRunner:
             # never starts: the Job stays active with this pod waiting, as on a cluster
             self.errors.append(f"{pod_name}: {exc}")
             return
+        run.spec = container_spec
         run.process = self.executor.start(container_spec)
         run.started_at = time.monotonic()
         self.fake.patch("Pod", pod_name, {"status": {"phase": "Running", "startTime": _now(), "containerStatuses": [

@@ -165,6 +165,35 @@ def list_(namespace, context, kubeconfig) -> None:
     click.echo("\n".join(lines) if lines else f"no kubetune runs in namespace {cluster.namespace}")
 
 
+@cli.command("stage-in")
+@click.argument("paths", nargs=-1, required=True, metavar="PATH...")
+@click.option("--run", "run", required=True, help="The run whose claim receives the folders.")
+@click.option("--to", "to", default=None, metavar="DEST",
+              help="Where PATH goes on the claim, relative to its mount path (default: PATH, if it is a relative "
+                   "path inside the claim).")
+@click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False), default=None,
+              help="The run's recipe, before it is submitted (its claim is created if the recipe creates one); "
+                   "default: the submitted run's recipe.")
+@_cluster_options
+def stage_in(paths, run, to, recipe_path, namespace, context, kubeconfig) -> None:
+    """Copy local model or data folders (or files) onto RUN's claim through a short-lived helper pod and the API's
+    exec (what `kubectl cp` does); the recipe is not changed: the command prints the path to put in it."""
+    from kubetune.errors import RecipeError
+    from kubetune.k8s import launcher
+    from kubetune.k8s.stagein import stage_in as copy_in
+
+    recipe = _load(recipe_path, ()) if recipe_path else None
+    cluster = _connect(namespace, context, kubeconfig, recipe)
+    if recipe is None:
+        recipe = launcher.run_recipe(cluster, run)
+        if recipe is None:
+            raise RecipeError(run, [f"no submitted run '{run}' in namespace {cluster.namespace}: pass its recipe "
+                                    "with --recipe (its claim is created if the recipe creates one)"])
+    if recipe.run.name != run:
+        raise RecipeError(recipe_path or run, [f"run.name: is '{recipe.run.name}', not '{run}'"])
+    copy_in(cluster, recipe, list(paths), to, _echo, create_claim=recipe_path is not None)
+
+
 @cli.command()
 @click.argument("run")
 @click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False), default=None,

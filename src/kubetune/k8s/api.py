@@ -15,7 +15,7 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 from kubetune.errors import ClusterError
 
@@ -59,6 +59,9 @@ class Cluster(Protocol):
     def patch(self, kind: str, name: str, changes: dict[str, Any]) -> dict[str, Any]: ...
 
     def pod_log(self, name: str, container: str | None = None, follow: bool = False) -> Iterator[str]: ...
+
+    def exec(self, pod: str, command: list[str], stdin: BinaryIO | None = None,
+             timeout_s: float = 3600) -> tuple[int, str]: ...
 
 
 def _resource(kind: str) -> str:
@@ -201,6 +204,34 @@ class KubeCluster:
                 yield pending.decode("utf-8", "replace")
         finally:
             response.release_conn()
+
+
+    def exec(self, pod: str, command: list[str], stdin: BinaryIO | None = None,
+             timeout_s: float = 3600) -> tuple[int, str]:
+        """Run ``command`` in ``pod`` (pods/exec over a WebSocket, as `kubectl exec` does), sending ``stdin`` in
+        1 MiB frames; (exit code, stderr)."""
+        from kubernetes.client.exceptions import ApiException
+        from kubernetes.stream import stream
+
+        try:
+            ws = stream(self._apis["core"].connect_get_namespaced_pod_exec, pod, self.namespace, command=command,
+                        stdin=stdin is not None, stdout=True, stderr=True, tty=False, _preload_content=False)
+        except ApiException as exc:
+            raise api_error(exc, "create", "Pod", self.namespace, f"{pod}/exec") from None
+        except Exception as exc:  # websocket-client's own errors: a refused upgrade, a broken connection
+            raise ClusterError(f"cannot exec in pod {pod}: {_short(exc)}") from None
+        errors: list[str] = []
+        try:
+            while stdin is not None and (chunk := stdin.read(2**20)):
+                ws.write_stdin(chunk)
+                ws.update(timeout=0)
+                errors.append(ws.read_stderr())
+            ws.run_forever(timeout=timeout_s)
+            errors.append(ws.read_stderr())
+            code = ws.returncode
+        finally:
+            ws.close()
+        return (code if code is not None else -1), "".join(errors)
 
 
 def connect(namespace: str | None = None, context: str | None = None, kubeconfig: str | None = None,

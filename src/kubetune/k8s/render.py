@@ -51,6 +51,9 @@ USER_RULES = [
     {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
     {"apiGroups": [""], "resources": ["events"], "verbs": ["list"]},  # status: why a stage is not running
 ]
+# What `kubetune stage-in` needs besides USER_RULES: exec into its helper pod. The WebSocket upgrade is a GET,
+# which API servers have authorized as "get" and newer ones as "create"; both are granted.
+STAGE_IN_RULES = [{"apiGroups": [""], "resources": ["pods/exec"], "verbs": ["create", "get"]}]
 
 
 @dataclass(frozen=True)
@@ -186,9 +189,9 @@ def claim_paths_check(recipe: Recipe) -> None:
         if on_claim(path, mount) is None:
             name = path.rstrip("/").rsplit("/", 1)[-1] or "input"
             problems.append(f"{field}: {path} is not on the claim (mounted at {mount}), so no pod can read it; copy "
-                            f"it onto claim {claim_name(recipe)} (`kubectl cp {path} POD:{mount}/inputs/{name}` into "
-                            f"a pod that mounts it) and set {field}=inputs/{name}, or name a hub id (the fetch "
-                            "stage downloads it)")
+                            f"it there with `kubetune stage-in {path} --to inputs/{name} --run {recipe.run.name} "
+                            f"--recipe RECIPE` and set {field}=inputs/{name}, or name a hub id (the fetch stage "
+                            "downloads it)")
     if problems:
         raise RecipeError("recipe", problems)
 
@@ -358,6 +361,33 @@ def driver_job(recipe: Recipe, namespace: str) -> dict[str, Any]:
         meta["labels"][KUEUE_QUEUE_LABEL] = k.queue
         spec["suspend"] = True
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": spec}
+
+
+STAGE_IN = "stage-in"
+STAGE_IN_WAIT_S = 1800  # the helper waits this long at most for `kubetune stage-in` to copy into it
+
+
+def stage_in_job(recipe: Recipe, namespace: str) -> dict[str, Any]:
+    """The short-lived helper of `kubetune stage-in`: a pod that mounts the claim where the stages do and only
+    waits, so that folders can be copied onto the claim through pods/exec (what `kubectl cp` does). No run label:
+    it is no stage of the run, and the driver, `list` and `status` never see it."""
+    k = recipe.kubernetes
+    mounts, volumes = _volumes(recipe, shm=False, claim_read_only=False)
+    mounts, volumes = mounts[1:], volumes[1:]  # the claim alone: no recipe ConfigMap (none may exist yet)
+    container = {"name": STAGE_IN, "image": k.image, "imagePullPolicy": k.image_pull_policy,
+                 "command": ["sleep", str(STAGE_IN_WAIT_S)], "workingDir": k.pvc.mount_path,
+                 "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "256Mi"}},
+                 "securityContext": dict(CONTAINER_SECURITY), "volumeMounts": mounts}
+    pod = _pod_common(recipe)
+    pod.update({"automountServiceAccountToken": False, "terminationGracePeriodSeconds": 1,
+                "containers": [container], "volumes": volumes})
+    template_meta = _pod_metadata(recipe, STAGE_IN)
+    template_meta["labels"].pop(LABEL_RUN)
+    meta = _meta(recipe, f"{recipe.run.name}-{STAGE_IN}", namespace, STAGE_IN)
+    meta["labels"].pop(LABEL_RUN)
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta,
+            "spec": {"backoffLimit": 0, "activeDeadlineSeconds": STAGE_IN_WAIT_S, "ttlSecondsAfterFinished": 60,
+                     "template": {"metadata": template_meta, "spec": pod}}}
 
 
 def base_objects(recipe: Recipe, namespace: str, driver: bool = True) -> list[dict[str, Any]]:
