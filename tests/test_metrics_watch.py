@@ -101,6 +101,7 @@ def test_watch_once_reads_the_pod_through_the_api_proxy(setup):
     assert "finetune │ running" in out and "30%" in out and "step 3/10" in out and "loss 1.25" in out
     assert "GPU0 20.0 GiB (peak 20.0 GiB) / 80.0 GiB" in out
     assert "merge │ not started" in out
+    assert "fetch │ not started" in out  # a hub model: the pipeline's first stage is listed too
     assert "stage reports" not in out  # the run goes on
     proxied = fake.requests("get", "/proxy/metrics")
     assert [str(r.url.path) for r in proxied] == [

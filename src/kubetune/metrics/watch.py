@@ -16,6 +16,7 @@ from typing import Any
 
 from kubetune.k8s import render
 from kubetune.k8s.state import human_bytes, human_seconds, job_state, newest_pod_of
+from kubetune.sources import pod_stages
 
 ScrapeFn = Callable[[str, int], str]  # (pod name, port) -> exposition text; raises on failure
 
@@ -84,7 +85,7 @@ class Watcher:
         pods = self.cluster.list("Pod", render.selector(self.run))
         by_stage = {(j["metadata"].get("labels") or {}).get(render.LABEL_STAGE): j for j in jobs}
         driver = by_stage.pop(None, None)
-        stages = list(self.recipe.stages) if self.recipe else [s for s in by_stage if s]
+        stages = pod_stages(self.recipe) if self.recipe else [s for s in by_stage if s]
         views = []
         for stage in stages:
             job = by_stage.get(stage)
