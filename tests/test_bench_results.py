@@ -149,3 +149,30 @@ def test_committed_results_md_is_what_the_json_files_make(results_md, tmp_path):
     shutil.copytree(REAL, folder)
     text = results_md.generate(folder, tmp_path / "RESULTS.md")
     assert text == (ROOT / "bench" / "RESULTS.md").read_text(), "bench/RESULTS.md is stale: run make bench-results"
+
+
+def test_readme_figures_are_what_the_json_files_make(results_md, tmp_path):
+    """README.md's bench figures are generated from the rows RESULTS.md shows, each naming its file: none typed
+    by hand (the hand-copied "443 s", "5.8×" and "1.3-1.7×" had drifted from every JSON file)."""
+    folder = tmp_path / "results"
+    shutil.copytree(REAL, folder)
+    readme = tmp_path / "README.md"
+    shutil.copy(ROOT / "README.md", readme)
+    results_md.generate(folder, tmp_path / "RESULTS.md", readme)
+    assert readme.read_text() == (ROOT / "README.md").read_text(), "README.md's bench figures are stale: run " \
+        "make bench-results"
+    block = readme.read_text().split(results_md.README_BEGIN)[1].split(results_md.README_END)[0]
+    items = [item for item in block.split("\n  - ") if item.strip()]
+    assert len(items) >= 4 and all(".json`" in item or item.startswith("†") for item in items)
+    # the shipped recipe's ratio is the one the Targets table states
+    results = (ROOT / "bench" / "RESULTS.md").read_text()
+    target = next(line for line in results.splitlines() if line.startswith("| bloom-1b1 fine-tune")
+                  and "tokens/s" in line).split(" | ")[2].split(" ")[0]
+    assert f"shipped recipe {target} the tokens/s" in block
+
+
+def test_readme_block_is_replaced_not_appended(results_md, tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{results_md.README_BEGIN}\n  - old figure 443 s\n{results_md.README_END}\nrest\n")
+    text = results_md.update_readme(readme, [results_md.README_BEGIN, "  - new", results_md.README_END])
+    assert text == f"intro\n{results_md.README_BEGIN}\n  - new\n{results_md.README_END}\nrest\n"
