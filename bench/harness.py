@@ -260,8 +260,8 @@ def settings_sha256(settings: dict) -> str:
 def wrapped_rows(texts: list[str], tokenizer, length: int) -> list[dict]:
     """The original's packing (TRL's "wrapped" strategy) as data: the examples' texts joined end to end and cut
     every ``length`` tokens, mid-example, so that each row's tokens attend across examples as they did there.
-    Each row is one data row (``question``: its first half, cut before a word so that the prompt's tokens stay
-    the same when TRL tokenizes prompt and answer apart; ``answer``: the rest), so that the template
+    Each row is one data row (``question``: up to the example end nearest its middle, so that the prompt's
+    tokens stay the same when TRL tokenizes prompt and answer apart; ``answer``: the rest), so that the template
     "{question}" and the end-of-sequence token the fine-tune appends make ``length`` tokens again, give or
     take a merge at the cut; trained unpacked at batch 1, a step sees what a wrapped step saw."""
     stream: list[int] = []
@@ -271,9 +271,10 @@ def wrapped_rows(texts: list[str], tokenizer, length: int) -> list[dict]:
     rows = []
     for start in range(0, len(stream) - per_row + 1, per_row):
         ids = stream[start:start + per_row]
-        tokens = tokenizer.convert_ids_to_tokens(ids)
-        # byte-level BPE marks a token that starts a word with "Ġ" (a space)
-        cut = next((i for i in range(per_row // 2, per_row) if tokens[i].startswith("Ġ")), per_row // 2)
+        # the end of an example nearest the middle: the stages strip the question and the answer, and nothing
+        # merges across an end-of-sequence token
+        ends = [i + 1 for i, token in enumerate(ids[:-1]) if token == tokenizer.eos_token_id]
+        cut = min(ends, key=lambda i: abs(i - per_row // 2), default=per_row // 2)
         rows.append({"context": "", "question": tokenizer.decode(ids[:cut]), "answer": tokenizer.decode(ids[cut:])})
     return rows
 

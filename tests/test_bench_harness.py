@@ -133,3 +133,22 @@ def test_environment_records_commit_source_lock_and_every_version():
     assert env["all_versions"]["torch"] == torch.__version__ and env["all_versions"]["transformers"] == \
         transformers.__version__
     assert len(env["all_versions"]) > 50  # every distribution, not a chosen few
+
+
+def test_wrapped_rows_keep_the_prompt_tokens_when_trl_tokenizes_the_answer_apart():
+    """With the bench's byte-level tokenizer, each row's prompt ends at an example's end: stripped and tokenized
+    alone, as the stages do, it is the start of the whole row's tokens (TRL warns and trains on another boundary
+    otherwise), and the row is about ``length`` tokens again once the end-of-sequence token is appended."""
+    from kubetune.config import DEFAULT_PROMPT_TEMPLATE
+    from kubetune.text2sql import generate
+
+    tokenizer = harness.train_tokenizer()
+    texts = [DEFAULT_PROMPT_TEMPLATE.format(context=r["context"], question=r["question"]) + r["answer"] + "</s>"
+             for r in generate(60, seed=1)]
+    rows = harness.wrapped_rows(texts, tokenizer, length=129)
+    assert len(rows) >= 10
+    for row in rows:
+        prompt = tokenizer(row["question"].strip())["input_ids"]
+        whole = tokenizer(row["question"].strip() + row["answer"].strip())["input_ids"]
+        assert whole[:len(prompt)] == prompt
+        assert abs(len(whole) + 1 - 129) <= 2
