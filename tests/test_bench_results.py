@@ -176,3 +176,22 @@ def test_readme_block_is_replaced_not_appended(results_md, tmp_path):
     readme.write_text(f"intro\n{results_md.README_BEGIN}\n  - old figure 443 s\n{results_md.README_END}\nrest\n")
     text = results_md.update_readme(readme, [results_md.README_BEGIN, "  - new", results_md.README_END])
     assert text == f"intro\n{results_md.README_BEGIN}\n  - new\n{results_md.README_END}\nrest\n"
+
+
+def test_a_pinned_run_shows_its_settings_hash_env_and_commit(results_md, results, tmp_path):
+    """A harness record since 2026-12-06 carries its settings' hash, environment variables, data and the commit:
+    RESULTS.md shows them beside the case, so two runs of "<model>/ours" can be told apart."""
+    data = json.loads(GPU_FILES[-1].read_text())
+    pinned = copy.deepcopy(data)
+    pinned["environment"].update(date="2099-02-01T00:00:00+00:00", git_commit="f" * 40)
+    run = copy.deepcopy(next(r for r in json.loads(GPU_FILES[0].read_text())["runs"]
+                             if r["case"] == "bloom-1b1/baseline"))
+    run.update(case="bloom-1b1/gptq8-torch-loop", env={"GPTQMODEL_DISABLE_GPTQ_CUDA": "1"}, data="wrapped",
+               settings_sha256="0123456789abcdef" * 4)
+    pinned["runs"] = [run]
+    (results / "gpu-h200-2099-02-01.json").write_text(json.dumps(pinned))
+    text = results_md.generate(results, tmp_path / "R.md")
+    row = next(line for line in text.splitlines() if line.startswith("| bloom-1b1/gptq8-torch-loop | ")
+               and "gpu-h200-2099-02-01.json" in line and "`0123456789ab`" in line)
+    assert 'GPTQMODEL_DISABLE_GPTQ_CUDA="1"' in row and "wrapped rows" in row
+    assert f"commit {'f' * 40}" in text
