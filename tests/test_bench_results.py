@@ -195,3 +195,23 @@ def test_a_pinned_run_shows_its_settings_hash_env_and_commit(results_md, results
                and "gpu-h200-2099-02-01.json" in line and "`0123456789ab`" in line)
     assert 'GPTQMODEL_DISABLE_GPTQ_CUDA="1"' in row and "wrapped rows" in row
     assert f"commit {'f' * 40}" in text
+
+
+def test_gptq_targets_follow_the_block_update_that_ran(results_md, results, tmp_path):
+    """`<model>/gptq8` runs GPTQModel's kernel where nvcc is, kubetune's CUDA graphs where it is not: a newer run
+    without nvcc is the image's target row, and the kernel's row keeps the newest kernel run."""
+    source = next(p for p in reversed(GPU_FILES) if any(
+        r["case"] == "bloom-1b1/gptq8" and "error" not in r for r in json.loads(p.read_text())["runs"]))
+    data = json.loads(source.read_text())
+    newer = copy.deepcopy(data)
+    newer["environment"]["date"] = "2099-03-01T00:00:00+00:00"
+    run = next(r for r in newer["runs"] if r["case"] == "bloom-1b1/gptq8")
+    run["reports"]["quantize"].update(block_update="cuda-graphs", seconds=12.5)
+    newer["runs"] = [run]
+    (results / "gpu-h200-2099-03-01.json").write_text(json.dumps(newer))
+    text = results_md.generate(results, tmp_path / "R.md")
+    image = next(line for line in text.splitlines() if line.startswith("| GPTQ bloom-1b1, kubetune's image"))
+    kernel = next(line for line in text.splitlines() if line.startswith("| GPTQ bloom-1b1, with nvcc"))
+    assert "(`bloom-1b1/gptq8`)" in image and "12.5 s" in image
+    kernel_seconds = next(r for r in data["runs"] if r["case"] == "bloom-1b1/gptq8")["reports"]["quantize"]["seconds"]
+    assert f"{kernel_seconds:.1f} s" in kernel
