@@ -239,7 +239,7 @@ def recipe_for(case: str, spec: dict, folder: Path, work: Path, steps: int, warm
     if spec.get("data") == "wrapped":
         # the rows are the prompt (no template around them: {question} alone) and the loss is on every token
         data["prompt"] = {"template": "{question}"}
-        # ~110 rows of 2048 tokens from the builtin rows: hold out few (the cases train ~13 steps of one row)
+        # ~118 rows of 2048 tokens from the builtin rows: hold out few (the cases train ~13 steps of one row)
         common += [f"data.source={wrapped_data_path(work, spec['model'], tiny)}", "data.eval_size=8"]
     return recipe_from_dict(data, f"{JOBS[spec['model']]} ({case})", common + spec["set"])
 
@@ -283,23 +283,20 @@ def wrapped_rows(texts: list[str], tokenizer, length: int) -> list[dict]:
     return rows
 
 
-def write_wrapped_data(recipe, spec: dict, path: Path) -> None:
-    """The wrapped rows of the case's model, from the builtin rows every other case trains on (their training
-    split, prompt + answer + eos as the fine-tune sees them)."""
+def write_wrapped_data(data, model_folder: Path, path: Path) -> None:
+    """The wrapped rows for the model's tokenizer, from the training split of ``data`` (the builtin rows as every
+    other case of the model trains on them: prompt + answer + eos, as the fine-tune sees them)."""
     from transformers import AutoTokenizer
 
-    from kubetune.config import DEFAULT_PROMPT_TEMPLATE, recipe_from_dict
+    from kubetune.config import DEFAULT_PROMPT_TEMPLATE
     from kubetune.data import example_texts, load_splits
     from kubetune.prompt import PromptTemplate
 
     if path.is_file():
         return
-    builtin = recipe_from_dict({"model": {"name_or_path": "m"}, "data": {"source": "builtin:text2sql",
-                                                                      "builtin_examples": 4000}})
-    tokenizer = AutoTokenizer.from_pretrained(recipe.model.name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(model_folder)
     template = PromptTemplate(DEFAULT_PROMPT_TEMPLATE)
-    texts = ["".join(example_texts(row, template, tokenizer.eos_token))
-             for row in load_splits(builtin.data).train]
+    texts = ["".join(example_texts(row, template, tokenizer.eos_token)) for row in load_splits(data).train]
     path.parent.mkdir(parents=True, exist_ok=True)
     part = path.with_suffix(".part")
     part.write_text("".join(json.dumps(r) + "\n" for r in wrapped_rows(texts, tokenizer, WRAPPED_LENGTH)))
@@ -433,7 +430,9 @@ def run_case(case: str, args) -> dict:
         probe_load(recipe, record)
         return record
     if spec.get("data") == "wrapped":
-        write_wrapped_data(recipe, spec, Path(recipe.data.source))
+        unwrapped = recipe_for(case, {k: v for k, v in spec.items() if k != "data"}, folder, work, args.steps,
+                               args.warmup, args.tiny)
+        write_wrapped_data(unwrapped.data, folder, Path(recipe.data.source))
     reports = {}
     for stage in [st for st in recipe.stages if args.stage in (None, st)]:
         if cuda:
