@@ -119,7 +119,7 @@ def test_a_pod_deleted_mid_finetune_is_replaced_and_resumes_from_its_checkpoint(
         cli("submit", RECIPE, "--stage", "finetune", "--set", "finetune.max_steps=40", "--set",
             "finetune.save_steps=4", kubeconfig=kubeconfig)
         checkpoints = claim / "artifacts" / RUN / ".work" / "finetune"
-        wait_for("a sealed checkpoint", lambda: any(checkpoints.glob("checkpoint-*/kubetune-checkpoint.json")),
+        wait_for("a sealed checkpoint", lambda: any(checkpoints.glob("checkpoints/checkpoint-*/kubetune-checkpoint.json")),
                  runner)
         first = next(iter(fake.objects("Pod")))
         fake.delete("Pod", first)  # `kubectl delete pod`: SIGTERM, checkpoint, exit 143
@@ -131,7 +131,7 @@ def test_a_pod_deleted_mid_finetune_is_replaced_and_resumes_from_its_checkpoint(
         log = cli("logs", RUN, "--stage", "finetune", kubeconfig=kubeconfig).stdout
         assert len(second) == 1 and "resum" in log.lower(), log
         report = json.loads((claim / "artifacts" / RUN / "finetune" / "report.json").read_text())
-        assert report["resumed_from_step"] > 0
+        assert report["metrics"]["resumed_from_step"] > 0
 
 
 def test_a_permanent_error_fails_the_job_without_retries(tmp_path, tiny_model):
