@@ -98,3 +98,24 @@ def test_exit_codes_are_distinct_and_documented():
     permanent = {cls.exit_code for cls in classes if cls.permanent}
     assert set(PERMANENT_EXIT_CODES) == permanent, "PERMANENT_EXIT_CODES misses a permanent error class"
     assert {code for code, policy in doc.items() if "FailJob" in policy} == permanent
+
+
+def test_an_arbitrary_uid_without_a_passwd_entry_still_has_a_user_name(monkeypatch):
+    """OpenShift's arbitrary UIDs have no /etc/passwd line; getpass.getuser() (torch's and triton's cache folders
+    on the GPU) then raised 'getpwuid(): uid not found' and stopped every GPU stage pod at its model load."""
+    import getpass
+    import pwd
+
+    from kubetune import cli as cli_module
+
+    for name in ("LOGNAME", "USER", "LNAME", "USERNAME"):
+        monkeypatch.delenv(name, raising=False)
+
+    def unknown(uid):
+        raise KeyError(f"getpwuid(): uid not found: {uid}")
+
+    monkeypatch.setattr(pwd, "getpwuid", unknown)
+    with pytest.raises(KeyError):
+        getpass.getuser()
+    cli_module._name_an_unnamed_user()
+    assert getpass.getuser().startswith("uid-")

@@ -71,7 +71,24 @@ from kubetune.cli import cluster  # noqa: E402,F401
 from kubetune.cli import demo  # noqa: E402,F401
 
 
+def _name_an_unnamed_user() -> None:
+    """OpenShift runs a container as an arbitrary UID that /etc/passwd does not name (the image's 1001 is named
+    only in kubetune's own image). Libraries that ask for the user's name (getpass.getuser, e.g. for torch's and
+    triton's cache folders on the GPU) then fail with "getpwuid(): uid not found", which stopped the GPU stages
+    of the pod path at the model load. getpass reads $USER first: give it one where the passwd database has none."""
+    import os
+    import pwd
+
+    if any(os.environ.get(v) for v in ("LOGNAME", "USER", "LNAME", "USERNAME")):
+        return
+    try:
+        pwd.getpwuid(os.getuid())
+    except KeyError:
+        os.environ["USER"] = f"uid-{os.getuid()}"
+
+
 def main() -> None:
+    _name_an_unnamed_user()
     try:
         cli(prog_name="kubetune")
     except SystemExit as done:
