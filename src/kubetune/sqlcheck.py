@@ -31,15 +31,17 @@ from dataclasses import dataclass
 _TOKEN = re.compile(r"""
     (?P<ws>\s+)
   | (?P<comment>--[^\n]*|/\*.*?(?:\*/|\Z))
-  | (?P<str>'(?:[^']|'')*(?:'|\Z))
-  | (?P<dq>"(?:[^"]|"")*(?:"|\Z))
-  | (?P<bq>`(?:[^`]|``)*(?:`|\Z))
-  | (?P<br>\[[^\]]*(?:\]|\Z))
+  | (?P<str>'[^']*+(?:''[^']*+)*+(?:'|\Z))
+  | (?P<dq>"[^"]*+(?:""[^"]*+)*+(?:"|\Z))
+  | (?P<bq>`[^`]*+(?:``[^`]*+)*+(?:`|\Z))
+  | (?P<br>\[[^\]]*+(?:\]|\Z))
   | (?P<num>(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)
   | (?P<ident>[^\W\d]\w*)
   | (?P<op><=|>=|<>|!=|==|\|\||<<|>>|[-+*/%<>=(),.;&|~])
   | (?P<other>\S)
 """, re.X | re.S)
+# The quoted tokens are written as "unrolled loops" with possessive repeats: (?:[^']|'')* kept a backtracking
+# frame per character (~190 bytes of memory per character of a literal); [^']*+ keeps none.
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,8 @@ def _authorize(action: int, arg1, arg2, db_name, source) -> int:
 
 def single_select(sql: str) -> tuple[str | None, str | None]:
     """(the statement without trailing semicolons, None) or (None, why it is not one SELECT)."""
+    if len(sql) > MAX_SQL_CHARS:
+        return None, f"query longer than {MAX_SQL_CHARS} characters"
     tokens = _strip_semicolons(tokenize(sql))
     if not tokens:
         return None, "empty query"
@@ -129,23 +133,112 @@ class ContextError(ValueError):
     """The context's CREATE TABLE statements do not build a database."""
 
 
-def _schema_db(context: str) -> sqlite3.Connection:
-    """An in-memory database with the context's tables (only its CREATE statements are run: a context is data)."""
-    conn = sqlite3.connect(":memory:")
+# ---- bounded, deterministic connections -------------------------------------------------------------------------
+MAX_VALUE_BYTES = 1_000_000  # one string or blob (SQLite's own default is 1e9: hex(zeroblob(...)) took GBs)
+MAX_SQL_CHARS = 100_000  # one statement, of a query or of a context; a longer query is a miss, not an error
+MAX_RESULT_BYTES = 16 * 2**20  # all the values of one query's result, as counted by _value_bytes
+FIXED_NOW = "2000-01-01 00:00:00"  # what 'now' means to the date functions: the same on every run
+RANDOM_SEED = 0  # random() and randomblob() restart from it at each statement
+_DATE_FUNCTIONS = {"date": 0, "time": 0, "datetime": 0, "julianday": 0, "unixepoch": 0, "strftime": 1}
+_CURRENT = {"current_date": "date", "current_time": "time", "current_timestamp": "datetime"}
+_plain_dates: sqlite3.Connection | None = None  # a connection without the overrides, to run the real functions
+
+
+class _Connection(sqlite3.Connection):
+    """A database whose results do not depend on the clock or on chance, and whose values are capped in size.
+
+    random() and randomblob() draw from a generator that restarts at :meth:`restart_random` (called before each
+    statement); the date functions read ``'now'`` (or no time value) as FIXED_NOW. SQLite lets an application
+    redefine its built-in functions per connection, so these are Python functions that call SQLite's own on
+    a plain connection with the time value fixed.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, MAX_VALUE_BYTES)
+        self.setlimit(sqlite3.SQLITE_LIMIT_SQL_LENGTH, MAX_SQL_CHARS + 100)  # + "EXPLAIN " and the like
+        self.setlimit(sqlite3.SQLITE_LIMIT_ATTACHED, 0)
+        self._rng = random.Random(RANDOM_SEED)
+        self.create_function("random", 0, lambda: self._rng.getrandbits(64) - 2**63)
+        self.create_function("randomblob", 1, self._randomblob)
+        for name, at in _DATE_FUNCTIONS.items():
+            self.create_function(name, -1, lambda *args, name=name, at=at: _fixed_date(name, at, args))
+        for name, function in _CURRENT.items():
+            self.create_function(name, 0, lambda function=function: _fixed_date(function, 0, ()))
+
+    def restart_random(self) -> None:
+        self._rng.seed(RANDOM_SEED)
+
+    def _randomblob(self, n) -> bytes:
+        n = max(int(n or 0), 1) if isinstance(n, int | float) else 1  # SQLite: N < 1 gives one byte
+        if n > MAX_VALUE_BYTES:
+            raise ValueError("string or blob too big")
+        return self._rng.randbytes(n)
+
+
+def _fixed_date(name: str, at: int, args: tuple) -> object:
+    """SQLite's date function ``name`` with ``'now'`` (or a missing time value, argument ``at``) as FIXED_NOW."""
+    global _plain_dates
+    args = list(args)
+    if len(args) <= at:
+        args.append(FIXED_NOW)
+    elif isinstance(args[at], str) and args[at].strip().lower() == "now":
+        args[at] = FIXED_NOW
+    if _plain_dates is None:
+        _plain_dates = sqlite3.connect(":memory:", check_same_thread=False)
+    return _plain_dates.execute(f"SELECT {name}({', '.join('?' * len(args))})", args).fetchone()[0]
+
+
+def connect() -> sqlite3.Connection:
+    """An empty in-memory database with the caps and the fixed clock and chance of :class:`_Connection`."""
+    return sqlite3.connect(":memory:", factory=_Connection)
+
+
+class _Deadline:
+    """Stops SQLite statements of ``conn`` (returns "interrupted") once ``timeout_s`` has passed, while entered."""
+
+    def __init__(self, conn: sqlite3.Connection, timeout_s: float):
+        self.conn, self.timeout_s = conn, timeout_s
+        self.expired = False
+
+    def __enter__(self) -> "_Deadline":
+        deadline = time.monotonic() + self.timeout_s
+
+        def progress() -> int:
+            self.expired = time.monotonic() > deadline
+            return 1 if self.expired else 0  # non-zero aborts the statement with "interrupted"
+
+        self.conn.set_progress_handler(progress, 1000)  # every 1000 VM instructions: ~µs of overhead each
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.conn.set_progress_handler(None, 0)
+
+
+def _schema_db(context: str, timeout_s: float = 2.0) -> sqlite3.Connection:
+    """An in-memory database with the context's tables (only its CREATE statements are run: a context is data).
+    ``timeout_s`` bounds them all together (``CREATE TABLE t AS <recursive query>`` is a CREATE statement)."""
+    conn = connect()
     statement: list[Token] = []
     start = 0
-    for tok in [*tokenize(context), Token("op", ";", len(context))]:
-        if tok.text != ";":
-            statement.append(tok)
-            continue
-        if statement and statement[0].upper == "CREATE":
-            text = context[start:statement[-1].end].strip()
-            try:
-                conn.execute(text)
-            except sqlite3.Error as exc:
-                conn.close()
-                raise ContextError(f"context: {exc} in {text[:80]!r}") from None
-        statement, start = [], tok.end
+    problem = None
+    with _Deadline(conn, timeout_s) as deadline:
+        for tok in [*tokenize(context), Token("op", ";", len(context))]:
+            if tok.text != ";":
+                statement.append(tok)
+                continue
+            if statement and statement[0].upper == "CREATE":
+                text = context[start:statement[-1].end].strip()
+                try:
+                    conn.execute(text)
+                except (sqlite3.Error, OverflowError, MemoryError) as exc:
+                    why = f"stopped after {timeout_s:g} s" if deadline.expired else _why(exc)
+                    problem = f"context: {why} in {text[:80]!r}"
+                    break
+            statement, start = [], tok.end
+    if problem:
+        conn.close()
+        raise ContextError(problem)
     tables = conn.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table'").fetchone()[0]
     if not tables:
         conn.close()
@@ -161,8 +254,8 @@ def _prepare_error(conn: sqlite3.Connection, sql: str) -> str | None:
     conn.set_authorizer(_authorize)
     try:
         conn.execute("EXPLAIN " + statement).fetchall()
-    except (sqlite3.Error, sqlite3.Warning, ValueError, OverflowError) as exc:
-        return str(exc) or type(exc).__name__
+    except (sqlite3.Error, sqlite3.Warning, ValueError, OverflowError, MemoryError) as exc:
+        return _why(exc)
     finally:
         conn.set_authorizer(None)
     return None
@@ -457,11 +550,16 @@ def _storable(value: object) -> object:
     return float(value) if isinstance(value, int) and not -2**63 <= value < 2**63 else value
 
 
+DISTINCT_TRIES = 100  # redraws for a value already taken; past 1e16 a REAL range may hold a single float
+
+
 def _distinct(values: list[object], affinity: str, rng: random.Random, low: int, high: int) -> list[object]:
     seen: set[object] = set()
     out = []
     for v in values:
-        while v in seen:
+        for _ in range(DISTINCT_TRIES):
+            if v not in seen:
+                break
             v = f"{v}{rng.choice(_WORDS)}" if isinstance(v, str) else (
                 rng.randint(low, high + len(values) * 10) if affinity == "integer" else
                 round(rng.uniform(low, high + len(values)), 3))
@@ -493,38 +591,51 @@ class QueryTimeout(Exception):
     pass
 
 
+# What running a query may raise (ValueError: too many rows or bytes, a literal SQLite cannot bind; MemoryError:
+# SQLite or Python out of memory, which in a sandbox worker is its memory limit)
+_QUERY_ERRORS = (sqlite3.Error, sqlite3.Warning, QueryTimeout, ValueError, OverflowError, MemoryError)
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, MemoryError):
+        return "out of memory"
+    return str(exc) or type(exc).__name__
+
+
 def _execute(conn: sqlite3.Connection, sql: str, timeout_s: float, max_rows: int,
              names: list[str] | None = None) -> tuple[int, list[tuple]]:
     """(number of columns, rows); raises sqlite3.Error, QueryTimeout, or ValueError when there are too many rows.
     ``names``, if given, receives the column names (for showing a result, :meth:`QuerySuite.table`)."""
-    deadline = time.monotonic() + timeout_s
-    timed_out = False
-
-    def progress() -> int:
-        nonlocal timed_out
-        timed_out = time.monotonic() > deadline
-        return 1 if timed_out else 0  # non-zero aborts the statement with "interrupted"
-
     conn.set_authorizer(_authorize)
-    conn.set_progress_handler(progress, 1000)  # every 1000 VM instructions: ~µs of overhead each
+    if isinstance(conn, _Connection):
+        conn.restart_random()
     try:
-        cur = conn.execute(sql)
-        width = len(cur.description or ())
-        if names is not None:
-            names.extend(d[0] for d in cur.description or ())
-        rows: list[tuple] = []
-        while chunk := cur.fetchmany(1000):
-            rows.extend(tuple(_canonical(v) for v in row) for row in chunk)
-            if len(rows) > max_rows:
-                raise ValueError(f"more than {max_rows} rows")
-        return width, rows
-    except sqlite3.OperationalError:
-        if timed_out:
-            raise QueryTimeout(f"stopped after {timeout_s:g} s") from None
-        raise
+        with _Deadline(conn, timeout_s) as deadline:
+            try:
+                cur = conn.execute(sql)
+                width = len(cur.description or ())
+                if names is not None:
+                    names.extend(d[0] for d in cur.description or ())
+                rows: list[tuple] = []
+                size = 0
+                while chunk := cur.fetchmany(1000):
+                    rows.extend(tuple(_canonical(v) for v in row) for row in chunk)
+                    size += sum(_value_bytes(v) for row in chunk for v in row)
+                    if len(rows) > max_rows:
+                        raise ValueError(f"more than {max_rows} rows")
+                    if size > MAX_RESULT_BYTES:
+                        raise ValueError(f"result larger than {MAX_RESULT_BYTES // 2**20} MiB")
+                return width, rows
+            except sqlite3.OperationalError:
+                if deadline.expired:
+                    raise QueryTimeout(f"stopped after {timeout_s:g} s") from None
+                raise
     finally:
-        conn.set_progress_handler(None, 0)
         conn.set_authorizer(None)
+
+
+def _value_bytes(value: object) -> int:
+    return len(value) if isinstance(value, str | bytes) else 8
 
 
 @dataclass
@@ -559,16 +670,22 @@ class QuerySuite:
         self._dbs: list[sqlite3.Connection] = []
         try:
             for d in range(databases):
-                conn = _schema_db(context)
+                conn = _schema_db(context, timeout_s)
                 self._dbs.append(conn)
                 # A str seed is hashed with SHA-512 by random.seed: the same databases on every run and machine
                 rng = random.Random(f"{seed}|{d}|{context}|{gold}")
-                _fill(conn, gold, rng, rows, self.SEED_RATES[d % len(self.SEED_RATES)], outliers_high=d % 2 == 0)
+                with _Deadline(conn, timeout_s) as deadline:  # the context's triggers run as rows go in
+                    try:
+                        _fill(conn, gold, rng, rows, self.SEED_RATES[d % len(self.SEED_RATES)],
+                              outliers_high=d % 2 == 0)
+                    except sqlite3.OperationalError as exc:
+                        raise QueryTimeout(f"stopped after {timeout_s:g} s") if deadline.expired else exc
         except ContextError as exc:
             self.gold_error = str(exc)
             return
-        except (sqlite3.Error, OverflowError) as exc:  # OverflowError: a literal beyond SQLite's 64-bit integers
-            self.gold_error = f"context: cannot fill the tables ({exc})"
+        # OverflowError: a literal beyond SQLite's 64-bit integers
+        except (sqlite3.Error, OverflowError, MemoryError, QueryTimeout) as exc:
+            self.gold_error = f"context: cannot fill the tables ({_why(exc)})"
             return
         problem = _prepare_error(self._dbs[0], gold)
         if problem:
@@ -577,8 +694,8 @@ class QuerySuite:
         statement = single_select(gold)[0]
         try:
             self.gold_results = [_execute(c, statement, timeout_s, max_rows) for c in self._dbs]
-        except (sqlite3.Error, sqlite3.Warning, QueryTimeout, ValueError, OverflowError) as exc:
-            self.gold_error = f"gold: {exc}"
+        except _QUERY_ERRORS as exc:
+            self.gold_error = f"gold: {_why(exc)}"
 
     def check(self, pred: str) -> Outcome:
         if self.gold_error:
@@ -592,8 +709,8 @@ class QuerySuite:
         for conn in self._dbs:
             try:
                 results.append(_execute(conn, statement, self.timeout_s, self.max_rows))
-            except (sqlite3.Error, sqlite3.Warning, QueryTimeout, ValueError, OverflowError) as exc:
-                return Outcome(parsed=True, executed=False, match=False, error=str(exc) or type(exc).__name__)
+            except _QUERY_ERRORS as exc:
+                return Outcome(parsed=True, executed=False, match=False, error=_why(exc))
         return Outcome(parsed=True, executed=True, match=self._same(results))
 
     def table(self, sql: str, database: int = 0) -> tuple[list[str], list[tuple]]:
@@ -609,14 +726,16 @@ class QuerySuite:
         names: list[str] = []
         try:
             _, rows = _execute(conn, single_select(sql)[0], self.timeout_s, self.max_rows, names)
-        except (sqlite3.Error, sqlite3.Warning, QueryTimeout, OverflowError) as exc:
-            raise ValueError(str(exc) or type(exc).__name__) from None
+        except _QUERY_ERRORS as exc:
+            raise ValueError(_why(exc)) from None
         return names, rows
 
     def _same(self, results: list[tuple[int, list[tuple]]]) -> bool:
         width = self.gold_results[0][0]
         if any(w != width for w, _ in results):
             return False
+        if any(len(gold) != len(pred) for (_, gold), (_, pred) in zip(self.gold_results, results)):
+            return False  # before trying column orders: each would build and compare the rows
         # The columns may come in another order (SELECT b, a for SELECT a, b); 6 columns = 720 orders at most
         orders = itertools.permutations(range(width)) if width <= 6 else [tuple(range(width))]
         for order in orders:
