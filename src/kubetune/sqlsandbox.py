@@ -44,6 +44,7 @@ from kubetune.sqlcheck import Outcome, QuerySuite
 
 MEMORY_LIMIT_BYTES = 1 << 30  # per worker (address space): the evaluate pod has 4Gi; 12-row tables need ~50 MB
 GRACE_S = 2.0  # over the sum of the per-statement timeouts: starting Python work, filling tables, comparing
+STARTUP_TIMEOUT_S = 60.0  # python -m kubetune.sqlsandbox: ~0.1 s on an idle machine
 SHARED_WORKERS = 4  # of shared_pool(): concurrent requests (UI users) before one waits for a free worker
 
 
@@ -57,6 +58,7 @@ def _serve(conn, memory_limit_bytes: int) -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a crash leaves no core file on the volume
     os.environ["TZ"] = "UTC"  # date(x, 'localtime') must not depend on the node
     time.tzset()
+    conn.send(("ready", None))
     suite: QuerySuite | None = None
     while True:
         try:
@@ -110,6 +112,15 @@ class _Worker:
                 [sys.executable, "-m", "kubetune.sqlsandbox", str(theirs.fileno()), str(memory_limit_bytes)],
                 pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=env)
         self.conn = Connection(ours.detach())
+        # Deadlines count the work, not the interpreter's start (seconds on a loaded node)
+        if not self.conn.poll(STARTUP_TIMEOUT_S):
+            self.kill()
+            raise WorkerLost(f"the SQL worker did not start within {STARTUP_TIMEOUT_S:g} s")
+        try:
+            self.conn.recv()
+        except (EOFError, OSError):
+            self.kill()
+            raise WorkerLost(f"the SQL worker did not start (exit code {self.process.returncode})") from None
 
     def call(self, op: str, args, deadline_s: float, messages: list | None = None):
         """The reply to one request: ``("ok", value)`` or ``("error", why)``. Messages sent before the reply
@@ -210,6 +221,7 @@ class _Slot:
 
     def call(self, op: str, args, deadline_s: float, messages: list | None = None):
         if self.current is None or not self.current.alive:
+            self.current = None
             self.current = _Worker(self.pool.memory_limit_bytes)
             self.generation += 1
         try:
@@ -235,11 +247,11 @@ class SandboxedSuite:
     and a ``table`` that returns the first ``limit`` rows. Holds one worker from entering to closing."""
 
     def __init__(self, pool: SandboxPool, context: str, gold: str, *, databases: int = 3, rows: int = 12,
-                 timeout_s: float = 2.0, seed: int = 0):
+                 timeout_s: float = 2.0, seed: int = 0, grace_s: float = GRACE_S):
         self._args = (context, gold, {"databases": databases, "rows": rows, "timeout_s": timeout_s, "seed": seed})
-        self.build_deadline_s = 2 * databases * timeout_s + GRACE_S
-        self.check_deadline_s = databases * timeout_s + GRACE_S
-        self.table_deadline_s = timeout_s + GRACE_S
+        self.build_deadline_s = 2 * databases * timeout_s + grace_s
+        self.check_deadline_s = databases * timeout_s + grace_s
+        self.table_deadline_s = timeout_s + grace_s
         self._pool = pool
         self._hold = pool.worker()
         self._slot = self._hold.__enter__()
