@@ -80,7 +80,7 @@ def test_a_prediction_that_builds_a_huge_string_is_a_quick_miss(hostile):
 def test_a_context_that_creates_a_table_from_a_recursive_query_is_stopped(hostile):
     [outcome] = hostile((f"{EMP}; CREATE TABLE big AS {RECURSIVE}", GOLD, GOLD))
     assert not outcome["execution_match"]
-    assert outcome["error"].startswith("context: stopped after 0.5 s in 'CREATE TABLE big AS WITH RECURSIVE")
+    assert outcome["error"].startswith("context: stopped after 5M SQLite steps (0.5 s budget) in 'CREATE TABLE big AS")
 
 
 def test_a_gold_whose_databases_never_finished_building_now_scores(hostile):
@@ -149,9 +149,9 @@ def test_out_of_memory_in_the_worker_is_an_error_of_the_query():
     from kubetune.sqlsandbox import SandboxedSuite, SandboxPool
 
     limit = 256 << 20
-    # 400 rows of 900 kB held by the sort: 360 MB in memory (temp_store is memory), past the 256 MiB limit
-    hog = ("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 400) "
-           "SELECT count(*) FROM (SELECT x, printf('%.*c', 900000, 'y') AS s FROM c ORDER BY s DESC, x)")
+    # 4,000 distinct values of 90 kB to count: 360 MB, past SQLite's share of the limit (64 MiB)
+    hog = ("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 4000) "
+           "SELECT count(DISTINCT x || zeroblob(90000)) FROM c")
     with SandboxPool(1, memory_limit_bytes=limit) as pool, SandboxedSuite(pool, EMP, GOLD) as suite:
         outcome = suite.check(hog)
         assert not outcome.match and outcome.parsed and "out of memory" in outcome.error
@@ -185,7 +185,7 @@ def test_one_users_hostile_question_does_not_hold_up_another_users(tmp_path_fact
         assert "kt-card" in html
         assert not slow.done(), "B waited for A"
         html, _ = slow.result(timeout=BOUND_S)
-        assert "stopped after 2 s" in html
+        assert "stopped after 20M SQLite steps (2 s budget)" in html
     finally:
         app.close()
         pool.close()

@@ -12,8 +12,14 @@ Three measures, from strictest to most meaningful:
   the gold query has a top-level ORDER BY), allowing the columns to come in another order. Every database must
   agree. More databases catch more wrong queries and cost more time.
 
-A prediction that fails in any way is simply not a match; nothing here raises for bad SQL. Runaway queries
-(a recursive CTE, a cross join of cross joins) stop after ``timeout_s`` through SQLite's progress handler.
+A prediction that fails in any way is simply not a match; nothing here raises for bad SQL. Runaway statements
+(a recursive CTE, a cross join of cross joins, in a query or in a context's ``CREATE TABLE … AS``) stop through
+SQLite's progress handler after ``timeout_s`` × STEPS_PER_S VM instructions (the same step on every run) or
+``timeout_s``, whichever comes first. Values, statements and results are capped (MAX_VALUE_BYTES, MAX_SQL_CHARS,
+MAX_RESULT_BYTES), and random() and 'now' are fixed (:class:`_Connection`), so a score does not change from run
+to run. What SQLite cannot bound (one long C call, Python work, memory) is bounded by running all this in a
+worker process: :mod:`kubetune.sqlsandbox`. This module runs SQL in the calling process: use it directly only
+for SQL you trust.
 """
 
 from __future__ import annotations
@@ -137,7 +143,8 @@ class ContextError(ValueError):
 
 
 # ---- bounded, deterministic connections -------------------------------------------------------------------------
-MAX_VALUE_BYTES = 1_000_000  # one string or blob (SQLite's own default is 1e9: hex(zeroblob(...)) took GBs)
+MAX_VALUE_BYTES = 100_000  # one string or blob (SQLite's default is 1e9: hex(zeroblob(...)) took GBs); small
+# values also keep the C work of one function call, which no step count sees, small
 MAX_SQL_CHARS = 100_000  # one statement, of a query or of a context; a longer query is a miss, not an error
 MAX_RESULT_BYTES = 16 * 2**20  # all the values of one query's result, as counted by _value_bytes
 FIXED_NOW = "2000-01-01 00:00:00"  # what 'now' means to the date functions: the same on every run
@@ -198,19 +205,36 @@ def connect() -> sqlite3.Connection:
     return sqlite3.connect(":memory:", factory=_Connection)
 
 
+STEPS_PER_S = 10_000_000  # SQLite VM instructions a statement may run per second of timeout_s (one core here
+# runs 40-55 million a second: the step budget stops a runaway statement first, at the same step on every run and
+# machine, and the wall clock only where a machine is 4-5 times slower or busy)
+
+
 class _Deadline:
-    """Stops SQLite statements of ``conn`` (returns "interrupted") once ``timeout_s`` has passed, while entered."""
+    """Stops SQLite statements of ``conn`` (returns "interrupted") once they have run ``timeout_s`` × STEPS_PER_S
+    VM instructions, or ``timeout_s`` has passed, while entered. ``why`` says which."""
 
     def __init__(self, conn: sqlite3.Connection, timeout_s: float):
         self.conn, self.timeout_s = conn, timeout_s
-        self.expired = False
+        self.why: str | None = None
+
+    @property
+    def expired(self) -> bool:
+        return self.why is not None
 
     def __enter__(self) -> "_Deadline":
         deadline = time.monotonic() + self.timeout_s
+        budget = max(int(self.timeout_s * STEPS_PER_S / 1000), 1)
+        calls = 0
 
         def progress() -> int:
-            self.expired = time.monotonic() > deadline
-            return 1 if self.expired else 0  # non-zero aborts the statement with "interrupted"
+            nonlocal calls
+            calls += 1
+            if calls > budget:
+                self.why = f"stopped after {budget / 1000:g}M SQLite steps ({self.timeout_s:g} s budget)"
+            elif time.monotonic() > deadline:
+                self.why = f"stopped after {self.timeout_s:g} s"
+            return 1 if self.why else 0  # non-zero aborts the statement with "interrupted"
 
         self.conn.set_progress_handler(progress, 1000)  # every 1000 VM instructions: ~µs of overhead each
         return self
@@ -236,7 +260,7 @@ def _schema_db(context: str, timeout_s: float = 2.0) -> sqlite3.Connection:
                 try:
                     conn.execute(text)
                 except (sqlite3.Error, OverflowError, MemoryError) as exc:
-                    why = f"stopped after {timeout_s:g} s" if deadline.expired else _why(exc)
+                    why = deadline.why or _why(exc)
                     problem = f"context: {why} in {text[:80]!r}"
                     break
             statement, start = [], tok.end
@@ -632,7 +656,7 @@ def _execute(conn: sqlite3.Connection, sql: str, timeout_s: float, max_rows: int
                 return width, rows
             except sqlite3.OperationalError:
                 if deadline.expired:
-                    raise QueryTimeout(f"stopped after {timeout_s:g} s") from None
+                    raise QueryTimeout(deadline.why) from None
                 raise
     finally:
         conn.set_authorizer(None)
@@ -683,7 +707,7 @@ class QuerySuite:
                         _fill(conn, gold, rng, rows, self.SEED_RATES[d % len(self.SEED_RATES)],
                               outliers_high=d % 2 == 0)
                     except sqlite3.OperationalError as exc:
-                        raise QueryTimeout(f"stopped after {timeout_s:g} s") if deadline.expired else exc
+                        raise QueryTimeout(deadline.why) if deadline.expired else exc
         except ContextError as exc:
             self.gold_error = str(exc)
             return

@@ -8,9 +8,10 @@ Python code around the queries (filling the tables, comparing results) has no su
 sends text and receives small answers; the worker builds the test-suite databases, runs the queries and compares
 the results:
 
-* **memory**: ``RLIMIT_AS`` of ``memory_limit_bytes`` (default MEMORY_LIMIT_BYTES), set in the worker before it
-  reads a request; an allocation past it fails there (SQLite: "out of memory", Python: MemoryError), which is
-  the query's error. A worker that dies of it anyway is replaced.
+* **memory**: SQLite's own heap is capped at a quarter of ``memory_limit_bytes`` (default MEMORY_LIMIT_BYTES;
+  ``PRAGMA hard_heap_limit``, counted by SQLite: the same query fails the same way on every run), and the whole
+  worker at ``memory_limit_bytes`` of address space (``RLIMIT_AS``). An allocation past either fails in the
+  worker ("out of memory"), which is the query's error; a worker that dies of it anyway is replaced.
 * **time**: every request has a deadline (building a suite: ``2 × databases × timeout_s`` for the context, the
   fill and the gold query on each database; checking a query: ``databases × timeout_s``; showing one:
   ``timeout_s``; each plus GRACE_S). Past it the parent kills the worker (SIGKILL), starts another and answers
@@ -28,7 +29,9 @@ from __future__ import annotations
 import atexit
 import os
 import resource
+import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -43,6 +46,7 @@ from multiprocessing.connection import Connection
 from kubetune.sqlcheck import Outcome, QuerySuite
 
 MEMORY_LIMIT_BYTES = 1 << 30  # per worker (address space): the evaluate pod has 4Gi; 12-row tables need ~50 MB
+SQLITE_HEAP_SHARE = 4  # SQLite may allocate a quarter of the memory limit (PRAGMA hard_heap_limit)
 GRACE_S = 2.0  # over the sum of the per-statement timeouts: starting Python work, filling tables, comparing
 STARTUP_TIMEOUT_S = 60.0  # python -m kubetune.sqlsandbox: ~0.1 s on an idle machine
 SHARED_WORKERS = 4  # of shared_pool(): concurrent requests (UI users) before one waits for a free worker
@@ -54,7 +58,13 @@ class WorkerLost(Exception):
 
 def _serve(conn, memory_limit_bytes: int) -> None:
     """The worker: set the limits, then answer requests until the pipe closes."""
+    _die_with_parent()
     resource.setrlimit(resource.RLIMIT_AS, (memory_limit_bytes, memory_limit_bytes))
+    # SQLite's own allocations, counted by SQLite: a query past it fails the same way on every run, whatever the
+    # worker's heap looks like after earlier requests (the address-space limit is the backstop for the rest)
+    process_wide = sqlite3.connect(":memory:")
+    process_wide.execute(f"PRAGMA hard_heap_limit = {memory_limit_bytes // SQLITE_HEAP_SHARE}")
+    process_wide.close()
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a crash leaves no core file on the volume
     os.environ["TZ"] = "UTC"  # date(x, 'localtime') must not depend on the node
     time.tzset()
@@ -85,7 +95,20 @@ def _serve(conn, memory_limit_bytes: int) -> None:
                 reply = ("error", f"unknown request {op!r}")
         except MemoryError:
             reply = ("error", "out of memory")
+        except Exception as exc:  # a defect of ours, not of the query: one line for the outcome, no traceback
+            reply = ("error", f"scoring failed ({type(exc).__name__}: {exc})")
         conn.send(reply)
+
+
+def _die_with_parent() -> None:
+    """SIGKILL this worker when its parent dies (Linux prctl PR_SET_PDEATHSIG): a query stuck in one C call
+    would otherwise outlive a killed evaluate or UI process until it returned."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the pipe's end still stops it between queries
+        pass
 
 
 def _peak_rss_bytes(pid: int) -> int:
