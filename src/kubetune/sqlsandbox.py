@@ -36,7 +36,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,8 +82,10 @@ def _serve(conn, memory_limit_bytes: int) -> None:
                 suite = None
                 suite = QuerySuite(*args[:2], **args[2])
                 reply = ("ok", suite.gold_error)
-            elif op == "check":
-                reply = ("ok", suite.check(args, on_parsed=lambda: conn.send(("parsed", None))))
+            elif op == "check":  # several predictions: one outcome message each, then the reply
+                for pred in args:
+                    conn.send(("outcome", suite.check(pred, on_parsed=lambda: conn.send(("parsed", None)))))
+                reply = ("ok", None)
             elif op == "table":
                 sql, limit = args
                 try:
@@ -145,9 +147,10 @@ class _Worker:
             self.kill()
             raise WorkerLost(f"the SQL worker did not start (exit code {self.process.returncode})") from None
 
-    def call(self, op: str, args, deadline_s: float, messages: list | None = None):
+    def call(self, op: str, args, deadline_s: float, on_message: Callable[[str, object], None] | None = None):
         """The reply to one request: ``("ok", value)`` or ``("error", why)``. Messages sent before the reply
-        (``("parsed", None)``) are appended to ``messages``. Raises WorkerLost after killing the worker."""
+        (``("parsed", None)``, ``("outcome", Outcome)``) go to ``on_message``; each outcome starts the deadline
+        afresh (it is per query). Raises WorkerLost after killing the worker."""
         until = time.monotonic() + deadline_s
         try:
             self.conn.send((op, args))
@@ -158,8 +161,10 @@ class _Worker:
                 kind, value = self.conn.recv()
                 if kind in ("ok", "error"):
                     return kind, value
-                if messages is not None:
-                    messages.append(kind)
+                if on_message is not None:
+                    on_message(kind, value)
+                if kind == "outcome":
+                    until = time.monotonic() + deadline_s
         except (EOFError, OSError):
             try:
                 code = self.process.wait(1)
@@ -242,13 +247,13 @@ class _Slot:
         self.pool, self.current = pool, worker
         self.generation = 0
 
-    def call(self, op: str, args, deadline_s: float, messages: list | None = None):
+    def call(self, op: str, args, deadline_s: float, on_message: Callable[[str, object], None] | None = None):
         if self.current is None or not self.current.alive:
             self.current = None
             self.current = _Worker(self.pool.memory_limit_bytes)
             self.generation += 1
         try:
-            return self.current.call(op, args, deadline_s, messages)
+            return self.current.call(op, args, deadline_s, on_message)
         except WorkerLost:
             self.pool._note_peak(self.current)  # dead: /proc no longer says; kept for the living ones
             self.pool.replaced += 1
@@ -298,16 +303,33 @@ class SandboxedSuite:
         return not self._broken
 
     def check(self, pred: str) -> Outcome:
-        if not self._ready():
-            return Outcome(parsed=False, executed=False, match=False, error=self._broken)
-        messages: list[str] = []
-        try:
-            kind, value = self._slot.call("check", pred, self.check_deadline_s, messages)
-        except WorkerLost as exc:
-            return Outcome(parsed="parsed" in messages, executed=False, match=False, error=str(exc))
-        if kind == "error":
-            return Outcome(parsed="parsed" in messages, executed=False, match=False, error=value)
-        return value
+        return self.check_many([pred])[0]
+
+    def check_many(self, preds: list[str]) -> list[Outcome]:
+        """The outcome of each of ``preds``, in one request (one round trip, not one per query). Each query keeps
+        its own hard deadline; one that is killed is a miss and the rest go on in a new worker."""
+        outcomes: list[Outcome] = []
+        while len(outcomes) < len(preds):
+            if not self._ready():
+                return outcomes + [Outcome(parsed=False, executed=False, match=False, error=self._broken)
+                                   for _ in preds[len(outcomes):]]
+            parsed = False  # whether the query being run has compiled
+
+            def note(kind: str, value) -> None:
+                nonlocal parsed
+                if kind == "parsed":
+                    parsed = True
+                elif kind == "outcome":
+                    outcomes.append(value)
+                    parsed = False
+
+            try:
+                kind, value = self._slot.call("check", preds[len(outcomes):], self.check_deadline_s, note)
+            except WorkerLost as exc:
+                kind, value = "error", str(exc)
+            if kind == "error":  # the query being run: killed, or out of memory outside SQLite
+                outcomes.append(Outcome(parsed=parsed, executed=False, match=False, error=value))
+        return outcomes
 
     def table(self, sql: str, limit: int) -> Shown:
         """Column names and the first ``limit`` rows of ``sql`` on the first database; ValueError saying why not."""

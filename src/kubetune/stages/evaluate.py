@@ -123,10 +123,9 @@ def _score_row(pool: SandboxPool, recipe, models: list[str], by_id: dict, i, out
                         timeout_s=recipe.evaluate.timeout_s, seed=recipe.data.seed) as suite:
         if suite.gold_error:
             log.warning("evaluation row %s: the gold query cannot be scored (%s)", i, suite.gold_error)
-        for m in models:
+        predictions = [str(by_id[m][i].get("prediction") or "") for m in models]
+        for m, prediction, outcome in zip(models, predictions, suite.check_many(predictions)):
             row = by_id[m][i]
-            prediction = str(row.get("prediction") or "")
-            outcome = suite.check(prediction)
             outcomes[m].append({
                 "id": i, "question": row.get("question"), "gold": row["gold"], "prediction": prediction,
                 "parsed": outcome.parsed, "exact": exact_match(str(row["gold"]), prediction),
