@@ -189,3 +189,14 @@ def test_one_users_hostile_question_does_not_hold_up_another_users(tmp_path_fact
     finally:
         app.close()
         pool.close()
+
+
+def test_a_query_killed_among_a_rows_predictions_costs_only_itself():
+    from kubetune.sqlsandbox import SandboxedSuite, SandboxPool
+
+    gold, pred = BIG + "SELECT x, x, x, x, x, x + 1 FROM c", BIG + "SELECT x, x, x, x, x, x + 2 FROM c"
+    with SandboxPool(1) as pool, SandboxedSuite(pool, EMP, gold, timeout_s=TIMEOUT_S, grace_s=0.5) as suite:
+        before, killed, after = suite.check_many([gold, pred, gold])
+        assert before.match and after.match  # after: in a new worker, on the same databases rebuilt
+        assert killed.parsed and not killed.match and killed.error == "stopped after 2 s (hard limit)"
+        assert pool.replaced == 1
