@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from kubetune.sqlcheck import Outcome
 from kubetune.sqlsandbox import SandboxedSuite, SandboxPool
 
-TIMEOUT_S = 1.0  # per statement: a step budget of 10M (~0.25 s here), and the wall clock; the hard deadlines derive from it
+TIMEOUT_S = 1.0  # per statement: a step budget of 10M (~0.25 s here), then the clock; the hard deadlines follow
 GRACE_S = 0.5
 DATABASES = 2
 MEMORY_LIMIT = 256 << 20
@@ -98,9 +98,10 @@ def context(draw) -> str:
 @st.composite
 def predictions(draw, gold_query: str) -> list[str]:
     """Model answers: drawn queries, the gold itself, and the gold with a hostile condition added."""
+    joiner = "AND" if "WHERE" in gold_query else "WHERE"
     return draw(st.lists(st.one_of(query(), st.just(gold_query), heavy,
-                                   hostile_value.map(lambda v: f"{gold_query} {'AND' if 'WHERE' in gold_query else 'WHERE'}"
-                                                               f" {v} IS NOT NULL")), min_size=1, max_size=3))
+                                   hostile_value.map(lambda v: f"{gold_query} {joiner} {v} IS NOT NULL")),
+                         min_size=1, max_size=3))
 
 
 def evaluate(pool: SandboxPool, ctx: str, gold: str, predictions: list[str]) -> list:

@@ -2,11 +2,11 @@
 hard deadline.
 
 Predictions are model output and contexts and gold queries are whatever a user brings; :mod:`kubetune.sqlcheck`
-bounds what SQLite lets it bound (its progress handler stops statements at ``timeout_s``; values, queries and
-results are capped), but a single C call can still run long or allocate much between two progress checks, and
-Python code around the queries (filling the tables, comparing results) has no such check. So the parent only
-sends text and receives small answers; the worker builds the test-suite databases, runs the queries and compares
-the results:
+bounds what SQLite lets it bound (its progress handler stops a statement after a step budget or ``timeout_s``;
+values, queries and results are capped), but a single C call can still run long or allocate much between two
+progress checks, and Python code around the queries (filling the tables, comparing results) has no such check.
+So the parent only sends text and receives small answers; the worker builds the test-suite databases, runs the
+queries and compares the results:
 
 * **memory**: SQLite's own heap is capped at a quarter of ``memory_limit_bytes`` (default MEMORY_LIMIT_BYTES;
   ``PRAGMA hard_heap_limit``, counted by SQLite: the same query fails the same way on every run), and the whole
@@ -39,13 +39,12 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
-
 from multiprocessing.connection import Connection
+from pathlib import Path
 
 from kubetune.sqlcheck import Outcome, QuerySuite
 
-MEMORY_LIMIT_BYTES = 1 << 30  # per worker (address space): the evaluate pod has 4Gi; 12-row tables need ~50 MB
+MEMORY_LIMIT_BYTES = 1 << 30  # per worker, address space: the evaluate pod has 4Gi; scoring takes ~20 MB RSS
 SQLITE_HEAP_SHARE = 4  # SQLite may allocate a quarter of the memory limit (PRAGMA hard_heap_limit)
 GRACE_S = 2.0  # over the sum of the per-statement timeouts: starting Python work, filling tables, comparing
 STARTUP_TIMEOUT_S = 60.0  # python -m kubetune.sqlsandbox: ~0.1 s on an idle machine
