@@ -200,3 +200,15 @@ def test_a_query_killed_among_a_rows_predictions_costs_only_itself():
         assert before.match and after.match  # after: in a new worker, on the same databases rebuilt
         assert killed.parsed and not killed.match and killed.error == "stopped after 2 s (hard limit)"
         assert pool.replaced == 1
+
+
+def test_oversized_text_is_refused_before_it_reaches_a_worker():
+    from kubetune.sqlsandbox import MAX_CONTEXT_CHARS, SandboxedSuite, SandboxPool
+
+    with SandboxPool(1) as pool:
+        with SandboxedSuite(pool, EMP, GOLD) as suite:
+            [long, fine] = suite.check_many([GOLD + " " * 50_000_000 + "AND 1", GOLD])
+            assert long.error == "query longer than 100000 characters" and fine.match
+        with SandboxedSuite(pool, EMP + ";" * MAX_CONTEXT_CHARS, GOLD) as suite:
+            assert suite.gold_error == "context: longer than 1,000,000 characters"
+            assert not suite.check(GOLD).match

@@ -42,12 +42,13 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from kubetune.sqlcheck import Outcome, QuerySuite
+from kubetune.sqlcheck import MAX_SQL_CHARS, Outcome, QuerySuite
 
 MEMORY_LIMIT_BYTES = 1 << 30  # per worker, address space: the evaluate pod has 4Gi; scoring takes ~20 MB RSS
 SQLITE_HEAP_SHARE = 4  # SQLite may allocate a quarter of the memory limit (PRAGMA hard_heap_limit)
 GRACE_S = 2.0  # over the sum of the per-statement timeouts: starting Python work, filling tables, comparing
 STARTUP_TIMEOUT_S = 60.0  # python -m kubetune.sqlsandbox: ~0.1 s on an idle machine
+MAX_CONTEXT_CHARS = 1_000_000  # a schema: ten statements of MAX_SQL_CHARS; a longer one is not sent at all
 SHARED_WORKERS = 4  # of shared_pool(): concurrent requests (UI users) before one waits for a free worker
 
 
@@ -275,7 +276,8 @@ class SandboxedSuite:
 
     def __init__(self, pool: SandboxPool, context: str, gold: str, *, databases: int = 3, rows: int = 12,
                  timeout_s: float = 2.0, seed: int = 0, grace_s: float = GRACE_S):
-        self._args = (context, gold, {"databases": databases, "rows": rows, "timeout_s": timeout_s, "seed": seed})
+        self._args = (context, _clip(gold), {"databases": databases, "rows": rows, "timeout_s": timeout_s,
+                                             "seed": seed})
         self.build_deadline_s = 2 * databases * timeout_s + grace_s
         self.check_deadline_s = databases * timeout_s + grace_s
         self.table_deadline_s = timeout_s + grace_s
@@ -285,7 +287,10 @@ class SandboxedSuite:
         self._built: int | None = None  # the slot generation that holds the suite
         self.gold_error: str | None = None
         self._broken: str | None = None  # the suite could not be built at all
-        self._build()
+        if len(context) > MAX_CONTEXT_CHARS:
+            self._broken = self.gold_error = f"context: longer than {MAX_CONTEXT_CHARS:,} characters"
+        else:
+            self._build()
 
     def _build(self) -> None:
         try:
@@ -323,7 +328,8 @@ class SandboxedSuite:
                     parsed = False
 
             try:
-                kind, value = self._slot.call("check", preds[len(outcomes):], self.check_deadline_s, note)
+                kind, value = self._slot.call("check", [_clip(p) for p in preds[len(outcomes):]],
+                                              self.check_deadline_s, note)
             except WorkerLost as exc:
                 kind, value = "error", str(exc)
             if kind == "error":  # the query being run: killed, or out of memory outside SQLite
@@ -335,7 +341,7 @@ class SandboxedSuite:
         if not self._ready():
             raise ValueError(self._broken)
         try:
-            kind, value = self._slot.call("table", (sql, limit), self.table_deadline_s)
+            kind, value = self._slot.call("table", (_clip(sql), limit), self.table_deadline_s)
         except WorkerLost as exc:
             raise ValueError(str(exc)) from None
         if kind == "error":
@@ -352,6 +358,11 @@ class SandboxedSuite:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _clip(sql: str) -> str:
+    """What the worker needs of a query: one character past MAX_SQL_CHARS already makes it too long."""
+    return sql[:MAX_SQL_CHARS + 1]
 
 
 _shared: SandboxPool | None = None
