@@ -124,7 +124,8 @@ def test_random_in_a_prediction_scores_the_same_every_run():
 
 
 def test_the_clock_is_fixed_for_the_date_functions():
-    from kubetune.sqlcheck import FIXED_NOW, compare
+    from kubetune.sqlbounds import FIXED_NOW
+    from kubetune.sqlcheck import compare
 
     for now in ("date('now')", "date()", "current_date", "date('NOW')"):
         assert compare(EMP, f"SELECT '{FIXED_NOW[:10]}'", f"SELECT {now}").match, now

@@ -42,7 +42,8 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from kubetune.sqlcheck import MAX_SQL_CHARS, Outcome, QuerySuite
+from kubetune.sqlbounds import MAX_SQL_CHARS
+from kubetune.sqlcheck import Outcome, QuerySuite
 
 MEMORY_LIMIT_BYTES = 1 << 30  # per worker, address space: the evaluate pod has 4Gi; scoring takes ~20 MB RSS
 SQLITE_HEAP_SHARE = 4  # SQLite may allocate a quarter of the memory limit (PRAGMA hard_heap_limit)
