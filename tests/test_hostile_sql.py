@@ -17,7 +17,7 @@ import pytest
 from kubetune.artifacts import RunLayout
 from kubetune.stages import run_stage
 
-TIMEOUT_S = 0.5  # evaluate.timeout_s of these recipes: three databases make a 3.5 s hard deadline per query
+TIMEOUT_S = 1.0  # evaluate.timeout_s of these recipes: three databases make a 5 s hard deadline per query
 BOUND_S = 25  # what each case must end within; the old code took 45 s to forever on each
 EMP = "CREATE TABLE employees (name VARCHAR, city VARCHAR, salary INTEGER)"
 GOLD = "SELECT name FROM employees WHERE city = 'Oslo'"
@@ -80,7 +80,7 @@ def test_a_prediction_that_builds_a_huge_string_is_a_quick_miss(hostile):
 def test_a_context_that_creates_a_table_from_a_recursive_query_is_stopped(hostile):
     [outcome] = hostile((f"{EMP}; CREATE TABLE big AS {RECURSIVE}", GOLD, GOLD))
     assert not outcome["execution_match"]
-    assert outcome["error"].startswith("context: stopped after 5M SQLite steps (0.5 s budget) in 'CREATE TABLE big AS")
+    assert outcome["error"].startswith("context: stopped after 10M SQLite steps (1 s budget) in 'CREATE TABLE big AS")
 
 
 def test_a_gold_whose_databases_never_finished_building_now_scores(hostile):
@@ -111,7 +111,7 @@ def test_a_comparison_that_outlasts_the_hard_deadline_is_killed(hostile):
     gold, pred = BIG + "SELECT x, x, x, x, x, x + 1 FROM c", BIG + "SELECT x, x, x, x, x, x + 2 FROM c"
     [outcome, after] = hostile((EMP, gold, pred), (EMP, GOLD, GOLD))  # the next row gets a new worker
     assert outcome["parsed"] and not outcome["execution_match"]
-    assert outcome["error"] == "stopped after 3.5 s (hard limit)"
+    assert outcome["error"] == "stopped after 5 s (hard limit)"
     assert after["execution_match"]
 
 
@@ -199,7 +199,7 @@ def test_a_query_killed_among_a_rows_predictions_costs_only_itself():
     with SandboxPool(1) as pool, SandboxedSuite(pool, EMP, gold, timeout_s=TIMEOUT_S, grace_s=0.5) as suite:
         before, killed, after = suite.check_many([gold, pred, gold])
         assert before.match and after.match  # after: in a new worker, on the same databases rebuilt
-        assert killed.parsed and not killed.match and killed.error == "stopped after 2 s (hard limit)"
+        assert killed.parsed and not killed.match and killed.error == "stopped after 3.5 s (hard limit)"
         assert pool.replaced == 1
 
 
