@@ -13,8 +13,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from kubetune.ui import views
 from kubetune.sqlsandbox import SHARED_WORKERS
+from kubetune.ui import views
 from kubetune.ui.backend import Example, ModelPool, ask
 from kubetune.ui.memory import gpu_memory, process_rss_bytes
 from kubetune.ui.settings import Bind
