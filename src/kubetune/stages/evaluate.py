@@ -32,7 +32,8 @@ from typing import Any
 
 from kubetune.config import gate_models, gate_problems
 from kubetune.errors import ArtifactError, GateError, RecipeError
-from kubetune.sqlcheck import QuerySuite, exact_match
+from kubetune.sqlcheck import exact_match
+from kubetune.sqlsandbox import SandboxedSuite, SandboxPool
 
 log = logging.getLogger("kubetune")
 
@@ -113,6 +114,26 @@ def _pct(count: int, total: int) -> float:
     return round(100.0 * count / total, 2) if total else 0.0
 
 
+def _score_row(pool: SandboxPool, recipe, models: list[str], by_id: dict, i, outcomes: dict) -> int:
+    """Judge every model's prediction for row ``i`` (appended to ``outcomes``); 1 if its gold cannot be scored."""
+    first = by_id[models[0]][i]
+    # One suite per row, shared by the models: the databases are built once, and every model is judged on the
+    # same ones.
+    with SandboxedSuite(pool, str(first["context"]), str(first["gold"]), databases=recipe.evaluate.databases,
+                        timeout_s=recipe.evaluate.timeout_s, seed=recipe.data.seed) as suite:
+        if suite.gold_error:
+            log.warning("evaluation row %s: the gold query cannot be scored (%s)", i, suite.gold_error)
+        predictions = [str(by_id[m][i].get("prediction") or "") for m in models]
+        for m, prediction, outcome in zip(models, predictions, suite.check_many(predictions)):
+            row = by_id[m][i]
+            outcomes[m].append({
+                "id": i, "question": row.get("question"), "gold": row["gold"], "prediction": prediction,
+                "parsed": outcome.parsed, "exact": exact_match(str(row["gold"]), prediction),
+                "execution_match": outcome.match, "error": outcome.error,
+                "new_tokens": row.get("new_tokens")})
+    return 1 if suite.gold_error else 0
+
+
 def run(ctx) -> dict:
     recipe = ctx.recipe
     models = list(recipe.infer.models)
@@ -133,25 +154,12 @@ def run(ctx) -> dict:
 
     outcomes: dict[str, list[dict[str, Any]]] = {m: [] for m in models}
     gold_errors = 0
-    for done, i in enumerate(ids):
-        first = by_id[models[0]][i]
-        # One suite per row, shared by the models: the databases are built once, and every model is judged on
-        # the same ones.
-        with QuerySuite(str(first["context"]), str(first["gold"]), databases=recipe.evaluate.databases,
-                        timeout_s=recipe.evaluate.timeout_s, seed=recipe.data.seed) as suite:
-            if suite.gold_error:
-                gold_errors += 1
-                log.warning("evaluation row %s: the gold query cannot be scored (%s)", i, suite.gold_error)
-            for m in models:
-                row = by_id[m][i]
-                prediction = str(row.get("prediction") or "")
-                outcome = suite.check(prediction)
-                outcomes[m].append({
-                    "id": i, "question": row.get("question"), "gold": row["gold"], "prediction": prediction,
-                    "parsed": outcome.parsed, "exact": exact_match(str(row["gold"]), prediction),
-                    "execution_match": outcome.match, "error": outcome.error,
-                    "new_tokens": row.get("new_tokens")})
-        ctx.progress("evaluate", done + 1, len(ids), "scoring")
+    # The SQL (model output, and the data's contexts and gold queries) runs in a worker process with a memory
+    # limit, killed at a hard deadline: see kubetune.sqlsandbox.
+    with SandboxPool(workers=1) as pool:
+        for done, i in enumerate(ids):
+            gold_errors += _score_row(pool, recipe, models, by_id, i, outcomes)
+            ctx.progress("evaluate", done + 1, len(ids), "scoring")
 
     metrics: dict[str, dict[str, Any]] = {}
     for m in models:

@@ -21,7 +21,7 @@ from kubetune.artifacts import SUCCESS_MARKER, RunLayout
 from kubetune.config import MODEL_PRODUCERS, STAGE_NAMES, Recipe, load_recipe, recipe_from_dict
 from kubetune.errors import ArtifactError, KubetuneError
 from kubetune.measure import memory_footprint_bytes
-from kubetune.sqlcheck import QuerySuite
+from kubetune.sqlsandbox import SandboxedSuite, shared_pool
 
 log = logging.getLogger(__name__)
 
@@ -251,21 +251,23 @@ class Comparison:
     answers: list[Answer]
 
 
-def _run(suite: QuerySuite, sql: str) -> Execution:
+def _run(suite: SandboxedSuite, sql: str) -> Execution:
     try:
-        columns, rows = suite.table(sql)
+        shown = suite.table(sql, MAX_TABLE_ROWS)
     except ValueError as exc:
         return Execution(error=str(exc))
-    return Execution(columns, rows[:MAX_TABLE_ROWS], len(rows))
+    return Execution(shown.columns, shown.rows, shown.total_rows)
 
 
 def judge(recipe: Recipe, context: str, gold: str, predictions: dict[str, str]) -> tuple[Execution | None,
                                                                                           dict[str, Execution]]:
     """Execute the gold query and each prediction on the context's test-suite databases (built once, as the
-    evaluate stage builds them for a row) and say which predictions match the gold."""
+    evaluate stage builds them for a row) and say which predictions match the gold. The SQL and the schema run
+    in a worker of the process's sandbox pool (:func:`kubetune.sqlsandbox.shared_pool`): bounded in time and
+    memory, and up to SHARED_WORKERS requests at once, so one user's hostile schema does not hold another's."""
     gold = gold.strip()
-    with QuerySuite(context, gold, databases=recipe.evaluate.databases, timeout_s=recipe.evaluate.timeout_s,
-                    seed=recipe.data.seed) as suite:
+    with SandboxedSuite(shared_pool(), context, gold, databases=recipe.evaluate.databases,
+                        timeout_s=recipe.evaluate.timeout_s, seed=recipe.data.seed) as suite:
         gold_exec = None
         if gold:
             gold_exec = _run(suite, gold)
