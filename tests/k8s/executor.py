@@ -51,6 +51,7 @@ class Running:
 
     def __init__(self, proc: subprocess.Popen):
         self.proc = proc
+        self.killed = False
 
     def _init_pid(self) -> int | None:
         """The container's PID 1 as this machine sees it: unshare's forked child."""
@@ -71,12 +72,15 @@ class Running:
         self._signal(signal.SIGTERM)
 
     def kill(self) -> None:
+        self.killed = True
         self._signal(signal.SIGKILL)  # PID 1 of the namespace: the kernel kills every process in it
 
     def poll(self) -> int | None:
         code = self.proc.poll()
         if code is None:
             return None
+        if self.killed and code not in (0, 143):  # unshare reports its SIGKILLed child as 1; the kubelet says 137
+            return 128 + signal.SIGKILL
         return 128 - code if code < 0 else code
 
 
