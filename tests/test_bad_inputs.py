@@ -124,6 +124,28 @@ RECIPES = {
     "group-size-0": ({"quantize": {"group_size": 0}}, "quantize.group_size: must be -1 (per row)"),
     "several-problems-at-once": ({"quantize": {"bits": 3}, "finetune": {"epochs": -1, "lora": {"r": 0}}},
                                  "3 problems"),
+    # YAML that PyYAML accepts silently: the second key replaces the first; aliases expand without bound
+    "duplicate-key": ("model: {name_or_path: x}\nfinetune: {epochs: 2}\nfinetune: {max_steps: 3}\n",
+                      "line 3, column 1: not valid YAML (duplicate key 'finetune'"),
+    "alias-expansion": ("model: {name_or_path: x}\nkubernetes:\n  tolerations:\n  - a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n"
+                        + "".join(f"    a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 9)),
+                        "aliases expand to more than 100,000 values"),
+    # values that validated, then crashed render or a stage with a traceback
+    "nan-float": ("model: {name_or_path: x}\nfinetune: {learning_rate: .nan}\n",
+                  "finetune.learning_rate: Input should be a finite number"),
+    "inf-gate": ({"evaluate": {"gates": {"quantized_max_drop": float("inf")}}},
+                 "evaluate.gates.quantized_max_drop: Input should be a finite number"),
+    "date-in-toleration": ("model: {name_or_path: x}\nkubernetes: {tolerations: [{key: a, value: 2026-12-06}]}\n",
+                           "kubernetes.tolerations.0.value: input was not a valid JSON value"),
+    "lone-surrogate": ('model: {name_or_path: x}\nkubernetes: {affinity: {a: "b\\ud800"}}\n',
+                       "kubernetes.affinity: contains a lone UTF-16 surrogate"),
+    "template-format-spec": ({"prompt": {"template": "{context} {question:d}"}},
+                             "prompt.template: placeholder(s) {question:d} carry a format spec or conversion"),
+    "template-conversion": ({"prompt": {"template": "{context!r} {question}"}},
+                            "prompt.template: placeholder(s) {context!r} carry a format spec or conversion"),
+    "artifacts-root-climbs-out": ({"run": {"artifacts_root": "../../outside"}},
+                                  "run.artifacts_root: ../../outside climbs out of the working directory"),
+    "run-name-starts-with-digit": ({"run": {"name": "1run"}}, "run.name: String should match pattern '^[a-z]"),
 }
 
 
