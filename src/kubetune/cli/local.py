@@ -22,6 +22,7 @@ def validate(recipes: tuple[str, ...], overrides: tuple[str, ...]) -> None:
     """Check RECIPES against the schema and print every problem; exit 3 if any recipe is invalid."""
     from kubetune.config import load_recipe
     from kubetune.errors import RecipeError
+    from kubetune.terminal import printable
 
     failed = 0
     for path in recipes:
@@ -29,7 +30,7 @@ def validate(recipes: tuple[str, ...], overrides: tuple[str, ...]) -> None:
             recipe = load_recipe(path, list(overrides))
         except RecipeError as exc:
             failed += 1
-            click.secho(f"✗ {exc}", fg="red", err=True)
+            click.secho(f"✗ {printable(exc)}", fg="red", err=True)
         else:
             click.echo(f"✓ {path}: run '{recipe.run.name}', stages {', '.join(recipe.stages)}")
     if failed:
