@@ -229,6 +229,10 @@ DATA = {  # case: (make the source in a folder, more data settings, words of the
     "eval-takes-everything": (lambda d: _jsonl(d / "few.jsonl", _rows(12)), {"eval_size": 12},
                               "leaves no training rows out of 12"),
     "unknown-builtin": (lambda d: "builtin:wikisql", {}, "unknown builtin data set 'wikisql'"),
+    # 24 MB in one row: tokenizing it took GBs and minutes; refused before any tokenizer sees it
+    "oversized-row": (lambda d: _jsonl(d / "big.jsonl", _rows(17) + [{**_rows(1)[0], "context": "x" * 24_000_000}]
+                                       + _rows(23)), {}, "big.jsonl: row 18: context (column 'context') has "
+                                                         "24,000,000 characters; the limit is 1,000,000"),
 }
 
 
