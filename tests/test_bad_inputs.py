@@ -416,21 +416,51 @@ def test_read_only_volume_then_writable_and_rerun(finished, tmp_path, tiny_model
         ctx.__exit__(None, None, None)
 
 
-def test_storage_errors_from_libraries_that_do_not_raise_oserror():
-    """safetensors and torch word ENOSPC in their own exceptions; they map to exit 13 all the same."""
+def test_storage_errors_from_libraries_that_do_not_raise_oserror(tmp_path):
+    """safetensors words ENOSPC in its own exception; torch.save to a path gives no reason at all (its C++ stream
+    keeps no errno), so the volume it wrote to decides. Both map to exit 13; torch's words alone do not."""
+    import torch
+
     from kubetune.errors import StorageError, storage_error
 
     rust = RuntimeError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space" })')
     assert isinstance(storage_error(rust), StorageError)
-    try:
-        try:
-            raise OSError(30, "Read-only file system", "/workspace/x")
-        except OSError as inner:
-            raise RuntimeError("PytorchStreamWriter failed writing file data/0") from inner
-    except RuntimeError as outer:
-        assert "/workspace/x: read-only file system" in str(storage_error(outer))
+    with tmpfs(tmp_path / "full", "64k") as full:
+        with pytest.raises(RuntimeError) as real:
+            torch.save({"x": torch.zeros(100_000)}, full / "optimizer.pt")
+        assert storage_error(real.value) is None, "no reason given: not a storage error without a volume to look at"
+        assert f"{full}: no space left on the volume" in str(storage_error(real.value, volume=full))
+        assert storage_error(real.value, volume=tmp_path) is None, "a volume with room: some other failure"
     assert storage_error(ValueError("No such column")) is None
     assert StorageError.exit_code == 13 and StorageError.permanent
+
+
+def _pages(path: Path) -> int:
+    return -(-path.stat().st_size // 4096) * 4096
+
+
+def test_disk_full_during_a_checkpoint_torch_save_then_free_space_and_rerun(finished, tmp_path, tiny_model_dir):
+    """The volume fills while the Trainer's torch.save writes a checkpoint's optimizer.pt: exit 13 with one line
+    (it was exit 1 with two tracebacks, which podFailurePolicy retries), then a rerun with room finishes."""
+    done = finished / "keep" / ".work" / "finetune" / "checkpoints" / "checkpoint-1"
+    before_optimizer = [p for p in done.iterdir() if p.name not in ("optimizer.pt", "scheduler.pt", "rng_state.pth",
+                                                                     "trainer_state.json", "kubetune-checkpoint.json")]
+    # the first checkpoint's files up to optimizer.pt, the checkpoints' README and fingerprint, half the optimizer
+    size = sum(map(_pages, before_optimizer)) + 2 * 4096 + _pages(done / "optimizer.pt") // 2
+    with tmpfs(tmp_path / "volume", f"{size // 1024}k") as root:
+        data = keep_dict(tiny_model_dir, root)
+        data["run"]["name"] = "full"
+        recipe = tmp_path / "full.yaml"
+        recipe.write_text(yaml.safe_dump(data))
+        result = kubetune("stage", "finetune", "--recipe", recipe)
+        handled(result, 13, f"{root / 'full'}: no space left on the volume", root, {}, run="full", stage="finetune")
+        checkpoint = root / "full" / ".work" / "finetune" / "checkpoints" / "checkpoint-1"
+        assert (checkpoint / "optimizer.pt").exists() and not (checkpoint / "scheduler.pt").exists(), \
+            "the volume did not fill during optimizer.pt's torch.save"
+        subprocess.run(["mount", "-o", "remount,size=16m", str(root)], check=True)  # the user frees space
+        again = kubetune("stage", "finetune", "--recipe", recipe)
+        assert again.exit_code == 0, again.output
+        assert (root / "full" / "finetune" / SUCCESS_MARKER).exists()
 
 
 # ---- the cluster: exit 10, or a reason that `status` shows ----------------------------------------------------------
