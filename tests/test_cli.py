@@ -34,7 +34,7 @@ def test_validate_reports_every_problem_and_exits_3(tmp_path):
 
 def test_set_works_on_validate_and_env_var_form(tmp_path):
     good = tmp_path / "good.yaml"
-    good.write_text(yaml.safe_dump({"model": {"name_or_path": "m"}}))
+    good.write_text(yaml.safe_dump({"model": {"name_or_path": "m"}, "resources": {"merge": {"gpus": 0}}}))
     assert invoke("validate", str(good), "--set", "quantize.bits=3").exit_code == 3
     assert invoke("validate", str(good), env={"KUBETUNE_SET": "run.name=ok quantize.bits=3"}).exit_code == 3
     assert invoke("validate", str(good), "--set", "quantize.bits=4").exit_code == 0
@@ -43,7 +43,8 @@ def test_set_works_on_validate_and_env_var_form(tmp_path):
 def test_stage_with_missing_model_is_one_line_exit_5(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({"run": {"artifacts_root": str(tmp_path / "a")},
-                                      "model": {"name_or_path": str(tmp_path / "nope")}}))
+                                      "model": {"name_or_path": str(tmp_path / "nope")},
+                                      "resources": {"finetune": {"gpus": 0}}}))
     result = invoke("stage", "finetune", "--recipe", str(recipe))
     assert result.exit_code == 5, result.output
     assert result.output.strip().count("\n") == 0 and "model.name_or_path" in result.output
@@ -53,7 +54,7 @@ def test_stage_with_missing_model_is_one_line_exit_5(tmp_path):
 def test_stage_needing_an_unfinished_upstream_exit_6(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({"run": {"artifacts_root": str(tmp_path / "a")},
-                                      "model": {"name_or_path": "m"}}))
+                                      "model": {"name_or_path": "m"}, "resources": {"merge": {"gpus": 0}}}))
     result = invoke("stage", "merge", "--recipe", str(recipe))
     assert result.exit_code == 6
     assert "stage 'finetune' (needed by 'merge') has not finished" in result.output
@@ -61,7 +62,7 @@ def test_stage_needing_an_unfinished_upstream_exit_6(tmp_path):
 
 def test_run_rejects_unknown_stage_subset(tmp_path):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({"model": {"name_or_path": "m"}}))
+    recipe.write_text(yaml.safe_dump({"model": {"name_or_path": "m"}, "resources": {"merge": {"gpus": 0}}}))
     result = invoke("run", str(recipe), "--stages", "finetune,distill")
     assert result.exit_code == 3 and "distill" in result.output
 
@@ -70,4 +71,4 @@ def test_exit_codes_are_distinct_and_documented():
     doc = (ROOT / "docs" / "exit-codes.md").read_text()
     for code in EXIT_CODES:
         assert f"| {code} |" in doc, f"exit code {code} missing from docs/exit-codes.md"
-    assert set(PERMANENT_EXIT_CODES) == {3, 4, 5, 6, 7, 8, 11, 12, 13}
+    assert set(PERMANENT_EXIT_CODES) == {3, 4, 5, 6, 7, 8, 11, 12, 13, 14}

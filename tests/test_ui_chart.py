@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from k8s import tools
-from k8s.checks import all_problems, openshift_restricted_v2
+from k8s.checks import all_problems, openshift_restricted_v2, pss_restricted
 
 pytestmark = pytest.mark.server
 CHART = tools.ROOT / "charts" / "kubetune"
@@ -43,7 +43,7 @@ def test_ui_deployment_reads_the_run_read_only_and_is_restricted():
     assert env["KUBETUNE_UI_AUTH"]["valueFrom"]["secretKeyRef"] == {"name": "kubetune-ui-login", "key": "auth"}
     assert env["HF_HUB_OFFLINE"]["value"] == "1" and env["HF_HOME"]["value"] == "/workspace/.cache/huggingface"
     assert pod["automountServiceAccountToken"] is False
-    assert openshift_restricted_v2(deployment) == []
+    assert pss_restricted(deployment) == []
     # the Service selects exactly the Deployment's pods, and the Ingress points at the Service
     service = objects[("Service", "bloom-1b1-lora-ui")]
     assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
@@ -55,18 +55,49 @@ def test_ui_deployment_reads_the_run_read_only_and_is_restricted():
     assert all_problems([deployment, service, ingress]) == []
 
 
-def test_ui_on_openshift_gets_a_route_and_runs_on_the_cpu_without_login():
+def test_ui_on_openshift_gets_a_route_with_a_login_and_runs_on_the_cpu():
     objects = render("-f", str(CHART / "ci" / "openshift-values.yaml"), "--set", "ui.enabled=true",
-                     "--set", "ui.route.enabled=true", "--set", "ui.gpus=0")
+                     "--set", "ui.route.enabled=true", "--set", "ui.authSecret=ui-login", "--set", "ui.gpus=0")
     route = objects[("Route", "bloom-7b1-qlora-ui")]
     assert route["spec"]["to"] == {"kind": "Service", "name": "bloom-7b1-qlora-ui", "weight": 100}
     assert route["spec"]["tls"]["termination"] == "edge" and "host" not in route["spec"]
     deployment = objects[("Deployment", "bloom-7b1-qlora-ui")]
-    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    pod = deployment["spec"]["template"]["spec"]
+    [container] = pod["containers"]
     assert "nvidia.com/gpu" not in container["resources"]["limits"]
-    assert "KUBETUNE_UI_AUTH" not in {e["name"] for e in container["env"]}
-    assert deployment["spec"]["template"]["spec"]["imagePullSecrets"] == [{"name": "internal-registry"}]
+    assert {"name": "KUBETUNE_UI_AUTH", "valueFrom": {"secretKeyRef": {"name": "ui-login", "key": "auth"}}} in \
+        container["env"]
+    assert pod["imagePullSecrets"] == [{"name": "internal-registry"}]
+    assert "runtimeClassName" not in pod and pod["tolerations"] == [  # the recipe's, not the GPU ones: no GPU
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     assert openshift_restricted_v2(deployment) == []
+
+
+@pytest.mark.parametrize("exposure", ["route", "ingress"])
+def test_no_route_or_ingress_without_a_login(exposure):
+    refused = render("-f", str(CHART / "ci" / "minimal-values.yaml"), "--set", "ui.enabled=true",
+                     "--set", f"ui.{exposure}.enabled=true", check=False)
+    assert refused.returncode != 0 and "at '/ui/authSecret': minLength" in refused.stderr
+    if exposure == "ingress":  # a controller's own login (nginx auth-url, oauth2-proxy), declared as such
+        objects = render("-f", str(CHART / "ci" / "minimal-values.yaml"), "--set", "ui.enabled=true",
+                         "--set", "ui.ingress.enabled=true", "--set", "ui.ingress.externalAuth=true")
+        assert ("Ingress", "demo-ui") in objects
+
+
+def test_ui_pod_gets_the_recipes_pod_knobs():
+    objects = render("-f", str(UI_VALUES), "--set", "recipe.kubernetes.runtime_class_name=nvidia",
+                     "--set", "recipe.kubernetes.priority_class_name=ml-batch",
+                     "--set", "recipe.kubernetes.pod_labels.team=nlp",
+                     "--set", "recipe.kubernetes.env[0].name=HF_ENDPOINT",
+                     "--set", "recipe.kubernetes.env[0].value=https://hf-mirror.example.com")
+    deployment = objects[("Deployment", "bloom-1b1-lora-ui")]
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["runtimeClassName"] == "nvidia" and pod["priorityClassName"] == "ml-batch"
+    assert pod["securityContext"]["fsGroup"] == 1001
+    assert pod["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch"
+    assert deployment["spec"]["template"]["metadata"]["labels"]["team"] == "nlp"
+    assert pod["containers"][0]["env"][-1] == {"name": "HF_ENDPOINT", "value": "https://hf-mirror.example.com"}
+    assert all_problems([deployment]) == []
 
 
 def test_ui_values_are_checked_by_the_schema():

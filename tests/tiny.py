@@ -75,6 +75,8 @@ def tiny_recipe_dict(model_dir: Path, artifacts: Path, **sections) -> dict:
         "merge": {"dtype": "float32", "verify": {"prompts": 2, "tolerance": 1e-3}},
         "quantize": {"bits": 4, "group_size": 32, "calibration": {"samples": 8, "max_length": 64}, "batch_size": 4},
         "infer": {"max_new_tokens": 12, "batch_size": 4},
+        # CPU stages: `kubetune stage` refuses a GPU request it cannot meet (exit 14), as a pod does
+        "resources": {stage: {"gpus": 0} for stage in ("finetune", "merge", "quantize", "infer")},
     }
     for key, value in sections.items():
         if isinstance(value, dict) and isinstance(recipe.get(key), dict):

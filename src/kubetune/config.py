@@ -39,12 +39,14 @@ DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?
 QUALIFIED_NAME = (r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"  # label keys, resources
                   r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$"
-QUANTITY = r"^(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+|[kMGTPE]|[KMGTPE]i|m)?$"  # cpu, memory, sizes (no sign)
+QUANTITY = r"^([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+|[kMGTPE]|[KMGTPE]i|m)?$"  # cpu, memory, sizes (no sign)
 INT32_MAX = 2**31 - 1  # backoffLimit, ttlSecondsAfterFinished
 SEED_MAX = 2**32 - 1  # numpy's and torch's seeds
 
+# (RE2-compatible, no look-around: the chart's values schema checks the same patterns in Helm)
 DnsSubdomain = Annotated[str, Field(pattern=DNS_SUBDOMAIN, max_length=253)]
 QualifiedName = Annotated[str, Field(pattern=QUALIFIED_NAME, max_length=317)]
+LabelKey = QualifiedName
 LabelValue = Annotated[str, Field(pattern=LABEL_VALUE)]
 Quantity = Annotated[str, Field(pattern=QUANTITY, max_length=64)]
 Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
@@ -359,11 +361,46 @@ class KubernetesSection(Section):
     """Extended resource requested for ``resources.<stage>.gpus`` (e.g. amd.com/gpu, nvidia.com/mig-1g.10gb)."""
     gpu_product_label: QualifiedName = "nvidia.com/gpu.product"
     """Node label that ``resources.<stage>.gpu_type`` selects on (set by NVIDIA GPU feature discovery)."""
-    node_selector: dict[QualifiedName, LabelValue] = {}
+    node_selector: dict[LabelKey, LabelValue] = {}
     tolerations: list[dict[str, JsonValue]] = []
-    """Kubernetes Toleration objects, e.g. {key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}."""
+    """Kubernetes Toleration objects for the stage pods (and the chart's UI), e.g. {key: dedicated, value: ml,
+    effect: NoSchedule}."""
+    gpu_tolerations: list[dict[str, JsonValue]] = [{"key": "nvidia.com/gpu", "operator": "Exists",
+                                                    "effect": "NoSchedule"}]
+    """Tolerations added to the pods that request GPUs: the taint GPU node pools usually carry (GKE and the GPU
+    operator's examples use nvidia.com/gpu). [] for none; name your pool's taint otherwise."""
     affinity: dict[str, JsonValue] | None = None
     """A Kubernetes Affinity object for the stage pods."""
+    priority_class_name: DnsSubdomain | None = None
+    """PriorityClass of every pod of the run (where quotas or preemption are scoped by priority)."""
+    runtime_class_name: DnsSubdomain | None = None
+    """RuntimeClass of the pods that request GPUs: ``nvidia`` on k3s/RKE2 and wherever the NVIDIA runtime is not the
+    node's default. CPU pods (the driver, evaluate) keep the default runtime."""
+    pod_labels: dict[LabelKey, LabelValue] = {}
+    """Extra labels on every pod (e.g. cost centre, ``sidecar.istio.io/inject: "false"``); kubetune's own
+    (``app.kubernetes.io/*``, ``kubetune.io/*``) cannot be replaced."""
+    pod_annotations: dict[QualifiedName, str] = {}
+    """Extra annotations on every pod."""
+    env: list[dict[str, JsonValue]] = []
+    """Extra EnvVar objects for the stage pods (and the chart's UI), after kubetune's own so that they win:
+    HF_ENDPOINT, HF_HUB_OFFLINE, HTTPS_PROXY/NO_PROXY, REQUESTS_CA_BUNDLE, SSL_CERT_FILE… Not the driver's: it only
+    talks to the API server, which a proxy variable would misroute."""
+    env_from: list[dict[str, JsonValue]] = []
+    """EnvFromSource objects (a ConfigMap or Secret of variables) for the stage pods and the UI."""
+    extra_volumes: list[dict[str, JsonValue]] = []
+    """Volume objects added to the stage pods and the UI, e.g. a corporate CA bundle from a ConfigMap. Pod Security
+    "restricted" admits configMap, secret, projected, emptyDir, csi, ephemeral and persistentVolumeClaim."""
+    extra_volume_mounts: list[dict[str, JsonValue]] = []
+    """VolumeMount objects for extra_volumes in the stage container and the UI (``{name: ca, mountPath: /etc/ca,
+    readOnly: true}``)."""
+    fs_group: Annotated[int, Field(ge=1)] | None = 1001
+    """Pod fsGroup: the kubelet makes the claim group-owned by it (and setgid) and adds it to the pods' groups, so
+    the image's user (1001, group 0) can write to a root-owned 0755 volume (block storage: EBS, PD, Azure Disk,
+    Ceph RBD). A non-root group, which admission policies accept. null on OpenShift: restricted-v2 assigns one
+    from the namespace's range and refuses a fixed one."""
+    fs_group_change_policy: Literal["OnRootMismatch", "Always"] = "OnRootMismatch"
+    """OnRootMismatch: re-own the claim only when its top folder does not match already (Always walks every file on
+    every mount: minutes for a claim full of checkpoints)."""
     hf_token_secret: SecretKeyRef | None = None
     """Secret (and key) holding a Hugging Face token, passed as HF_TOKEN; never written into the recipe."""
     queue: Annotated[LabelValue, Field(min_length=1)] | None = None
@@ -372,12 +409,37 @@ class KubernetesSection(Section):
     """Retries of a stage pod after a transient failure (permanent exit codes fail the Job at once)."""
     active_deadline_s: Annotated[int, Field(ge=1, le=INT32_MAX)] | None = 86400
     ttl_after_finished_s: Annotated[int, Field(ge=0, le=INT32_MAX)] | None = 604800
-    """Finished Jobs are deleted after this; the artifacts stay on the claim."""
+    """Seconds after the run ends (its driver Job finishes) until its Jobs and pods are deleted; the artifacts stay
+    on the claim. Never counted per stage while the run goes on. null: kept until ``kubetune cancel``."""
     termination_grace_s: Annotated[int, Field(ge=0, le=INT32_MAX)] = 300
     """Time between SIGTERM and SIGKILL: long enough to write a fine-tune checkpoint."""
     shm_size: Quantity = "16Gi"
     """Memory-backed /dev/shm (data loader workers, NCCL)."""
     driver: DriverResources = DriverResources()
+
+    @field_validator("pod_labels")
+    @classmethod
+    def _own_labels(cls, pod_labels: dict[str, str]) -> dict[str, str]:
+        own = [key for key in pod_labels if key.startswith(OWN_LABEL_PREFIXES)]
+        if own:
+            raise ValueError(f"{', '.join(own)}: kubetune sets the app.kubernetes.io/ and kubetune.io/ labels itself")
+        return pod_labels
+
+    @model_validator(mode="after")
+    def _extra_volumes(self) -> "KubernetesSection":
+        names = [v.get("name") for v in self.extra_volumes]
+        problems = [f"extra_volumes: {n!r} is kubetune's own volume; choose another name"
+                    for n in names if n in KUBETUNE_VOLUMES]
+        problems += [f"extra_volumes: a volume needs a name ({v})" for v in self.extra_volumes if not v.get("name")]
+        problems += [f"extra_volume_mounts: {m.get('name')!r} is not one of extra_volumes ({names})"
+                     for m in self.extra_volume_mounts if m.get("name") not in names]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+OWN_LABEL_PREFIXES = ("app.kubernetes.io/", "kubetune.io/")
+KUBETUNE_VOLUMES = ("recipe", "data", "dshm", "tmp")  # the stage pods' and the chart UI's own volumes
 
 
 def gate_models(name: str, models: list[str]) -> tuple[list[str], str | None]:

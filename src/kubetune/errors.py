@@ -107,6 +107,15 @@ class StorageError(KubetuneError):
     permanent = True
 
 
+class DeviceError(KubetuneError):
+    """A stage that requests GPUs sees no usable CUDA device (node driver too old for the image's CUDA, no device plugin)."""
+
+    exit_code = 14
+    # Permanent: the same pod on the same node meets the same driver. Training on the CPU instead would hold the
+    # GPU for hours and finish nothing; only resources.<stage>.gpus: 0 asks for the CPU.
+    permanent = True
+
+
 # errno values that mean "the volume cannot take this write", whatever the library that hit them.
 STORAGE_ERRNOS = {28: "no space left on the volume", 122: "disk quota exceeded", 30: "read-only file system",
                   13: "permission denied"}
@@ -159,7 +168,7 @@ EXIT_CODES: dict[int, str] = {
     2: "command-line usage error (click)",
     **{cls.exit_code: (cls.__doc__ or "").strip().splitlines()[0] for cls in (
         RecipeError, DataError, ModelError, ArtifactError, VerificationError, GateError, StageBusyError,
-        ClusterError, PipelineError, WontFitError, StorageError)},
+        ClusterError, PipelineError, WontFitError, StorageError, DeviceError)},
 }
 PERMANENT_EXIT_CODES: tuple[int, ...] = tuple(sorted(
     cls.exit_code for cls in KubetuneError.__subclasses__() if cls.permanent))

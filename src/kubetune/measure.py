@@ -170,12 +170,18 @@ def track_peak_memory():
     # What an earlier stage of this process left unreachable but uncollected (a Trainer and its callbacks form
     # reference cycles that hold the model) would otherwise sit in this stage's GPU memory and in its peak.
     gc.collect()
-    if cuda:
+    # A fresh process (every pod) has no CUDA allocator yet: torch.cuda.reset_peak_memory_stats then raises
+    # "Invalid device argument" (torch 2.11-2.13), and nothing needs resetting anyway, since the allocator's peaks
+    # start at zero when CUDA initialises. Only a process that already used CUDA (an earlier stage of `kubetune run`)
+    # has figures to clear; initialising CUDA here would cost a CPU-only stage a GPU context for nothing.
+    if cuda and torch.cuda.is_initialized():
         torch.cuda.empty_cache()
         result.torch_allocated_at_start_bytes = sum(torch.cuda.memory_allocated(i)
                                                     for i in range(torch.cuda.device_count()))
         for i in range(torch.cuda.device_count()):
             torch.cuda.reset_peak_memory_stats(i)
+    elif cuda:
+        result.torch_allocated_at_start_bytes = 0
     rss_reset = _reset_peak_rss()
     start_rss = _peak_rss_bytes()
     sampler = _NvmlSampler()
@@ -184,7 +190,7 @@ def track_peak_memory():
         yield result
     finally:
         sampler.stop()
-        if cuda:
+        if cuda and torch.cuda.is_initialized():  # a stage that never touched the GPU has no peaks to read
             n = torch.cuda.device_count()
             alloc = [torch.cuda.max_memory_allocated(i) for i in range(n)]
             reserved = [torch.cuda.max_memory_reserved(i) for i in range(n)]

@@ -132,9 +132,12 @@ def rbac_problems(obj: dict[str, Any]) -> list[str]:
     return out
 
 
-def all_problems(objects: list[dict[str, Any]]) -> list[str]:
+def all_problems(objects: list[dict[str, Any]], openshift: bool = False) -> list[str]:
+    """Schema, RBAC, and Pod Security restricted (``openshift``: restricted-v2, which also refuses a fixed
+    fsGroup; plain Kubernetes needs one to make a block-storage claim writable)."""
+    pod_rules = openshift_restricted_v2 if openshift else pss_restricted
     problems = []
     for obj in objects:
         name = f"{obj.get('kind')}/{(obj.get('metadata') or {}).get('name')}"
-        problems += [f"{name}: {p}" for p in validate(obj) + openshift_restricted_v2(obj) + rbac_problems(obj)]
+        problems += [f"{name}: {p}" for p in validate(obj) + pod_rules(obj) + rbac_problems(obj)]
     return problems

@@ -23,7 +23,7 @@ import yaml
 from kmock import KubernetesEmulator, Server, resource
 from kmock._internal import enums
 
-RESOURCES = {"Job": "batch/v1/jobs", "Pod": "v1/pods", "ConfigMap": "v1/configmaps",
+RESOURCES = {"Job": "batch/v1/jobs", "Pod": "v1/pods", "ConfigMap": "v1/configmaps", "Secret": "v1/secrets",
              "PersistentVolumeClaim": "v1/persistentvolumeclaims", "ServiceAccount": "v1/serviceaccounts",
              "Role": "rbac.authorization.k8s.io/v1/roles", "RoleBinding": "rbac.authorization.k8s.io/v1/rolebindings"}
 _counter = itertools.count(1000)

@@ -12,15 +12,16 @@ limit of label values and object names; no truncation is needed.
 
 {{/*
 kubetune.merge: the user's section laid over the model's defaults, key by key, recursively for mappings.
-hasKey (not mergeOverwrite) so that false, 0 and [] given by the user win over a default.
-Returns JSON; use with fromJson.
+hasKey (not mergeOverwrite) so that false, 0 and [] given by the user win over a default. Only sections (maps
+with defaults inside) are merged key by key; a free-form mapping whose default is empty (node_selector,
+pod_labels) is the user's whole. Returns JSON; use with fromJson.
 */}}
 {{- define "kubetune.merge" -}}
 {{- $out := dict -}}
 {{- range $key, $default := .defaults -}}
 {{- if hasKey $.user $key -}}
 {{- $value := get $.user $key -}}
-{{- if and (kindIs "map" $default) (kindIs "map" $value) -}}
+{{- if and (kindIs "map" $default) $default (kindIs "map" $value) -}}
 {{- $_ := set $out $key (include "kubetune.merge" (dict "defaults" $default "user" $value) | fromJson) -}}
 {{- else -}}
 {{- $_ := set $out $key $value -}}
@@ -67,22 +68,57 @@ Returns JSON; use with fromJson.
 {{- printf "%s-driver" (include "kubetune.run" .) -}}
 {{- end -}}
 
+{{/*
+Quoting: every value that comes from the recipe or the values reaches the output through `quote` or `toYaml`,
+never bare, so that no string (a newline, " #", ": ", a YAML indicator) can end a scalar early or add keys
+(tests/test_k8s_chart_hostile.py feeds hostile strings through the chart and `kubetune render`).
+*/}}
+
 {{/* Labels: call with (dict "ctx" $ "component" "driver"). */}}
 {{- define "kubetune.labels" -}}
 {{- $run := include "kubetune.run" .ctx -}}
 app.kubernetes.io/name: kubetune
-app.kubernetes.io/instance: {{ $run }}
-app.kubernetes.io/component: {{ .component }}
+app.kubernetes.io/instance: {{ $run | quote }}
+app.kubernetes.io/component: {{ .component | quote }}
 app.kubernetes.io/part-of: kubetune
 app.kubernetes.io/version: {{ .ctx.Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: kubetune
-kubetune.io/run: {{ $run }}
+kubetune.io/run: {{ $run | quote }}
+{{- end -}}
+
+{{/* A pod template's metadata: recipe.kubernetes.pod_labels/pod_annotations under kubetune's labels (which win).
+Call with (dict "ctx" $ "component" "driver"). */}}
+{{- define "kubetune.podMetadata" -}}
+{{- $k := include "kubetune.k" .ctx | fromJson -}}
+{{- range $key, $_ := $k.pod_labels -}}
+{{- if or (hasPrefix "app.kubernetes.io/" $key) (hasPrefix "kubetune.io/" $key) -}}
+{{- fail (printf "recipe.kubernetes.pod_labels: %s: kubetune sets the app.kubernetes.io/ and kubetune.io/ labels itself" $key) -}}
+{{- end -}}
+{{- end -}}
+labels:
+  {{- merge (include "kubetune.labels" . | fromYaml) ($k.pod_labels | default dict) | toYaml | nindent 2 }}
+{{- with $k.pod_annotations }}
+annotations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{/* A pod's securityContext: restricted, with recipe.kubernetes.fs_group (none on OpenShift) and its policy. */}}
+{{- define "kubetune.podSecurity" -}}
+{{- $gen := include "kubetune.generated" . | fromJson -}}
+{{- $k := include "kubetune.k" . | fromJson -}}
+{{- $context := deepCopy $gen.pod_security -}}
+{{- if not (kindIs "invalid" $k.fs_group) -}}
+{{- $_ := set $context "fsGroup" ($k.fs_group | int) -}}
+{{- end -}}
+{{- $_ := set $context "fsGroupChangePolicy" $k.fs_group_change_policy -}}
+{{- toYaml $context -}}
 {{- end -}}
 
 {{/* Metadata of every object: call with (dict "ctx" $ "name" "x" "component" "driver"). */}}
 {{- define "kubetune.metadata" -}}
-name: {{ .name }}
-namespace: {{ .ctx.Release.Namespace }}
+name: {{ .name | quote }}
+namespace: {{ .ctx.Release.Namespace | quote }}
 labels:
   {{- include "kubetune.labels" . | nindent 2 }}
 {{- end -}}

@@ -176,7 +176,7 @@ def drive(run, recipe_path, read_markers, poll_s, namespace, context, kubeconfig
     """Create RUN's stage Jobs one after another as each succeeds; safe to stop and start again at any time."""
     from kubetune.artifacts import RunLayout
     from kubetune.errors import RecipeError
-    from kubetune.k8s import launcher
+    from kubetune.k8s import launcher, render
     from kubetune.k8s.driver import Driver
 
     recipe = _load(recipe_path, ()) if recipe_path else None
@@ -188,7 +188,9 @@ def drive(run, recipe_path, read_markers, poll_s, namespace, context, kubeconfig
     if recipe.run.name != run:
         raise RecipeError(recipe_path or run, [f"run.name: is '{recipe.run.name}', not '{run}'"])
     layout = RunLayout.from_recipe(recipe) if read_markers else None
-    Driver(cluster, recipe, layout=layout, echo=_echo).run(poll_s)
+    # In the cluster the driver runs in its own Job, which then owns the stage Jobs (kubetune.k8s.driver)
+    owner = cluster.get("Job", render.Names(run).driver)
+    Driver(cluster, recipe, layout=layout, echo=_echo, owner=owner).run(poll_s)
     sys.stdout.flush()
 
 

@@ -48,6 +48,10 @@ def stage(name: str, recipe_path: str, overrides: tuple[str, ...]) -> None:
     from kubetune.stages import run_stage
 
     recipe = load_recipe(recipe_path, list(overrides))
+    if name in recipe.stages:  # an unknown stage gets run_stage's own error
+        from kubetune.devices import require_gpus
+
+        require_gpus(name, getattr(recipe.resources, name).gpus)  # before anything is read: exit 14, not CPU training
     result = run_stage(recipe, name, progress=_log_progress)
     from kubetune.k8s.state import write_termination_message
 

@@ -55,6 +55,8 @@ class Cluster(Protocol):
 
     def delete(self, kind: str, name: str) -> None: ...
 
+    def patch(self, kind: str, name: str, changes: dict[str, Any]) -> dict[str, Any]: ...
+
     def pod_log(self, name: str, container: str | None = None, follow: bool = False) -> Iterator[str]: ...
 
 
@@ -177,6 +179,11 @@ class KubeCluster:
         # Jobs default to orphaning their pods when deleted through the API; Background deletes them too.
         self._call("delete", kind, name, f"delete_namespaced_{KINDS[kind][3]}", name, self.namespace,
                    propagation_policy="Background")
+
+    def patch(self, kind: str, name: str, changes: dict[str, Any]) -> dict[str, Any]:
+        """A merge patch (the client sends a dict body as application/merge-patch+json)."""
+        return self._json(self._call("patch", kind, name, f"patch_namespaced_{KINDS[kind][3]}", name,
+                                     self.namespace, changes))
 
     def pod_log(self, name: str, container: str | None = None, follow: bool = False) -> Iterator[str]:
         extra = {"container": container} if container else {}

@@ -5,8 +5,12 @@ The driver keeps no state of its own. Each pass reads the run's Jobs (and, where
 ``_SUCCESS`` markers) and does the one next thing, so it can be killed and restarted at any moment: in the
 cluster as a Job of its own (`submit --detach`, the Helm chart), or from a laptop (`submit --wait`).
 
-A Job deleted by its TTL after success is recreated when no marker can be read; that pod finds the stage's
-``_SUCCESS`` with the same fingerprint and exits at once ("already done, skipped").
+The run's TTL (``kubernetes.ttl_after_finished_s``) starts when the run ends, never per stage: a stage Job
+deleted while the run goes on would be made again, and where the driver cannot read the ``_SUCCESS`` markers
+(a ReadWriteOnce claim) that would repeat for ever. In the cluster the stage Jobs carry an ownerReference to the
+driver's Job, which has the TTL: when it goes (TTL, `helm uninstall`, `kubetune cancel`), the garbage collector
+takes the stage Jobs and their pods with it. A driver without a Job of its own (`submit --wait`) sets the TTL on
+the stage Jobs when the run ends.
 """
 
 from __future__ import annotations
@@ -37,10 +41,12 @@ class Step:
 
 class Driver:
     def __init__(self, cluster: Cluster, recipe: Recipe, stages: list[str] | None = None,
-                 layout: RunLayout | None = None, echo: Callable[[str], None] = print):
+                 layout: RunLayout | None = None, echo: Callable[[str], None] = print,
+                 owner: dict | None = None):
         self.cluster, self.recipe, self.echo = cluster, recipe, echo
         self.stages = stages or list(recipe.stages)
         self.layout = layout  # set only where the claim is mounted at the recipe's paths
+        self.owner = owner  # the driver's own Job, in the cluster: the stage Jobs' owner
         self._said: dict[str, str] = {}
 
     def _say(self, stage: str, what: str) -> None:
@@ -92,7 +98,7 @@ class Driver:
         return Step(None, "finished")
 
     def _create(self, stage: str) -> Step:
-        job = render.stage_job(self.recipe, stage, self.cluster.namespace)
+        job = render.stage_job(self.recipe, stage, self.cluster.namespace, owner=self.owner)
         try:
             self.cluster.create(job)
         except AlreadyExistsError:  # another driver (or an earlier life of this one) was quicker
@@ -104,9 +110,22 @@ class Driver:
         """Pass after pass until every stage has succeeded; raises StageFailedError when one fails."""
         poll = poll_s if poll_s is not None else self.recipe.kubernetes.driver.poll_s
         while True:
-            result = self.step()
+            try:
+                result = self.step()
+            except StageFailedError:
+                self._start_ttl()
+                raise
             if result.stage is None:
                 self.echo(f"run {self.recipe.run.name}: all {len(self.stages)} stage(s) succeeded")
+                self._start_ttl()
                 return
             if result.action != "created":  # a new Job was just made: look again at once, it may be done
                 sleep(poll)
+
+    def _start_ttl(self) -> None:
+        """The run has ended: its stage Jobs may now expire (an owned Job expires with its owner instead)."""
+        ttl = self.recipe.kubernetes.ttl_after_finished_s
+        if self.owner is not None or ttl is None:
+            return
+        for job in self._jobs().values():
+            self.cluster.patch("Job", job["metadata"]["name"], {"spec": {"ttlSecondsAfterFinished": ttl}})

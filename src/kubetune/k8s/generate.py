@@ -35,7 +35,10 @@ def values_schema() -> dict[str, Any]:
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "kubetune chart values",
             "type": "object", "additionalProperties": False, "required": ["recipe"],
             "properties": {"recipe": recipe, "monitoring": monitoring_values_schema(),
-                           "ui": ui_values_schema()}, "$defs": defs}
+                           "ui": ui_values_schema(),
+                           # Helm gives every subchart the parent's `global` values: allowed, unused, so that
+                           # the chart also works as a dependency (tests/test_k8s_chart_hostile.py uses it so)
+                           "global": {"type": "object"}}, "$defs": defs}
 
 
 def generated() -> dict[str, Any]:

@@ -64,7 +64,7 @@ def submit(cluster: Cluster, recipe: Recipe, stage: str | None, mode: str, echo:
     in_cluster = mode in ("detach", "follow") and stage is None
     objects = render.base_objects(recipe, ns, driver=in_cluster)
     if stage:
-        objects.append(render.stage_job(recipe, stage, ns))
+        objects.append(render.stage_job(recipe, stage, ns, driven=False))  # no driver: it carries the TTL
     if not dry_run:
         _clear_failed(cluster, run, echo, {render.Names(run).job(stage)} if stage else None)
         if in_cluster:
@@ -268,12 +268,16 @@ def list_runs(cluster: Cluster) -> list[str]:
 
 def cancel(cluster: Cluster, run: str, echo: Echo) -> int:
     """Stop a run: the driver first (so it starts nothing new), then its stage Jobs with their pods, then the
-    recipe and the driver's RBAC. The claim and its artifacts stay."""
+    recipe and the driver's RBAC. The claim and its artifacts stay. A stage Job that the garbage collector took
+    with the driver's Job (its owner) meanwhile counts as deleted."""
     jobs = cluster.list("Job", render.selector(run))
     jobs.sort(key=lambda j: render.LABEL_STAGE in (j["metadata"].get("labels") or {}))  # driver first
     removed = 0
     for job in jobs:
-        cluster.delete("Job", job["metadata"]["name"])
+        try:
+            cluster.delete("Job", job["metadata"]["name"])
+        except NotFoundError:
+            pass
         echo(f"deleted Job {job['metadata']['name']} and its pods")
         removed += 1
     names = render.Names(run)

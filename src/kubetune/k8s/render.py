@@ -31,9 +31,22 @@ LABEL_STAGE = "kubetune.io/stage"
 ANN_FINGERPRINT = "kubetune.io/fingerprint"
 ANN_RECIPE_SHA = "kubetune.io/recipe-sha256"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
-DRIVER_RULES = [  # what the driver does, and nothing more: no wildcard, no secrets, no configmaps
-    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["create", "get", "list", "watch", "delete", "patch"]},
-    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+# What the in-cluster driver does, and nothing more: no wildcard, no secrets, no configmaps, no pods
+# (tests/test_k8s_rbac.py records its calls against the fake API server). It reads its own Job (get), lists the
+# run's Jobs and creates stage Jobs; "delete" it never sends, but it creates Jobs with ownerReferences, and
+# OwnerReferencesPermissionEnforcement (on in OpenShift) admits that only from a user who may delete them.
+DRIVER_RULES = [
+    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["create", "get", "list", "delete"]},
+]
+DRIVER_ADMISSION_VERBS = {("batch", "jobs", "delete")}  # granted for admission, never called
+# What a person running `submit`, `status`, `logs`, `cancel` needs in the namespace (docs/kubernetes.md).
+USER_RULES = [
+    {"apiGroups": [""], "resources": ["configmaps", "persistentvolumeclaims", "serviceaccounts"],
+     "verbs": ["create", "get", "delete"]},
+    {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles", "rolebindings"],
+     "verbs": ["create", "delete"]},
+    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["create", "get", "list", "delete", "patch"]},
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
     {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
 ]
 
@@ -106,20 +119,42 @@ def _meta(recipe: Recipe, name: str, namespace: str, component: str, stage: str 
 
 
 # ---- security ---------------------------------------------------------------------------------------------
-# Pod Security "restricted" and OpenShift restricted-v2: non-root, but no runAsUser/fsGroup, because OpenShift
-# assigns both from the namespace's range and refuses pods that pick their own.
+# Pod Security "restricted" and OpenShift restricted-v2: non-root, but no runAsUser, because OpenShift assigns it
+# from the namespace's range and refuses pods that pick their own. fsGroup comes from kubernetes.fs_group (null
+# on OpenShift, for the same reason).
 POD_SECURITY = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
 CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "runAsNonRoot": True,
                       "seccompProfile": {"type": "RuntimeDefault"}}
 
 
-def _pod_common(recipe: Recipe) -> dict[str, Any]:
+def pod_security(recipe: Recipe) -> dict[str, Any]:
     k = recipe.kubernetes
-    spec: dict[str, Any] = {"restartPolicy": "Never", "securityContext": dict(POD_SECURITY),
+    context: dict[str, Any] = dict(POD_SECURITY)
+    if k.fs_group is not None:
+        context["fsGroup"] = k.fs_group
+    context["fsGroupChangePolicy"] = k.fs_group_change_policy  # also where OpenShift assigns the fsGroup
+    return context
+
+
+def _pod_common(recipe: Recipe, gpus: int = 0) -> dict[str, Any]:
+    k = recipe.kubernetes
+    spec: dict[str, Any] = {"restartPolicy": "Never", "securityContext": pod_security(recipe),
                             "enableServiceLinks": False}
     if k.image_pull_secrets:
         spec["imagePullSecrets"] = [{"name": s} for s in k.image_pull_secrets]
+    if k.priority_class_name:
+        spec["priorityClassName"] = k.priority_class_name
+    if gpus and k.runtime_class_name:
+        spec["runtimeClassName"] = k.runtime_class_name
     return spec
+
+
+def _pod_metadata(recipe: Recipe, component: str, stage: str | None = None) -> dict[str, Any]:
+    k = recipe.kubernetes
+    meta: dict[str, Any] = {"labels": {**k.pod_labels, **labels(recipe, component, stage)}}
+    if k.pod_annotations:
+        meta["annotations"] = dict(k.pod_annotations)
+    return meta
 
 
 def _failure_policy(container: str) -> dict[str, Any]:
@@ -185,6 +220,8 @@ def _volumes(recipe: Recipe, shm: bool, claim_read_only: bool | None) -> tuple[l
     if shm:
         mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": k.shm_size}})
+        mounts += [dict(m) for m in k.extra_volume_mounts]
+        volumes += [dict(v) for v in k.extra_volumes]
     return mounts, volumes
 
 
@@ -201,7 +238,11 @@ def _cache_env(mount: str) -> list[dict[str, Any]]:
             {"name": "PYTHONUNBUFFERED", "value": "1"}]  # logs reach `kubetune logs` as they are written
 
 
-def stage_job(recipe: Recipe, stage: str, namespace: str) -> dict[str, Any]:
+def stage_job(recipe: Recipe, stage: str, namespace: str, owner: dict[str, Any] | None = None,
+              driven: bool = True) -> dict[str, Any]:
+    """One stage's Job. ``driven``: made by a driver, which keeps the run's TTL for the end of the run (a stage
+    Job deleted meanwhile would be made again, forever where the driver cannot read the markers); ``owner``: the
+    in-cluster driver's Job, whose deletion (TTL, `helm uninstall`, `kubetune cancel`) takes this one with it."""
     if stage not in recipe.stages:
         raise RecipeError("--stage", [f"{stage}: not a stage of this recipe ({', '.join(recipe.stages)})"])
     _artifacts_check(recipe)
@@ -214,6 +255,7 @@ def stage_job(recipe: Recipe, stage: str, namespace: str) -> dict[str, Any]:
     if k.hf_token_secret:
         env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": k.hf_token_secret.name,
                                                                        "key": k.hf_token_secret.key}}})
+    env += [dict(e) for e in k.env]  # last: a variable set twice takes its last value
     mounts, volumes = _volumes(recipe, shm=True, claim_read_only=False)
     container = {"name": STAGE_CONTAINER, "image": k.image, "imagePullPolicy": k.image_pull_policy,
                  "args": ["stage", stage, "--recipe", RECIPE_PATH], "workingDir": k.pvc.mount_path,
@@ -221,9 +263,11 @@ def stage_job(recipe: Recipe, stage: str, namespace: str) -> dict[str, Any]:
                  "securityContext": dict(CONTAINER_SECURITY), "volumeMounts": mounts,
                  # the stage writes a report summary there; on a crash the log tail is kept instead
                  "terminationMessagePolicy": "FallbackToLogsOnError"}
+    if k.env_from:
+        container["envFrom"] = [dict(e) for e in k.env_from]
     if recipe.metrics.enabled:  # /metrics while the stage runs; the PodMonitor finds it by this port's name
         container["ports"] = [{"name": "metrics", "containerPort": recipe.metrics.port, "protocol": "TCP"}]
-    pod = _pod_common(recipe)
+    pod = _pod_common(recipe, res.gpus)
     pod.update({"automountServiceAccountToken": False, "terminationGracePeriodSeconds": k.termination_grace_s,
                 "containers": [container], "volumes": volumes})
     node_selector = dict(k.node_selector)
@@ -231,18 +275,24 @@ def stage_job(recipe: Recipe, stage: str, namespace: str) -> dict[str, Any]:
         node_selector[k.gpu_product_label] = res.gpu_type
     if node_selector:
         pod["nodeSelector"] = node_selector
-    if k.tolerations:
-        pod["tolerations"] = [dict(t) for t in k.tolerations]
+    tolerations = [dict(t) for t in k.tolerations] + ([dict(t) for t in k.gpu_tolerations] if res.gpus else [])
+    if tolerations:
+        pod["tolerations"] = tolerations
     if k.affinity:
         pod["affinity"] = dict(k.affinity)
     spec: dict[str, Any] = {"backoffLimit": k.backoff_limit, "podFailurePolicy": _failure_policy(STAGE_CONTAINER),
-                            "template": {"metadata": {"labels": labels(recipe, "stage", stage)}, "spec": pod}}
+                            "template": {"metadata": _pod_metadata(recipe, "stage", stage), "spec": pod}}
     if k.active_deadline_s is not None:
         spec["activeDeadlineSeconds"] = k.active_deadline_s
-    if k.ttl_after_finished_s is not None:
+    if k.ttl_after_finished_s is not None and not driven:
         spec["ttlSecondsAfterFinished"] = k.ttl_after_finished_s
     meta = _meta(recipe, Names(recipe.run.name).job(stage), namespace, "stage", stage,
                  annotations={ANN_FINGERPRINT: recipe.fingerprint(stage), ANN_RECIPE_SHA: recipe_sha256(recipe)})
+    if owner is not None:
+        # Not a controller reference: Kueue treats a Job whose controller is another Kueue-managed Job as part of
+        # that Job's workload and would never admit it. Nor blockOwnerDeletion (it needs jobs/finalizers rights).
+        meta["ownerReferences"] = [{"apiVersion": "batch/v1", "kind": "Job", "name": owner["metadata"]["name"],
+                                    "uid": owner["metadata"]["uid"]}]
     if k.queue:  # Kueue admits a suspended Job when its quota allows, then unsuspends it
         meta["labels"][KUEUE_QUEUE_LABEL] = k.queue
         spec["suspend"] = True
@@ -272,13 +322,15 @@ def driver_job(recipe: Recipe, namespace: str) -> dict[str, Any]:
     pod.update({"serviceAccountName": Names(recipe.run.name).driver, "automountServiceAccountToken": True,
                 "containers": [container], "volumes": volumes})
     spec: dict[str, Any] = {"backoffLimit": DRIVER_BACKOFF_LIMIT, "podFailurePolicy": _failure_policy(DRIVER),
-                            "template": {"metadata": {"labels": labels(recipe, DRIVER)}, "spec": pod}}
-    if k.ttl_after_finished_s is not None:
+                            "template": {"metadata": _pod_metadata(recipe, DRIVER), "spec": pod}}
+    if k.ttl_after_finished_s is not None:  # the run's TTL: its stage Jobs are owned by this one and go with it
         spec["ttlSecondsAfterFinished"] = k.ttl_after_finished_s
-    return {"apiVersion": "batch/v1", "kind": "Job",
-            "metadata": _meta(recipe, Names(recipe.run.name).driver, namespace, DRIVER,
-                              annotations={ANN_RECIPE_SHA: recipe_sha256(recipe)}),
-            "spec": spec}
+    meta = _meta(recipe, Names(recipe.run.name).driver, namespace, DRIVER,
+                 annotations={ANN_RECIPE_SHA: recipe_sha256(recipe)})
+    if k.queue:  # where Kueue manages unlabelled Jobs too, an unlabelled driver would stay suspended
+        meta["labels"][KUEUE_QUEUE_LABEL] = k.queue
+        spec["suspend"] = True
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": spec}
 
 
 def base_objects(recipe: Recipe, namespace: str, driver: bool = True) -> list[dict[str, Any]]:
@@ -293,7 +345,7 @@ def render(recipe: Recipe, namespace: str | None = None, stage: str | None = Non
     """Every object of the run (``stage``: only what running that one stage needs), in creation order."""
     ns = namespace_of(recipe, namespace)
     if stage:
-        return base_objects(recipe, ns, driver=False) + [stage_job(recipe, stage, ns)]
+        return base_objects(recipe, ns, driver=False) + [stage_job(recipe, stage, ns, driven=False)]
     return base_objects(recipe, ns) + [stage_job(recipe, s, ns) for s in STAGE_NAMES if s in recipe.stages]
 
 

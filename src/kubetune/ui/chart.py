@@ -15,7 +15,7 @@ def _object(doc: str, **properties: Any) -> dict[str, Any]:
 
 def ui_values_schema() -> dict[str, Any]:
     host = {"type": "string", "description": "Host name; empty: the router's or controller's default."}
-    return _object(
+    schema = _object(
         "The compare UI (`kubetune ui`, docs/ui.md): a Deployment that reads the run's artifacts from the claim, "
         "read-only.",
         enabled={"type": "boolean"},
@@ -31,5 +31,26 @@ def ui_values_schema() -> dict[str, Any]:
         route=_object("OpenShift Route to the Service (edge TLS).", enabled={"type": "boolean"}, host=host),
         ingress=_object("Ingress to the Service.", enabled={"type": "boolean"}, host=host,
                         className={"type": "string"}, annotations=_STRINGS,
-                        tlsSecret={"type": "string", "description": "TLS Secret for host; empty: plain HTTP."}),
+                        tlsSecret={"type": "string", "description": "TLS Secret for host; empty: plain HTTP."},
+                        externalAuth={"type": "boolean", "description": (
+                            "The annotations put the Ingress behind the controller's own login (e.g. nginx "
+                            "auth-url to an oauth2-proxy): then no authSecret is needed. The chart cannot check "
+                            "it; true is your word for it.")}),
     )
+    # No unauthenticated page from outside the cluster: the UI runs models and SQL on a GPU for whoever reaches it.
+    schema["allOf"] = [
+        {"if": _enabled("route"), "then": _LOGIN},
+        {"if": {"allOf": [_enabled("ingress"), {"not": {"properties": {"ingress": {
+            "properties": {"externalAuth": {"const": True}}, "required": ["externalAuth"]}}}}]}, "then": _LOGIN},
+    ]
+    return schema
+
+
+def _enabled(exposure: str) -> dict[str, Any]:
+    return {"properties": {exposure: {"properties": {"enabled": {"const": True}}, "required": ["enabled"]}},
+            "required": [exposure]}
+
+
+_LOGIN = {"required": ["authSecret"], "properties": {"authSecret": {
+    "minLength": 1, "description": "A Route or Ingress needs a login: set ui.authSecret (or, for an Ingress whose "
+                                   "annotations add one, ui.ingress.externalAuth: true)."}}}
