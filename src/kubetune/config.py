@@ -52,20 +52,22 @@ Quantity = Annotated[str, Field(pattern=QUANTITY, max_length=64)]
 Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
 
 
-def _lone_surrogates(value: Any) -> bool:
-    """A lone UTF-16 surrogate ("\\ud800" in a double-quoted YAML string) cannot be written as UTF-8: no file,
-    ConfigMap or log line can hold it."""
+# What a YAML file can hold (PyYAML's reader; YAML 1.1 printable characters). A string with anything else came from
+# an escape ("\\x9a", "\\ud800" in double quotes) and would make the recipe that the pods read (the ConfigMap's
+# text) unreadable there, or (a lone surrogate) not even writable as UTF-8.
+_NOT_IN_YAML = re.compile("[^\x09\x0a\x0d\x20-\x7e\x85\xa0-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def _unwritable(value: Any) -> str | None:
+    """The first character in ``value`` (a string, or strings nested in lists and mappings) that YAML cannot hold."""
     if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return True
-        return False
+        found = _NOT_IN_YAML.search(value)
+        return found.group() if found else None
     if isinstance(value, dict):
-        return any(_lone_surrogates(k) or _lone_surrogates(v) for k, v in value.items())
+        return next((c for k, v in value.items() if (c := _unwritable(k) or _unwritable(v))), None)
     if isinstance(value, (list, tuple)):
-        return any(_lone_surrogates(v) for v in value)
-    return False
+        return next((c for v in value if (c := _unwritable(v))), None)
+    return None
 
 
 class Section(BaseModel):
@@ -77,8 +79,10 @@ class Section(BaseModel):
     @field_validator("*")  # after: the innermost field names itself
     @classmethod
     def _encodable(cls, value: Any) -> Any:
-        if _lone_surrogates(value):
-            raise ValueError("contains a lone UTF-16 surrogate (an escape such as \\ud800), which UTF-8 cannot hold")
+        char = _unwritable(value)
+        if char is not None:
+            what = "a lone UTF-16 surrogate" if "\ud800" <= char <= "\udfff" else "a control character"
+            raise ValueError(f"contains {what} (U+{ord(char):04X}), which a recipe file cannot hold")
         return value
 
 
