@@ -98,8 +98,8 @@ Call with (dict "ctx" $ "component" "driver"). */}}
 labels:
   {{- merge (include "kubetune.labels" . | fromYaml) ($k.pod_labels | default dict) | toYaml | nindent 2 }}
 {{- with $k.pod_annotations }}
-annotations:
-  {{- toYaml . | nindent 2 }}
+{{- /* JSON, one line: toYaml writes a value with U+2028 as a block that nindent then breaks */}}
+annotations: {{ toJson . }}
 {{- end }}
 {{- end -}}
 
