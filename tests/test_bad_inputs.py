@@ -146,6 +146,9 @@ RECIPES = {
     "artifacts-root-climbs-out": ({"run": {"artifacts_root": "../../outside"}},
                                   "run.artifacts_root: ../../outside climbs out of the working directory"),
     "run-name-starts-with-digit": ({"run": {"name": "1run"}}, "run.name: String should match pattern '^[a-z]"),
+    # read by transformers only when the merge saves, after the fine-tune and the merge itself
+    "merge-shard-size-unreadable": ({"merge": {"max_shard_size": "2 gigabytes"}},
+                                    "merge.max_shard_size: String should match pattern"),
 }
 
 

@@ -189,6 +189,10 @@ ISSUE_EXAMPLES = [
     {"run": {"name": "1run"}},
     {"kubernetes": {"backoff_limit": 2**40}},
     {"data": {"seed": 2**64}},
+    # and what this test found: a character YAML cannot hold, embedded objects the API server refuses
+    {"data": {"source": "\x9a"}},
+    {"kubernetes": {"affinity": {"nodeAffinity": {"bogus": 1}}}},
+    {"kubernetes": {"tolerations": [{"key": "a", "toleration_seconds": 5}]}},
 ]
 
 

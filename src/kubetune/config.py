@@ -242,7 +242,8 @@ class VerifySection(Section):
 class MergeSection(Section):
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     """Dtype the merged model is saved in; never 4/8-bit (merging into quantized weights loses the update)."""
-    max_shard_size: str = "2GB"
+    max_shard_size: Annotated[str, Field(pattern=r"^[1-9][0-9]{0,6}[KkMmGg]([Ii]?[Bb])$")] = "2GB"
+    """Largest safetensors file of the merged model, as transformers reads it: 500MB, 2GB, 4GiB."""
     verify: VerifySection = VerifySection()
 
 
