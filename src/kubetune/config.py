@@ -485,7 +485,8 @@ class MetricsSection(Section):
     port: Annotated[int, Field(ge=1024, le=65535)] = 9477
     """Port of ``/metrics``; not 9400, which NVIDIA's DCGM exporter uses."""
     local: bool = False
-    """Serve outside Kubernetes too (``kubetune run``/``stage`` on a workstation), on 127.0.0.1 only."""
+    """Serve outside the stage pods that kubetune renders too (``kubetune run``/``stage`` on a workstation, in a
+    notebook or a CML session), on 127.0.0.1 only. Those pods alone serve on all interfaces."""
     pushgateway: str | None = None
     """Pushgateway URL (``http://pushgateway.monitoring:9091``): each stage pushes its start and final values
     (status, duration, peak memory), grouped by run and stage, so a stage shorter than a scrape is not lost."""
