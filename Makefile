@@ -74,5 +74,5 @@ test-ui: $(STAMP)  ## UI tests only, with headless Chromium installed (scripts/i
 	KUBETUNE_REQUIRE_SERVERS=1 $(PY) -m pytest -q tests/test_ui_*.py
 
 .PHONY: bench-results
-bench-results: $(STAMP)  ## Regenerate bench/RESULTS.md and its chart from the JSON files in bench/results/
-	$(PY) bench/results_md.py
+bench-results: $(STAMP)  ## Regenerate bench/RESULTS.md, its chart and README.md's bench figures from the JSON files in bench/results/
+	$(PY) bench/results_md.py --readme README.md

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import yaml
 from click.testing import CliRunner
 
 from kubetune.cli import cli
-from kubetune.errors import EXIT_CODES, PERMANENT_EXIT_CODES
+from kubetune.errors import EXIT_CODES, PERMANENT_EXIT_CODES, KubetuneError
 
 ROOT = Path(__file__).parent.parent
 
@@ -67,8 +68,33 @@ def test_run_rejects_unknown_stage_subset(tmp_path):
     assert result.exit_code == 3 and "distill" in result.output
 
 
+def error_classes() -> list[type[KubetuneError]]:
+    """Every error class of kubetune, subclasses of subclasses included."""
+    found, todo = [], list(KubetuneError.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        found.append(cls)
+        todo += cls.__subclasses__()
+    return found
+
+
+def documented_exit_codes() -> dict[int, str]:
+    """{code: podFailurePolicy column} of the table in docs/exit-codes.md."""
+    rows = re.findall(r"^\| (\d+) \|.*\| ([^|]+) \|$", (ROOT / "docs" / "exit-codes.md").read_text(), re.M)
+    return {int(code): policy.strip() for code, policy in rows}
+
+
 def test_exit_codes_are_distinct_and_documented():
-    doc = (ROOT / "docs" / "exit-codes.md").read_text()
-    for code in EXIT_CODES:
-        assert f"| {code} |" in doc, f"exit code {code} missing from docs/exit-codes.md"
-    assert set(PERMANENT_EXIT_CODES) == {3, 4, 5, 6, 7, 8, 11, 12, 13, 14}
+    classes = error_classes()
+    by_code: dict[int, list[str]] = {}
+    for cls in classes:
+        by_code.setdefault(cls.exit_code, []).append(cls.__name__)
+    shared = {code: names for code, names in by_code.items() if len(names) > 1}
+    assert not shared, f"one exit code for several errors: {shared}"
+    assert not set(by_code) & {0, 1, 2, 137, 143}, "an error class reuses a code of success, click or a signal"
+    assert set(EXIT_CODES) == {0, 1, 2} | set(by_code), "kubetune.errors.EXIT_CODES misses an error class"
+    doc = documented_exit_codes()
+    assert set(doc) == set(EXIT_CODES) | {137, 143}, "docs/exit-codes.md and kubetune.errors list other codes"
+    permanent = {cls.exit_code for cls in classes if cls.permanent}
+    assert set(PERMANENT_EXIT_CODES) == permanent, "PERMANENT_EXIT_CODES misses a permanent error class"
+    assert {code for code, policy in doc.items() if "FailJob" in policy} == permanent

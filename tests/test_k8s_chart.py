@@ -85,3 +85,16 @@ def test_notes_print_the_commands_to_follow_the_run():
     notes = result.stdout.split("NOTES:", 1)[1]
     assert "kubetune status bloom-7b1-qlora -n ml" in notes
     assert "kubetune logs bloom-7b1-qlora --stage finetune -f -n ml" in notes
+
+
+def test_null_is_expressible_no_ttl_and_no_fs_group():
+    """Issue 18: "no TTL" must be expressible in Helm; 0 is a TTL (the run's Jobs go as soon as it ends)."""
+    def driver_spec(values: str) -> dict:
+        objects = by_key(yaml.safe_load_all(helm_template("-f", str(CHART / "ci" / values)).stdout))
+        return objects["Job", yaml.safe_load((CHART / "ci" / values).read_text())["recipe"]["run"]["name"] + "-driver"]["spec"]
+
+    kept = driver_spec("existing-claim-values.yaml")  # ttl_after_finished_s: null
+    assert "ttlSecondsAfterFinished" not in kept
+    assert driver_spec("platform-values.yaml")["ttlSecondsAfterFinished"] == 0
+    openshift = driver_spec("openshift-values.yaml")["template"]["spec"]["securityContext"]  # fs_group: null
+    assert "fsGroup" not in openshift and openshift["fsGroupChangePolicy"] == "OnRootMismatch"

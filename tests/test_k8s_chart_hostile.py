@@ -13,6 +13,7 @@ one alias per recipe (each alias a release of its own values), so the test stays
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -173,3 +174,31 @@ def test_a_secret_name_with_a_newline_is_refused_by_the_chart_and_by_kubetune(tm
 @given(batch=st.lists(hostile_values(), min_size=BATCH, max_size=BATCH))
 def test_hostile_strings_render_the_same_through_helm_and_kubetune(tmp_path, batch):
     check_batch(tmp_path, batch)
+
+
+ACTION = re.compile(r"{{-?\s*(.*?)\s*-?}}", re.S)
+CONTROL = re.compile(r"^(/\*|if\b|else\b|end\b|range\b|with\b|\$[\w.]*\s*:?=|include \"kubetune\.check)")
+ENCODED = re.compile(r"^(quote|int|toJson\b.*)$")  # a pipeline's last step that makes one safe scalar
+BLOCK = re.compile(r"^n?indent \d+$")  # must carry YAML already encoded: toYaml, or one of our includes
+# Text spliced in whole, and why it is safe: generated files, and alert thresholds the values schema limits to
+# numbers and a duration pattern (kubetune.metrics.assets)
+SPLICED = {'.Files.Get "files/monitoring/dashboard.json" | nindent 4', "$rules | nindent 2"}
+
+
+def test_every_value_a_template_prints_is_quoted_or_encoded():
+    """The property test covers the fields it fills; this covers every output of every template, so that a new
+    bare `{{ .value }}` fails here before it reaches a cluster."""
+    bare = []
+    for path in sorted((CHART / "templates").glob("*.yaml")):
+        for match in ACTION.finditer(path.read_text()):
+            expr = " ".join(match.group(1).split())
+            if CONTROL.match(expr) or expr in SPLICED:
+                continue
+            steps = [step.strip() for step in expr.split("|")]
+            if steps[0].startswith(("toYaml", "toJson")) or ENCODED.match(steps[-1]):
+                continue
+            if BLOCK.match(steps[-1]) and (steps[0].startswith(("toYaml", "include \"kubetune.")) or
+                                           "toYaml" in steps[:-1]):
+                continue
+            bare.append(f"{path.name}: {{{{ {expr} }}}}")
+    assert bare == [], "printed without quote/toYaml: " + "; ".join(bare)

@@ -110,6 +110,21 @@ def test_a_driver_without_a_job_of_its_own_starts_the_ttl_when_the_run_ends(fake
     assert {job["spec"].get("ttlSecondsAfterFinished") for job in jobs.values()} == {3600}
 
 
+def test_one_stage_watched_from_here_gets_its_ttl_when_it_ends(fake, cluster):
+    """`submit --stage S --wait` with ttl 0 used to lose its Job to the TTL before it saw it succeed."""
+    recipe, out = make_recipe(ttl_after_finished_s=0), []
+
+    def controller(_seconds):
+        fake.finish_job("t1-merge")
+        ttl_controller(fake)
+
+    launcher.submit(cluster, recipe, "merge", "wait", out.append, poll_s=0, sleep=controller)
+    assert out[-1] == "Job t1-merge succeeded"
+    assert fake.objects("Job")["t1-merge"]["spec"]["ttlSecondsAfterFinished"] == 0
+    detached = render.render(recipe, "ml", stage="merge")[-1]  # nobody watches it: it carries the TTL itself
+    assert detached["spec"]["ttlSecondsAfterFinished"] == 0
+
+
 def test_cancel_removes_what_the_driver_made_even_when_the_collector_was_first(fake, cluster):
     recipe = make_recipe()
     launcher.submit(cluster, recipe, None, "detach", lambda s: None)

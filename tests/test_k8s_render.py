@@ -41,7 +41,19 @@ FULL = {  # every kubernetes option at once, plus values that JSON and Go format
                 {"key": "topology.kubernetes.io/zone", "operator": "In", "values": ["zone-a"]}]}}]}},
         "hf_token_secret": {"name": "hf-token", "key": "token"}, "queue": "team-gpus",
         "backoff_limit": 0, "active_deadline_s": 172800, "ttl_after_finished_s": 3600,
-        "termination_grace_s": 600, "shm_size": "32Gi"},
+        "termination_grace_s": 600, "shm_size": "32Gi",
+        # the platform knobs (issue 18): each must land where documented and pass kubernetes-validate --strict
+        "gpu_tolerations": [{"key": "sku", "operator": "Equal", "value": "gpu", "effect": "NoSchedule"}],
+        "priority_class_name": "ml-batch", "runtime_class_name": "nvidia",
+        "pod_labels": {"team": "nlp", "sidecar.istio.io/inject": "false"},
+        "pod_annotations": {"cluster-autoscaler.kubernetes.io/safe-to-evict": "false"},
+        "env": [{"name": "HF_ENDPOINT", "value": "https://hf-mirror.example.com"},
+                {"name": "HTTPS_PROXY", "valueFrom": {"secretKeyRef": {"name": "proxy", "key": "url"}}},
+                {"name": "REQUESTS_CA_BUNDLE", "value": "/etc/corp-ca/ca.crt"}],
+        "env_from": [{"configMapRef": {"name": "hub-settings"}}],
+        "extra_volumes": [{"name": "corp-ca", "configMap": {"name": "corp-ca-bundle"}}],
+        "extra_volume_mounts": [{"name": "corp-ca", "mountPath": "/etc/corp-ca", "readOnly": True}],
+        "fs_group": 2000, "fs_group_change_policy": "Always"},
 }
 
 
@@ -117,11 +129,65 @@ def test_stage_job_contract():
     env = {e["name"]: e for e in container["env"]}
     assert env["HF_TOKEN"] == {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "token"}}}
     assert env["HF_HOME"]["value"] == "/data/.cache/huggingface"
-    assert {m["mountPath"] for m in container["volumeMounts"]} == {"/data", "/etc/kubetune", "/dev/shm"}
+    assert {m["mountPath"] for m in container["volumeMounts"]} == {"/data", "/etc/kubetune", "/dev/shm", "/etc/corp-ca"}
     assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "32Gi"}} in pod["volumes"]
     assert spec["suspend"] is True and job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-gpus"
     for key in ("app.kubernetes.io/name", "app.kubernetes.io/instance", "kubetune.io/run", "kubetune.io/stage"):
         assert key in job["metadata"]["labels"] and key in job["spec"]["template"]["metadata"]["labels"]
+
+
+def test_platform_knobs_land_on_the_pods_they_are_for():
+    recipe = full_recipe()
+    gpu = render.stage_job(recipe, "finetune", "ml")["spec"]["template"]
+    cpu = render.stage_job(recipe, "evaluate", "ml")["spec"]["template"]  # evaluate requests no GPU
+    driver = render.driver_job(recipe, "ml")["spec"]["template"]
+    for template in (gpu, cpu, driver):  # every pod: labels, annotations, priority, fsGroup
+        assert template["metadata"]["labels"]["team"] == "nlp"
+        assert template["metadata"]["labels"]["kubetune.io/run"] == "full-options"
+        assert template["metadata"]["annotations"] == {"cluster-autoscaler.kubernetes.io/safe-to-evict": "false"}
+        assert template["spec"]["priorityClassName"] == "ml-batch"
+        assert template["spec"]["securityContext"] == {"runAsNonRoot": True, "seccompProfile": {
+            "type": "RuntimeDefault"}, "fsGroup": 2000, "fsGroupChangePolicy": "Always"}
+    # GPU pods only: the runtime class and the GPU taint's toleration
+    assert gpu["spec"]["runtimeClassName"] == "nvidia" and "runtimeClassName" not in cpu["spec"]
+    recipe_toleration = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    gpu_toleration = {"key": "sku", "operator": "Equal", "value": "gpu", "effect": "NoSchedule"}
+    assert gpu["spec"]["tolerations"] == [recipe_toleration, gpu_toleration]
+    assert cpu["spec"]["tolerations"] == [recipe_toleration]
+    # stage containers only: env (after kubetune's own, so that it wins), envFrom, extra volumes
+    for template in (gpu, cpu):
+        [container] = template["spec"]["containers"]
+        assert [e["name"] for e in container["env"]][-3:] == ["HF_ENDPOINT", "HTTPS_PROXY", "REQUESTS_CA_BUNDLE"]
+        assert container["envFrom"] == [{"configMapRef": {"name": "hub-settings"}}]
+        assert {"name": "corp-ca", "mountPath": "/etc/corp-ca", "readOnly": True} in container["volumeMounts"]
+        assert {"name": "corp-ca", "configMap": {"name": "corp-ca-bundle"}} in template["spec"]["volumes"]
+    [driver_container] = driver["spec"]["containers"]
+    assert "HF_ENDPOINT" not in {e["name"] for e in driver_container["env"]} and "envFrom" not in driver_container
+    assert "runtimeClassName" not in driver["spec"] and "tolerations" not in driver["spec"]
+
+
+def test_default_pods_get_an_fs_group_that_makes_the_claim_writable():
+    recipe = recipe_from_dict({"model": {"name_or_path": "m"}})
+    for job in render.render(recipe):
+        if job["kind"] == "Job":
+            context = job["spec"]["template"]["spec"]["securityContext"]
+            assert context["fsGroup"] == 1001 and context["fsGroupChangePolicy"] == "OnRootMismatch"
+    openshift = recipe_from_dict({"model": {"name_or_path": "m"}, "kubernetes": {"fs_group": None}})
+    job = render.stage_job(openshift, "finetune", "ml")
+    assert "fsGroup" not in job["spec"]["template"]["spec"]["securityContext"]
+    assert openshift_restricted_v2(job) == [] and openshift_restricted_v2(render.stage_job(recipe, "merge", "ml"))
+
+
+@pytest.mark.parametrize("kubernetes,problem", [
+    ({"pod_labels": {"kubetune.io/stage": "x"}}, "kubetune sets the app.kubernetes.io/ and kubetune.io/ labels"),
+    ({"pod_labels": {"team": "not a label"}}, "kubernetes.pod_labels.team: String should match pattern"),
+    ({"extra_volumes": [{"name": "data", "emptyDir": {}}]}, "'data' is kubetune's own volume"),
+    ({"extra_volume_mounts": [{"name": "ca", "mountPath": "/ca"}]}, "'ca' is not one of extra_volumes"),
+    ({"fs_group": 0}, "kubernetes.fs_group: Input should be greater than or equal to 1"),
+])
+def test_platform_knobs_that_cannot_work_are_refused(kubernetes, problem):
+    with pytest.raises(RecipeError, match=re.escape(problem)):
+        recipe_from_dict({"model": {"name_or_path": "m"}, "kubernetes": kubernetes})
 
 
 def test_cpu_stage_requests_no_gpu_and_defaults_have_no_queue():

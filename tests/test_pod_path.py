@@ -119,7 +119,7 @@ def test_a_pod_deleted_mid_finetune_is_replaced_and_resumes_from_its_checkpoint(
         cli("submit", RECIPE, "--stage", "finetune", "--set", "finetune.max_steps=40", "--set",
             "finetune.save_steps=4", kubeconfig=kubeconfig)
         checkpoints = claim / "artifacts" / RUN / ".work" / "finetune"
-        wait_for("a sealed checkpoint", lambda: any(checkpoints.glob("checkpoint-*/kubetune-checkpoint.json")),
+        wait_for("a sealed checkpoint", lambda: any(checkpoints.glob("checkpoints/checkpoint-*/kubetune-checkpoint.json")),
                  runner)
         first = next(iter(fake.objects("Pod")))
         fake.delete("Pod", first)  # `kubectl delete pod`: SIGTERM, checkpoint, exit 143
@@ -131,7 +131,7 @@ def test_a_pod_deleted_mid_finetune_is_replaced_and_resumes_from_its_checkpoint(
         log = cli("logs", RUN, "--stage", "finetune", kubeconfig=kubeconfig).stdout
         assert len(second) == 1 and "resum" in log.lower(), log
         report = json.loads((claim / "artifacts" / RUN / "finetune" / "report.json").read_text())
-        assert report["resumed_from_step"] > 0
+        assert report["metrics"]["resumed_from_step"] > 0
 
 
 def test_a_permanent_error_fails_the_job_without_retries(tmp_path, tiny_model):
@@ -188,3 +188,17 @@ def test_fs_group_on_root_mismatch_leaves_a_matching_volume_alone(tmp_path):
     os.chown(volume / "sub" / "f", 0, 0)
     apply_fs_group(volume, 1001, "OnRootMismatch")  # the root matches: no walk, as the kubelet does
     assert (volume / "sub" / "f").stat().st_gid == 0
+
+
+def test_a_deleted_driver_pod_ends_on_sigterm_as_pid_1(tmp_path, tiny_model):
+    """A container's entrypoint is PID 1 of its namespace, where a signal with the default action is dropped:
+    without its own handler the driver (and merge, quantize, infer, evaluate) would sit out the grace period and
+    be SIGKILLed (137). It must end on SIGTERM itself (143)."""
+    claim = fresh_claim(tmp_path, tiny_model)
+    with FakeCluster("ml") as fake, PodRunner(fake, tmp_path / "node", claims={f"{RUN}-data": claim}) as runner:
+        submit(fake, tmp_path, "kubernetes.driver.poll_s=30")  # the driver sleeps between passes: SIGTERM lands there
+        wait_for("the driver's first pass", lambda: f"{RUN}-finetune" in fake.objects("Job"), runner)
+        driver_pod = next(p for p in fake.objects("Pod") if p.startswith(f"{RUN}-driver"))
+        fake.delete("Pod", driver_pod)
+        wait_for("the driver pod to end", lambda: runner.runs[driver_pod].finished, runner, timeout_s=60)
+        assert runner.runs[driver_pod].process.poll() == 143

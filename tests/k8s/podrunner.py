@@ -26,7 +26,7 @@ import secrets
 import shutil
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +70,8 @@ class PodRun:
     deleted_at: float | None = None  # the pod object was deleted: SIGTERM sent at this time
     grace_s: float = 30.0
     finished: bool = False
-    attempts_seen: set = field(default_factory=set)
+    started_at: float | None = None
+    wall_s: float | None = None  # from process start to exit, as the container's lifetime
 
 
 class PodRunner:
@@ -191,6 +192,7 @@ class PodRunner:
             self.errors.append(f"{pod_name}: {exc}")
             return
         run.process = self.executor.start(container_spec)
+        run.started_at = time.monotonic()
         self.fake.patch("Pod", pod_name, {"status": {"phase": "Running", "startTime": _now(), "containerStatuses": [
             {"name": container["name"], "ready": True, "restartCount": 0, "image": container.get("image", ""),
              "imageID": "", "state": {"running": {"startedAt": _now()}}}]}})
@@ -205,6 +207,7 @@ class PodRunner:
         if code is None:
             return
         run.finished = True
+        run.wall_s = round(time.monotonic() - run.started_at, 2)
         self._publish_log(run)
         message = self._termination_message(run, code)
         reason = "Completed" if code == 0 else ("OOMKilled" if code == 137 and run.deleted_at is None else "Error")

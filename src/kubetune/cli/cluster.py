@@ -180,6 +180,9 @@ def drive(run, recipe_path, read_markers, poll_s, namespace, context, kubeconfig
     from kubetune.k8s import launcher, render
     from kubetune.k8s.driver import Driver
 
+    from kubetune.cli.local import exit_on_sigterm
+
+    exit_on_sigterm()  # the driver pod's PID 1: `kubetune cancel` must stop it now, not after the grace period
     recipe = _load(recipe_path, ()) if recipe_path else None
     cluster = _connect(namespace, context, kubeconfig, recipe)
     if recipe is None:

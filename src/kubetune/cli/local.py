@@ -38,6 +38,24 @@ def validate(recipes: tuple[str, ...], overrides: tuple[str, ...]) -> None:
         sys.exit(RecipeError.exit_code)
 
 
+def exit_on_sigterm() -> None:
+    """End with 143 on SIGTERM, as a process with the default action would, also as a container's PID 1.
+
+    In a pod the entrypoint is PID 1 of its PID namespace, and the kernel drops a signal whose action is the
+    default for PID 1: without a handler, `kubectl delete`, an eviction or a preemption would wait out the whole
+    terminationGracePeriodSeconds (300 s by default) and end in SIGKILL (137). The fine-tune replaces this handler
+    while it trains (checkpoint, then 143) and puts it back afterwards."""
+    import signal
+
+    def handle(signum, frame):
+        raise SystemExit(128 + signum)
+
+    try:
+        signal.signal(signal.SIGTERM, handle)
+    except ValueError:  # not the main thread (an embedding application): leave its handlers alone
+        pass
+
+
 @cli.command()
 @click.argument("name", type=click.Choice(STAGE_NAMES))
 @click.option("--recipe", "recipe_path", required=True, type=click.Path(dir_okay=False),
@@ -48,6 +66,7 @@ def stage(name: str, recipe_path: str, overrides: tuple[str, ...]) -> None:
     from kubetune.config import load_recipe
     from kubetune.stages import run_stage
 
+    exit_on_sigterm()
     recipe = load_recipe(recipe_path, list(overrides))
     if name in recipe.stages:  # an unknown stage gets run_stage's own error
         from kubetune.devices import require_gpus

@@ -98,6 +98,14 @@ def _short(exc: Exception) -> str:
     return str(reason or exc).splitlines()[0][:300]
 
 
+def object_model(name: str):
+    """The kubernetes client's pydantic model of an API object type (``V1Toleration``): offline checks of the
+    objects a recipe embeds (kubetune.k8s.embedded). Importing the models takes ~2 s."""
+    from kubernetes.client import models
+
+    return getattr(models, name)
+
+
 def load_client(context: str | None = None, kubeconfig: str | None = None):
     """An ApiClient found the way kubectl finds one: --kubeconfig, $KUBECONFIG, ~/.kube/config, else in-cluster.
 
@@ -181,7 +189,7 @@ class KubeCluster:
                    propagation_policy="Background")
 
     def patch(self, kind: str, name: str, changes: dict[str, Any]) -> dict[str, Any]:
-        """A merge patch (the client sends a dict body as application/merge-patch+json)."""
+        """A strategic merge patch (what the client sends for a dict body): the fields given, nothing else."""
         return self._json(self._call("patch", kind, name, f"patch_namespaced_{KINDS[kind][3]}", name,
                                      self.namespace, changes))
 

@@ -23,7 +23,7 @@ from kubetune.artifacts import RunLayout
 from kubetune.config import Recipe
 from kubetune.errors import ArtifactError, PipelineError
 from kubetune.k8s import render
-from kubetune.k8s.api import AlreadyExistsError, Cluster
+from kubetune.k8s.api import AlreadyExistsError, Cluster, NotFoundError
 from kubetune.k8s.state import job_state
 
 
@@ -124,8 +124,17 @@ class Driver:
 
     def _start_ttl(self) -> None:
         """The run has ended: its stage Jobs may now expire (an owned Job expires with its owner instead)."""
-        ttl = self.recipe.kubernetes.ttl_after_finished_s
-        if self.owner is not None or ttl is None:
-            return
-        for job in self._jobs().values():
-            self.cluster.patch("Job", job["metadata"]["name"], {"spec": {"ttlSecondsAfterFinished": ttl}})
+        if self.owner is None:
+            start_ttl(self.cluster, self.recipe, [job["metadata"]["name"] for job in self._jobs().values()])
+
+
+def start_ttl(cluster: Cluster, recipe: Recipe, job_names: list[str]) -> None:
+    """Give Jobs that were created without one the recipe's TTL, now that whoever watched them is done."""
+    ttl = recipe.kubernetes.ttl_after_finished_s
+    if ttl is None:
+        return
+    for name in job_names:
+        try:
+            cluster.patch("Job", name, {"spec": {"ttlSecondsAfterFinished": ttl}})
+        except NotFoundError:  # deleted meanwhile (kubetune cancel): nothing left to expire
+            continue

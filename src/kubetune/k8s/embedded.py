@@ -29,9 +29,9 @@ def embedded_problems(recipe: Recipe) -> list[str]:
         value = getattr(recipe.kubernetes, setting)
         if not value or value == getattr(defaults, setting):
             continue
-        from kubernetes.client import models
+        from kubetune.k8s.api import object_model
 
-        model = getattr(models, model_name)
+        model = object_model(model_name)
         for index, item in enumerate(value if many else [value]):
             where = f"kubernetes.{setting}" + (f".{index}" if many else "")
             try:

@@ -12,6 +12,7 @@ from kubetune.config import STAGE_NAMES, Recipe, recipe_from_dict
 from kubetune.errors import ClusterError, RecipeError
 from kubetune.k8s import render
 from kubetune.k8s.api import AlreadyExistsError, Cluster, NotFoundError
+from kubetune.k8s.driver import start_ttl
 from kubetune.k8s.state import (PodView, human_bytes, human_seconds, job_state, newest, newest_pod_of,
                                 pod_view, duration as elapsed)
 
@@ -63,8 +64,8 @@ def submit(cluster: Cluster, recipe: Recipe, stage: str | None, mode: str, echo:
     ns, run = cluster.namespace, recipe.run.name
     in_cluster = mode in ("detach", "follow") and stage is None
     objects = render.base_objects(recipe, ns, driver=in_cluster)
-    if stage:
-        objects.append(render.stage_job(recipe, stage, ns, driven=False))  # no driver: it carries the TTL
+    if stage:  # no driver: detached, the Job carries the TTL; watched from here, its TTL starts when it ends
+        objects.append(render.stage_job(recipe, stage, ns, driven=mode != "detach"))
     if not dry_run:
         _clear_failed(cluster, run, echo, {render.Names(run).job(stage)} if stage else None)
         if in_cluster:
@@ -77,11 +78,19 @@ def submit(cluster: Cluster, recipe: Recipe, stage: str | None, mode: str, echo:
         return
     if mode == "wait":
         if stage:
-            wait_job(cluster, render.Names(run).job(stage), echo, poll_s or recipe.kubernetes.driver.poll_s, sleep)
+            try:
+                wait_job(cluster, render.Names(run).job(stage), echo, poll_s or recipe.kubernetes.driver.poll_s,
+                         sleep)
+            finally:
+                start_ttl(cluster, recipe, [render.Names(run).job(stage)])
         else:
             Driver(cluster, recipe, echo=echo).run(poll_s, sleep)
     elif mode == "follow":
-        follow(cluster, recipe, [stage] if stage else list(recipe.stages), echo, poll_s, sleep)
+        try:
+            follow(cluster, recipe, [stage] if stage else list(recipe.stages), echo, poll_s, sleep)
+        finally:
+            if stage:
+                start_ttl(cluster, recipe, [render.Names(run).job(stage)])
     else:
         echo(f"submitted run {run} to namespace {ns}. Follow it with:")
         echo(f"  kubetune status {run} -n {ns}")
@@ -229,7 +238,9 @@ def status_rows(cluster: Cluster, run: str) -> list[StageRow]:
             gpu=_gpu(job) if stage != render.DRIVER else "none", start=st.get("startTime") or "—",
             duration=human_seconds(elapsed(st.get("startTime"), st.get("completionTime"))),
             peak_vram=human_bytes(summary.get("peak_vram_bytes")) if summary else "—",
-            reason=reason or (view.reason if view and state == "failed" else "")))
+            # A failed Job's own reason ("…failed with exit code 5 matching FailJob rule…") says that, not why:
+            # the pod's last line does ("error: model.name_or_path: folder … not found").
+            reason=(view.reason if view and state == "failed" and view.reason else reason)))
     return rows
 
 

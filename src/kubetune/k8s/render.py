@@ -41,8 +41,9 @@ DRIVER_RULES = [
 DRIVER_ADMISSION_VERBS = {("batch", "jobs", "delete")}  # granted for admission, never called
 # What a person running `submit`, `status`, `logs`, `cancel` needs in the namespace (docs/kubernetes.md).
 USER_RULES = [
-    {"apiGroups": [""], "resources": ["configmaps", "persistentvolumeclaims", "serviceaccounts"],
-     "verbs": ["create", "get", "delete"]},
+    {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create", "get", "delete"]},
+    {"apiGroups": [""], "resources": ["persistentvolumeclaims"], "verbs": ["create"]},  # cancel keeps the claim
+    {"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": ["create", "delete"]},
     {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles", "rolebindings"],
      "verbs": ["create", "delete"]},
     {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["create", "get", "list", "delete", "patch"]},
