@@ -33,7 +33,7 @@ def validate(recipes: tuple[str, ...], overrides: tuple[str, ...]) -> None:
             failed += 1
             click.secho(f"✗ {printable(exc)}", fg="red", err=True)
         else:
-            click.echo(f"✓ {path}: run '{recipe.run.name}', stages {', '.join(recipe.stages)}")
+            click.echo(f"✓ {printable(path)}: run '{recipe.run.name}', stages {', '.join(recipe.stages)}")
     if failed:
         sys.exit(RecipeError.exit_code)
 
