@@ -86,7 +86,9 @@ def documented_exit_codes() -> dict[int, str]:
 
 
 def test_exit_codes_are_distinct_and_documented():
-    classes = error_classes()
+    # a subclass that keeps its parent's code (kubetune.k8s.api's NotFoundError is a ClusterError) shares it on
+    # purpose; such classes exist once their module is imported, so counting them made this test order-dependent
+    classes = [cls for cls in error_classes() if "exit_code" in vars(cls)]
     by_code: dict[int, list[str]] = {}
     for cls in classes:
         by_code.setdefault(cls.exit_code, []).append(cls.__name__)

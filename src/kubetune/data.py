@@ -17,6 +17,9 @@ from kubetune.errors import DataError
 BUILTIN_PREFIX = "builtin:"
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 FIELDS = ("context", "question", "answer")
+# Longest context, question or answer a row may have, in characters: ~250k tokens, beyond any model's context
+# window. A longer field is a broken or hostile row; tokenizing one of tens of MB took GBs of memory and minutes.
+MAX_FIELD_CHARS = 1_000_000
 
 
 @dataclass
@@ -77,6 +80,16 @@ def as_example(row, mapping: dict[str, str]) -> dict[str, str]:
     return {field: "" if row.get(col) is None else str(row[col]) for field, col in mapping.items()}
 
 
+def checked_example(row, index: int, mapping: dict[str, str], source: str) -> dict[str, str]:
+    """:func:`as_example`, refusing a field longer than MAX_FIELD_CHARS (``index``: the row's place in the source)."""
+    example = as_example(row, mapping)
+    for field, text in example.items():
+        if len(text) > MAX_FIELD_CHARS:
+            raise DataError(f"{source}: row {index + 1}: {field} (column '{mapping[field]}') has {len(text):,} "
+                            f"characters; the limit is {MAX_FIELD_CHARS:,} (far beyond any model's context)")
+    return example
+
+
 def has_question_and_answer(example) -> bool:
     return bool(example["question"].strip()) and bool(example["answer"].strip())
 
@@ -106,7 +119,8 @@ def load_examples(data) -> "datasets.Dataset":  # noqa: F821
                         f"{raw.column_names} (set data.columns.<field>)")
     raw = raw.select_columns(list(dict.fromkeys(mapping.values())))
     try:
-        ds = raw.map(lambda row: as_example(row, mapping), remove_columns=raw.column_names)
+        ds = raw.map(checked_example, with_indices=True, remove_columns=raw.column_names,
+                     fn_kwargs={"mapping": mapping, "source": data.source})
     except UnicodeDecodeError as exc:  # JSON readers pass invalid UTF-8 through; it breaks here, on first use
         raise DataError(f"{data.source}: not valid UTF-8 text ({exc.reason}: {exc.object[:40]!r})") from None
     ds = ds.filter(has_question_and_answer)

@@ -69,9 +69,11 @@ pod_labels) is the user's whole. Returns JSON; use with fromJson.
 {{- end -}}
 
 {{/*
-Quoting: every value that comes from the recipe or the values reaches the output through `quote` or `toYaml`,
+Quoting: every value that comes from the recipe or the values reaches the output through `quote` or `toJson`,
 never bare, so that no string (a newline, " #", ": ", a YAML indicator) can end a scalar early or add keys
-(tests/test_k8s_chart_hostile.py feeds hostile strings through the chart and `kubetune render`).
+(tests/test_k8s_chart_hostile.py feeds hostile strings through the chart and `kubetune render`). Not `toYaml`:
+it writes a string holding U+2028 as a block scalar that go-yaml reads with a line break inside, which the
+block's indentation (nindent) does not survive; Go's JSON escapes U+2028. toYaml is kept for generated values.
 */}}
 
 {{/* Labels: call with (dict "ctx" $ "component" "driver"). */}}
@@ -98,8 +100,7 @@ Call with (dict "ctx" $ "component" "driver"). */}}
 labels:
   {{- merge (include "kubetune.labels" . | fromYaml) ($k.pod_labels | default dict) | toYaml | nindent 2 }}
 {{- with $k.pod_annotations }}
-annotations:
-  {{- toYaml . | nindent 2 }}
+annotations: {{ toJson . }}
 {{- end }}
 {{- end -}}
 

@@ -13,6 +13,7 @@ import click
 
 from kubetune import __version__
 from kubetune.errors import KubetuneError, storage_error
+from kubetune.terminal import printable
 
 
 class KubetuneGroup(click.Group):
@@ -20,13 +21,13 @@ class KubetuneGroup(click.Group):
         try:
             return super().invoke(ctx)
         except KubetuneError as exc:
-            click.secho(f"error: {exc}", fg="red", err=True)
+            click.secho(f"error: {printable(exc)}", fg="red", err=True)  # names user text: file names, values
             sys.exit(exc.exit_code)
         except Exception as exc:  # a full or read-only volume, met by whatever library was writing
             storage = storage_error(exc)
             if storage is None:
                 raise
-            click.secho(f"error: {storage}", fg="red", err=True)
+            click.secho(f"error: {printable(storage)}", fg="red", err=True)
             sys.exit(storage.exit_code)
 
 

@@ -40,8 +40,9 @@ def _connect(namespace, context, kubeconfig, recipe=None):
 
 def _load(recipe_path: str, overrides: tuple[str, ...]):
     from kubetune.config import load_recipe
+    from kubetune.k8s.embedded import check_embedded
 
-    return load_recipe(recipe_path, list(overrides))
+    return check_embedded(load_recipe(recipe_path, list(overrides)), recipe_path)
 
 
 @cli.command()

@@ -22,16 +22,18 @@ def validate(recipes: tuple[str, ...], overrides: tuple[str, ...]) -> None:
     """Check RECIPES against the schema and print every problem; exit 3 if any recipe is invalid."""
     from kubetune.config import load_recipe
     from kubetune.errors import RecipeError
+    from kubetune.k8s.embedded import check_embedded
+    from kubetune.terminal import printable
 
     failed = 0
     for path in recipes:
-        try:
-            recipe = load_recipe(path, list(overrides))
+        try:  # the objects the recipe hands to Kubernetes too: what validates here, the API server takes
+            recipe = check_embedded(load_recipe(path, list(overrides)), path)
         except RecipeError as exc:
             failed += 1
-            click.secho(f"✗ {exc}", fg="red", err=True)
+            click.secho(f"✗ {printable(exc)}", fg="red", err=True)
         else:
-            click.echo(f"✓ {path}: run '{recipe.run.name}', stages {', '.join(recipe.stages)}")
+            click.echo(f"✓ {printable(path)}: run '{recipe.run.name}', stages {', '.join(recipe.stages)}")
     if failed:
         sys.exit(RecipeError.exit_code)
 

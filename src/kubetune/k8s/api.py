@@ -98,6 +98,14 @@ def _short(exc: Exception) -> str:
     return str(reason or exc).splitlines()[0][:300]
 
 
+def object_model(name: str):
+    """The kubernetes client's pydantic model of an API object type (``V1Toleration``): offline checks of the
+    objects a recipe embeds (kubetune.k8s.embedded). Importing the models takes ~2 s."""
+    from kubernetes.client import models
+
+    return getattr(models, name)
+
+
 def load_client(context: str | None = None, kubeconfig: str | None = None):
     """An ApiClient found the way kubectl finds one: --kubeconfig, $KUBECONFIG, ~/.kube/config, else in-cluster.
 

@@ -18,6 +18,7 @@ from kubetune import __version__
 from kubetune.config import STAGE_NAMES, Recipe
 from kubetune.errors import PERMANENT_EXIT_CODES, RecipeError
 from kubetune.k8s import gojson
+from kubetune.metrics.exporter import IN_POD_ENV
 
 RECIPE_DIR = "/etc/kubetune"
 RECIPE_FILE = "recipe.yaml"  # JSON text: valid YAML, and byte-equal to the chart's toPrettyJson
@@ -251,7 +252,7 @@ def stage_job(recipe: Recipe, stage: str, namespace: str, owner: dict[str, Any] 
     limits: dict[str, str] = {"memory": res.memory}  # no CPU limit: throttling a data loader only slows the GPU
     if res.gpus:
         requests[k.gpu_resource] = limits[k.gpu_resource] = str(res.gpus)
-    env = _cache_env(k.pvc.mount_path)
+    env = _cache_env(k.pvc.mount_path) + [{"name": IN_POD_ENV, "value": "1"}]  # /metrics on all interfaces
     if k.hf_token_secret:
         env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": k.hf_token_secret.name,
                                                                        "key": k.hf_token_secret.key}}})

@@ -20,7 +20,7 @@ from typing import Any
 
 from kubetune.artifacts import RunLayout
 from kubetune.config import STAGE_NAMES, Recipe
-from kubetune.errors import ArtifactError
+from kubetune.errors import ArtifactError, KubetuneError, storage_error
 
 log = logging.getLogger("kubetune")
 
@@ -117,9 +117,13 @@ def run_stage(recipe: Recipe, stage: str, progress: ProgressFn = _no_progress) -
             try:
                 with track_peak_memory() as peak:
                     extras = stage_module(stage).run(ctx) or {}
-            except BaseException:
+            except BaseException as exc:
+                # Judged before the cleanup below frees space: torch.save gives no reason, the volume does.
+                storage = None if isinstance(exc, KubetuneError) else storage_error(exc, volume=layout.run_dir)
                 # This attempt's partial output is worthless; finished artifacts and .work/ (checkpoints) stay.
                 shutil.rmtree(out, ignore_errors=True)
+                if storage is not None:
+                    raise storage from exc
                 raise
             report = {
                 "stage": stage,
