@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kubetune.artifacts import SUCCESS_MARKER, RunLayout
-from kubetune.config import MODEL_PRODUCERS, STAGE_NAMES, Recipe, load_recipe, recipe_from_dict
+from kubetune.config import HELDOUT_SET, MODEL_PRODUCERS, STAGE_NAMES, Recipe, load_recipe, recipe_from_dict
 from kubetune.errors import ArtifactError, KubetuneError
 from kubetune.measure import memory_footprint_bytes
 from kubetune.sqlcheck import QuerySuite
@@ -53,7 +53,9 @@ def _recipe_of_run(run_dir: Path) -> Recipe:
     if not stages:
         raise ArtifactError(f"{run_dir}: no finished stage (no {SUCCESS_MARKER}); run the fine-tune first, or pass "
                             "the recipe file to compare the base model alone")
-    report_path = run_dir / stages[-1] / "report.json"
+    # an evaluation set added later (sets/<set>/<stage>/) finished after the stages and knows of every set
+    markers = [run_dir / s / SUCCESS_MARKER for s in stages] + list(run_dir.glob(f"sets/*/*/{SUCCESS_MARKER}"))
+    report_path = max(markers, key=lambda p: p.stat().st_mtime_ns).parent / "report.json"
     try:
         data = json.loads(report_path.read_text(encoding="utf-8"))["recipe"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -114,34 +116,38 @@ class Example:
     context: str
     question: str
     gold: str
+    eval_set: str = HELDOUT_SET
 
     @property
     def title(self) -> str:
-        return f"#{self.id}: {self.question.strip()[:90]}"
+        where = "" if self.eval_set == HELDOUT_SET else f"[{self.eval_set}] "
+        return f"{where}#{self.id}: {self.question.strip()[:90]}"
 
 
 def eval_examples(info: RunInfo, limit: int = 200) -> list[Example]:
-    """The evaluation split: read from the infer stage's predictions when it ran (no data loading), else split
-    the data set the way every stage does. An unloadable data set gives no examples, not an error: questions
-    can still be typed."""
-    infer_dir = info.layout.stage_dir("infer")
-    files = sorted(infer_dir.glob("predictions-*.jsonl")) if info.layout.marker("infer") else []
-    if files:
-        rows = []
-        with open(files[0], encoding="utf-8") as fh:
-            for line in fh:
-                if line.strip() and len(rows) < limit:
-                    r = json.loads(line)
-                    rows.append(Example(int(r["id"]), str(r["context"]), str(r["question"]), str(r["gold"])))
-        return rows
-    from kubetune.data import load_splits
+    """Up to ``limit`` rows of each evaluation set, the held-out split first: read from the infer stage's
+    predictions when it ran (no data loading), else loaded the way every stage does. An unloadable data set gives
+    no examples, not an error: questions can still be typed."""
+    from kubetune.data import eval_rows
 
-    try:
-        split = load_splits(info.recipe.data).eval
-    except KubetuneError as exc:
-        log.warning("no evaluation examples: %s", exc)
-        return []
-    return [Example(i, r["context"], r["question"], r["answer"]) for i, r in enumerate(split) if i < limit]
+    examples = []
+    for eval_set in info.recipe.eval_sets():
+        infer_dir = info.layout.stage_dir("infer", eval_set)
+        files = sorted(infer_dir.glob("predictions-*.jsonl")) if info.layout.marker("infer", eval_set) else []
+        if files:
+            with open(files[0], encoding="utf-8") as fh:
+                rows = [json.loads(line) for line in fh if line.strip()][:limit]
+            examples += [Example(int(r["id"]), str(r["context"]), str(r["question"]), str(r["gold"]), eval_set)
+                         for r in rows]
+            continue
+        try:
+            split = eval_rows(info.recipe, eval_set)
+        except KubetuneError as exc:
+            log.warning("no examples of evaluation set %s: %s", eval_set, exc)
+            continue
+        examples += [Example(i, r["context"], r["question"], r["answer"], eval_set)
+                     for i, r in enumerate(split) if i < limit]
+    return examples
 
 
 # ---- loaded models ----------------------------------------------------------------------------------------------
