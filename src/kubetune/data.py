@@ -94,9 +94,9 @@ def example_texts(example, prompt, eos_token: str | None) -> tuple[str, str]:
     return prompt.format(example["context"], example["question"]), example["answer"].strip() + (eos_token or "")
 
 
-def load_examples(data, where: str = "data") -> "datasets.Dataset":  # noqa: F821
+def load_examples(data, where: str = "data", columns_hint: str | None = None) -> "datasets.Dataset":  # noqa: F821
     """All rows of the source as ``context``/``question``/``answer`` strings (empty rows dropped); ``where`` is
-    the recipe section that names the source, for the messages."""
+    the recipe section that names the source and ``columns_hint`` how to map columns, for the messages."""
     raw = _load_raw(data, where)
     if len(raw) == 0:
         raise DataError(f"{data.source}: the data set has no rows")
@@ -104,7 +104,7 @@ def load_examples(data, where: str = "data") -> "datasets.Dataset":  # noqa: F82
     missing = [f"{field} → '{col}'" for field, col in mapping.items() if col not in raw.column_names]
     if missing:
         raise DataError(f"{data.source}: missing column(s) {', '.join(missing)}; the data has columns "
-                        f"{raw.column_names} (set {where}.columns.<field>)")
+                        f"{raw.column_names} (set {columns_hint or where + '.columns.<field>'})")
     raw = raw.select_columns(list(dict.fromkeys(mapping.values())))
     try:
         ds = raw.map(lambda row: as_example(row, mapping), remove_columns=raw.column_names)

@@ -123,12 +123,18 @@ def _pct(count: int, total: int) -> float:
 
 def run(ctx) -> dict:
     recipe = ctx.recipe
-    models = list(recipe.infer.models)
     gates = set_gates(recipe, ctx.eval_set)
-    problems = gate_problems(gates, models)
+    problems = gate_problems(gates, list(recipe.infer.models))
     if problems:  # before any work: the recipe cannot pass these gates whatever the scores
         raise RecipeError("recipe", problems)
-    infer_dir = ctx.input("infer")
+    return score(recipe, list(recipe.infer.models), ctx.input("infer"), ctx.out, gates, ctx.eval_set,
+                 lambda done, total: ctx.progress("evaluate", done, total, "scoring"))
+
+
+def score(recipe, models: list[str], infer_dir: Path, out: Path, gates: dict[str, float], eval_set: str,
+          progress=lambda done, total: None) -> dict:
+    """Score ``predictions-<model>.jsonl`` in ``infer_dir`` and write ``metrics.json`` and the outcomes into
+    ``out``; the stage and ``kubetune evaluate MODEL_DIR`` (:mod:`kubetune.score`) both come here."""
     predictions = {m: read_predictions(infer_dir / f"predictions-{m}.jsonl") for m in models}
     by_id = {m: {row["id"]: row for row in rows} for m, rows in predictions.items()}
     for m in models:
@@ -160,7 +166,7 @@ def run(ctx) -> dict:
                     "parsed": outcome.parsed, "exact": exact_match(str(row["gold"]), prediction),
                     "execution_match": outcome.match, "error": outcome.error,
                     "new_tokens": row.get("new_tokens")})
-        ctx.progress("evaluate", done + 1, len(ids), "scoring")
+        progress(done + 1, len(ids))
 
     metrics: dict[str, dict[str, Any]] = {}
     for m in models:
@@ -183,14 +189,14 @@ def run(ctx) -> dict:
     gate_results = evaluate_gates(gates, metrics)
 
     for m in models:
-        with open(ctx.out / f"outcomes-{m}.jsonl", "w", encoding="utf-8") as fh:
+        with open(out / f"outcomes-{m}.jsonl", "w", encoding="utf-8") as fh:
             for r in outcomes[m]:
                 r = {k: v for k, v in r.items() if k != "new_tokens"}
                 fh.write(json.dumps(r, ensure_ascii=False) + "\n")
     scoring = {"method": "test-suite execution match (Zhong, Yu & Klein 2020) on generated SQLite databases",
                "databases": recipe.evaluate.databases, "timeout_s": recipe.evaluate.timeout_s}
-    (ctx.out / METRICS_FILE).write_text(
-        json.dumps({"models": metrics, "gates": gate_results, "scoring": scoring, "eval_set": ctx.eval_set},
+    (out / METRICS_FILE).write_text(
+        json.dumps({"models": metrics, "gates": gate_results, "scoring": scoring, "eval_set": eval_set},
                    indent=2) + "\n", encoding="utf-8")
     for m in models:
         log.info("%s: execution accuracy %.2f%%, exact match %.2f%%, parses %.2f%% (%d rows)", m,

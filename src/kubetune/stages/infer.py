@@ -108,6 +108,27 @@ def generate(model, tokenizer, prompts: list[str], recipe) -> list[tuple[str, in
     return results
 
 
+def answer_rows(model, tokenizer, template, rows, recipe, path, progress=lambda rows_done: None) -> tuple[int, float]:
+    """Answer every row (``context``/``question``/``answer``) in batches of ``infer.batch_size`` and write
+    ``path`` (one prediction a line, as in the module docstring); returns (new tokens, generation seconds)."""
+    n_rows, batch_size = len(rows), recipe.infer.batch_size
+    generated_tokens, gen_seconds = 0, 0.0
+    with open(path, "w", encoding="utf-8") as fh:
+        for first in range(0, n_rows, batch_size):
+            chunk = rows.select(range(first, min(first + batch_size, n_rows)))
+            prompts = [template.format(r["context"], r["question"]) for r in chunk]
+            t0 = time.perf_counter()
+            answers = generate(model, tokenizer, prompts, recipe)
+            gen_seconds += time.perf_counter() - t0
+            for i, (r, prompt, (prediction, n_new)) in enumerate(zip(chunk, prompts, answers)):
+                generated_tokens += n_new
+                fh.write(json.dumps({"id": first + i, "context": r["context"], "question": r["question"],
+                                     "gold": r["answer"], "prompt": prompt, "prediction": prediction,
+                                     "new_tokens": n_new}, ensure_ascii=False) + "\n")
+            progress(first + len(chunk))
+    return generated_tokens, gen_seconds
+
+
 def run(ctx: StageContext) -> dict:
     import torch
 
@@ -130,21 +151,12 @@ def run(ctx: StageContext) -> dict:
         footprint[name] = memory_footprint_bytes(model)
         torch.manual_seed(recipe.data.seed)  # sampled answers (infer.greedy false) repeat from run to run
 
-        generated_tokens, gen_seconds = 0, 0.0
-        with open(ctx.out / f"predictions-{name}.jsonl", "w", encoding="utf-8") as fh:
-            for first in range(0, n_rows, infer.batch_size):
-                chunk = rows.select(range(first, min(first + infer.batch_size, n_rows)))
-                prompts = [template.format(r["context"], r["question"]) for r in chunk]
-                t0 = time.perf_counter()
-                answers = generate(model, tokenizer, prompts, recipe)
-                gen_seconds += time.perf_counter() - t0
-                for i, (r, prompt, (prediction, n_new)) in enumerate(zip(chunk, prompts, answers)):
-                    generated_tokens += n_new
-                    fh.write(json.dumps({"id": first + i, "context": r["context"], "question": r["question"],
-                                         "gold": r["answer"], "prompt": prompt, "prediction": prediction,
-                                         "new_tokens": n_new}, ensure_ascii=False) + "\n")
-                done += len(chunk)
-                ctx.progress("infer", done, total, f"{name}: {first + len(chunk)}/{n_rows}")
+        def progress(rows_done: int, name=name, start=done) -> None:
+            ctx.progress("infer", start + rows_done, total, f"{name}: {rows_done}/{n_rows}")
+
+        generated_tokens, gen_seconds = answer_rows(model, tokenizer, template, rows, recipe,
+                                                    ctx.out / f"predictions-{name}.jsonl", progress)
+        done += n_rows
         if extra_prompts:
             with open(ctx.out / f"prompts-{name}.jsonl", "w", encoding="utf-8") as fh:
                 for first in range(0, n_prompts, infer.batch_size):
