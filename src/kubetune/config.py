@@ -471,6 +471,35 @@ class MetricsSection(Section):
     """A push that takes longer is given up with a warning: monitoring never fails or stalls a stage."""
 
 
+class ServeSection(Section):
+    """How ``kubetune serve`` and ``kubetune render --serve`` serve a finished run's model with vLLM
+    (docs/serving.md); no stage reads it, so it is in no fingerprint."""
+
+    model: Literal["merged", "quantized"] = "merged"
+    """Which model to serve: the merge stage's checkpoint or the quantize stage's GPTQ one."""
+    platform: Literal["kserve", "deployment"] = "kserve"
+    """On a cluster: a KServe InferenceService (OpenShift AI's single-model serving) reading the model from the
+    claim, or a plain Deployment + Service where KServe is absent."""
+    runtime: str = "vllm-runtime"
+    """KServe ServingRuntime of the vLLM server (OpenShift AI's "vLLM ServingRuntime for KServe" is created under
+    the name you give it; upstream KServe's is kserve-huggingfaceserver with model_format huggingface)."""
+    model_format: str = "vLLM"
+    """modelFormat.name the ServingRuntime supports."""
+    image: str = "vllm/vllm-openai:v0.32.0"
+    """vLLM server image of the plain Deployment (its entrypoint is ``vllm serve``)."""
+    port: Annotated[int, Field(ge=1024, le=65535)] = 8080
+    """Port of the OpenAI-compatible API (and of /health)."""
+    replicas: Annotated[int, Field(ge=0)] = 1
+    gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = 0.9
+    """Share of the GPU's memory vLLM takes for weights and KV cache."""
+    max_model_len: Annotated[int, Field(ge=16)] | None = None
+    """Longest prompt + answer in tokens; default finetune.max_length + infer.max_new_tokens (what was evaluated)."""
+    extra_args: list[str] = []
+    """More ``vllm serve`` arguments, appended as given (e.g. --enforce-eager)."""
+    resources: Resources = Resources(gpus=1, cpu="4", memory="24Gi")
+    """The server pod's resources; GPUs are requested as kubernetes.gpu_resource on a kubernetes.gpu_type node."""
+
+
 class Recipe(Section):
     """A whole experiment: what model, what data, which stages and how."""
 
@@ -486,6 +515,7 @@ class Recipe(Section):
     resources: ResourcesSection = ResourcesSection()
     kubernetes: KubernetesSection = KubernetesSection()
     metrics: MetricsSection = MetricsSection()
+    serve: ServeSection = ServeSection()
     stages: list[Literal["finetune", "merge", "quantize", "infer", "evaluate"]] = list(STAGE_NAMES)
     """Stages this recipe runs, in pipeline order."""
 

@@ -150,3 +150,36 @@ def evaluate_command(model_dir: str, data: str, template: str | None, columns: t
                             max_examples=max_examples, name=name, max_new_tokens=max_new_tokens,
                             batch_size=batch_size, databases=databases)
     click.echo(format_summary(result))
+
+
+@cli.command("serve")
+@click.argument("run")
+@click.option("--model", "which", type=click.Choice(["merged", "quantized"]), default=None,
+              help="Which model of the run (default: the recipe's serve.model).")
+@click.option("--artifacts-root", default="artifacts", show_default=True, help="Where RUN is, if a run name.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every one).")
+@click.option("--port", type=click.IntRange(1, 65535), default=None, help="Port (default: serve.port, 8080).")
+@click.option("--vllm", "vllm", default=None, envvar="KUBETUNE_VLLM",
+              help="The vllm program, e.g. a separate environment's .venv-vllm/bin/vllm (default: vllm on PATH).")
+@click.option("--dry-run", is_flag=True, help="Print the command and its environment instead of starting it.")
+def serve_command(run: str, which: str | None, artifacts_root: str, host: str, port: int | None, vllm: str | None,
+                  dry_run: bool) -> None:
+    """Serve RUN's merged or GPTQ model with vLLM's OpenAI-compatible API (/v1/completions, /v1/chat/completions,
+    /health), its saved prompt template applied (docs/serving.md). RUN: a run folder, a run name under
+    --artifacts-root, or the run's recipe file."""
+    import shlex
+
+    from kubetune.serve import exec_server, server_plan
+    from kubetune.ui.backend import open_run
+
+    info = open_run(run, artifacts_root)
+    which = which or info.recipe.serve.model
+    plan = server_plan(info.recipe, info.layout, which, host=host, port=port, vllm=vllm)
+    if dry_run:
+        for key, value in plan.env.items():
+            click.echo(f"{key}={shlex.quote(value)} \\")
+        click.echo(shlex.join(plan.argv))
+        return
+    click.echo(f"serving {plan.model_dir} as '{plan.served_name}' on http://{host}:{port or info.recipe.serve.port}/v1",
+               err=True)
+    exec_server(plan)
