@@ -44,13 +44,12 @@ def max_model_len(recipe) -> int:
     return recipe.serve.max_model_len or recipe.finetune.max_length + recipe.infer.max_new_tokens
 
 
-def vllm_args(recipe, which: str, model_path: str, template: str, port: int) -> list[str]:
-    """``vllm serve`` arguments after the program name, shared by the local server and the cluster's."""
+def engine_args(recipe, which: str, template: str) -> list[str]:
+    """``vllm serve`` options that decide how the model answers, shared by the local server and the cluster's
+    (KServe's runtime adds the model path and the port itself)."""
     serve = recipe.serve
-    args = [model_path, "--served-model-name", served_name(recipe, which), "--port", str(port),
-            "--max-model-len", str(max_model_len(recipe)),
-            "--gpu-memory-utilization", str(serve.gpu_memory_utilization),
-            "--chat-template", chat_template(template)]
+    args = ["--served-model-name", served_name(recipe, which), "--max-model-len", str(max_model_len(recipe)),
+            "--gpu-memory-utilization", str(serve.gpu_memory_utilization), "--chat-template", chat_template(template)]
     if which == "merged":
         args += ["--dtype", recipe.merge.dtype]  # GPTQ: vLLM picks the dtype its kernel needs
     if recipe.model.trust_remote_code:
@@ -74,8 +73,8 @@ def server_plan(recipe, layout, which: str, host: str = "127.0.0.1", port: int |
     model_dir = layout.require(MODEL_PRODUCERS[which])
     template = template_for(model_dir, recipe)  # the one it was trained with; a mismatch is refused here too
     port = port or recipe.serve.port
-    argv = [find_vllm(vllm), "serve", *vllm_args(recipe, which, str(model_dir), template.template, port),
-            "--host", host, "--middleware", "kubetune.serving.PromptMiddleware"]
+    argv = [find_vllm(vllm), "serve", str(model_dir), *engine_args(recipe, which, template.template),
+            "--port", str(port), "--host", host, "--middleware", "kubetune.serving.PromptMiddleware"]
     package_root = str(Path(__file__).resolve().parent.parent)  # the folder that holds kubetune/
     pythonpath = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p)
     env = {ENV_PROMPT_FILE: str(model_dir / PROMPT_FILE), ENV_MAX_TOKENS: str(recipe.infer.max_new_tokens),
