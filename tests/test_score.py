@@ -86,3 +86,19 @@ def test_a_missing_column_is_one_line_naming_the_file(own_model, test_csv, tmp_p
     assert result.exit_code == DataError.exit_code
     assert "missing column(s)" in result.output and "--column FIELD=NAME" in result.output
     assert not (tmp_path / "x").exists()
+
+
+def test_an_adapter_folder_is_scored_on_its_base(own_model, test_csv, tmp_path):
+    """A LoRA adapter saved by peft (its base named in adapter_config.json) is applied to that base."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    adapter = tmp_path / "adapter"
+    get_peft_model(AutoModelForCausalLM.from_pretrained(own_model), LoraConfig(r=2, target_modules=["q_proj"])
+                   ).save_pretrained(adapter)
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(own_model)
+    metrics = evaluate_model(adapter, test_csv, tmp_path / "out", columns={"question": "q", "context": "ddl",
+                                                                            "answer": "sql"},
+                             max_examples=2, max_new_tokens=4)
+    assert list(metrics["models"]) == ["adapter"] and metrics["models"]["adapter"]["examples"] == 2
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["kind"] == "adapter"
