@@ -144,3 +144,24 @@ def test_render_serve_prints_the_same_objects(tmp_path):
     result = CliRunner().invoke(cli, ["render", str(path), "--serve", "quantized", "-n", "ml"],
                                 catch_exceptions=False)
     assert list(yaml.safe_load_all(result.output)) == serving_objects(recipe(), "ml", "quantized")
+
+
+CHART_SCENARIOS = sorted((Path(__file__).resolve().parents[1] / "charts" / "kubetune" / "ci").glob("serve-*.yaml"))
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("values", CHART_SCENARIOS, ids=[p.stem for p in CHART_SCENARIOS])
+def test_chart_serves_as_kubetune_render_does(values, isvc_validator):
+    from k8s import tools
+
+    chart = values.parents[1]
+    out = tools.run("helm", "template", "ft", str(chart), "--namespace", "ml", "-f", str(values)).stdout
+    served = [o for o in yaml.safe_load_all(out)
+              if o and o["metadata"]["labels"].get("app.kubernetes.io/component") == "serve"]
+    data = yaml.safe_load(values.read_text())
+    expected = serving_objects(recipe_from_dict(data["recipe"]), "ml", data["serving"].get("model") or None)
+    key = lambda o: (o["kind"], o["metadata"]["name"])  # noqa: E731 (helm orders objects by kind)
+    assert sorted(served, key=key) == sorted(expected, key=key)
+    for obj in served:
+        assert (isvc_problems(isvc_validator, obj) if obj["kind"] == "InferenceService"
+                else validate(obj) + all_problems([obj], openshift=values.stem.endswith("deployment-values"))) == []

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from kubetune.config import MODEL_PRODUCERS
 from kubetune.errors import ArtifactError, MissingProgramError
+from kubetune.k8s.gojson import go_number  # the chart writes the same number
 from kubetune.prompt import PROMPT_FILE, template_for
 from kubetune.serving import ENV_MAX_TOKENS, ENV_PROMPT_FILE, chat_template
 
@@ -49,7 +50,7 @@ def engine_args(recipe, which: str, template: str) -> list[str]:
     (KServe's runtime adds the model path and the port itself)."""
     serve = recipe.serve
     args = ["--served-model-name", served_name(recipe, which), "--max-model-len", str(max_model_len(recipe)),
-            "--gpu-memory-utilization", str(serve.gpu_memory_utilization), "--chat-template", chat_template(template)]
+            "--gpu-memory-utilization", go_number(serve.gpu_memory_utilization), "--chat-template", chat_template(template)]
     if which == "merged":
         args += ["--dtype", recipe.merge.dtype]  # GPTQ: vLLM picks the dtype its kernel needs
     if recipe.model.trust_remote_code:

@@ -1,6 +1,6 @@
 """The prompt contract at serving time: a finished run's model answers a question and a schema as the evaluation
 asked it. Used by ``kubetune serve`` (:mod:`kubetune.serve`) and by ``kubetune render --serve``; it imports
-nothing outside the standard library and :mod:`kubetune.prompt`, because :class:`PromptMiddleware` runs inside the
+nothing outside the standard library, :mod:`kubetune.prompt` and :mod:`kubetune.k8s.gojson`, because :class:`PromptMiddleware` runs inside the
 vLLM server's process, in vLLM's own environment (docs/serving.md says why it is not kubetune's).
 
 Two ways in, both giving the exact prompt the infer stage built for the same row:
@@ -19,6 +19,7 @@ import json
 import os
 import string
 
+from kubetune.k8s import gojson
 from kubetune.prompt import PromptTemplate
 
 # kubetune.stages.infer.sql_end as stop strings: a blank line, a line starting with '#', or ';'. (A "blank" line
@@ -37,11 +38,17 @@ def chat_template(template: str) -> str:
         "{%- for m in messages -%}{%- if m['role'] == 'system' -%}{%- set ns.context = m['content'] -%}",
         "{%- elif m['role'] == 'user' -%}{%- set ns.question = m['content'] -%}{%- endif -%}{%- endfor -%}",
     ]
-    for literal, field, _, _ in string.Formatter().parse(template):
-        if literal:
-            parts.append("{{ " + json.dumps(literal) + " }}")  # a JSON string is a valid Jinja string literal
+    literal = ""
+    for text, field, _, _ in string.Formatter().parse(template):
+        literal += text  # Formatter splits the text at each {{ or }}: one Jinja string per run of text
         if field is not None:
+            if literal:
+                # a JSON string is a valid Jinja string literal; Go's escapes, so that the chart writes the same
+                parts.append("{{ " + gojson.dumps(literal) + " }}")
+            literal = ""
             parts.append(f"{{{{ ns.{field} | trim }}}}")
+    if literal:
+        parts.append("{{ " + gojson.dumps(literal) + " }}")
     return "".join(parts)
 
 
