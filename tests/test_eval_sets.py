@@ -106,3 +106,23 @@ def test_a_set_is_outside_every_other_fingerprint(tiny_model_dir, tmp_path):
         assert plain.fingerprint(stage) == with_set.fingerprint(stage), stage
     assert with_set.fingerprint("infer", "extra") != with_set.fingerprint("infer")
     assert with_set.job_fingerprint("evaluate") != plain.job_fingerprint("evaluate")  # the Job runs the new set
+
+
+def test_a_stage_is_done_for_the_driver_only_when_every_set_is(tiny_model_dir, tmp_path):
+    """What the in-cluster driver reads from the claim: infer with a new set is not done, so its Job is made."""
+    from kubetune.artifacts import RunLayout
+
+    recipe = recipe_from_dict(tiny_recipe_dict(tiny_model_dir, tmp_path, evaluate={"sets": {
+        "extra": {"source": "t.jsonl"}}}))
+    layout = RunLayout.from_recipe(recipe)
+    held = layout.stage_dir("infer")
+    held.mkdir(parents=True)
+    (held / "_SUCCESS").write_text(json.dumps({"fingerprint": recipe.fingerprint("infer")}))
+    assert layout.state("infer", recipe.fingerprint("infer")) == "done"
+    assert layout.recipe_state(recipe, "infer") == "missing"
+    extra = layout.stage_dir("infer", "extra")
+    extra.mkdir(parents=True)
+    (extra / "_SUCCESS").write_text(json.dumps({"fingerprint": "from-another-recipe"}))
+    assert layout.recipe_state(recipe, "infer") == "stale"
+    (extra / "_SUCCESS").write_text(json.dumps({"fingerprint": recipe.fingerprint("infer", "extra")}))
+    assert layout.recipe_state(recipe, "infer") == "done" and extra == tmp_path / "tiny" / "sets" / "extra" / "infer"

@@ -77,6 +77,9 @@ def test_serve_execs_vllm_with_the_model_its_template_and_the_middleware(finishe
     assert env["KUBETUNE_PROMPT_FILE"] == str(finished_run / "merge" / "kubetune_prompt.json")
     assert env["KUBETUNE_MAX_NEW_TOKENS"] == "12"
     assert (record / "import").read_text().strip() == "PromptMiddleware"  # importable in vLLM's environment
+    # …from a folder that holds kubetune alone, not the site-packages of kubetune's torch and transformers
+    path_dir = Path(env["PYTHONPATH"].split(os.pathsep)[0])
+    assert [p.name for p in path_dir.iterdir()] == ["kubetune"]
 
 
 def test_serve_refuses_in_one_line_without_vllm(finished_run):

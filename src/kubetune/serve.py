@@ -8,7 +8,8 @@ program's arguments and environment; :func:`exec_server` replaces this process w
 The model folder's saved prompt template is applied twice over (:mod:`kubetune.serving`): inline as the chat
 template, and by :class:`~kubetune.serving.PromptMiddleware` for /v1/completions requests that send
 ``question`` and ``context``; the middleware is imported by vLLM's process from this package's folder, which goes
-on its PYTHONPATH (the module needs nothing but the standard library).
+on its PYTHONPATH through a folder of its own (:func:`package_path`; the module needs nothing but the standard
+library).
 """
 
 from __future__ import annotations
@@ -76,13 +77,29 @@ def server_plan(recipe, layout, which: str, host: str = "127.0.0.1", port: int |
     port = port or recipe.serve.port
     argv = [find_vllm(vllm), "serve", str(model_dir), *engine_args(recipe, which, template.template),
             "--port", str(port), "--host", host, "--middleware", "kubetune.serving.PromptMiddleware"]
-    package_root = str(Path(__file__).resolve().parent.parent)  # the folder that holds kubetune/
-    pythonpath = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p)
+    pythonpath = os.pathsep.join(p for p in (str(package_path()), os.environ.get("PYTHONPATH", "")) if p)
     env = {ENV_PROMPT_FILE: str(model_dir / PROMPT_FILE), ENV_MAX_TOKENS: str(recipe.infer.max_new_tokens),
            "PYTHONPATH": pythonpath}
     if not (model_dir / PROMPT_FILE).is_file():  # merge and quantize always write it
         raise ArtifactError(f"{model_dir / PROMPT_FILE}: missing; the model's prompt template cannot be applied")
     return ServerPlan(model_dir, served_name(recipe, which), argv, env)
+
+
+def package_path() -> Path:
+    """A folder holding only ``kubetune`` (a link to this package), for vLLM's PYTHONPATH: the folder that holds the
+    package may be a site-packages whose torch and transformers would shadow vLLM's own."""
+    import hashlib
+    import tempfile
+
+    package = Path(__file__).resolve().parent
+    folder = Path(tempfile.gettempdir()) / (
+        f"kubetune-serve-{os.getuid()}-{hashlib.sha256(str(package).encode()).hexdigest()[:12]}")
+    folder.mkdir(mode=0o700, exist_ok=True)
+    link = folder / "kubetune"
+    if not link.is_symlink() or link.resolve() != package:
+        link.unlink(missing_ok=True)
+        link.symlink_to(package, target_is_directory=True)
+    return folder
 
 
 def exec_server(plan: ServerPlan) -> None:
