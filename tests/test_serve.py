@@ -146,3 +146,63 @@ def test_serve_section_is_in_no_fingerprint(tmp_path):
     served = recipe_from_dict(tiny_recipe_dict(tmp_path, tmp_path, serve={"model": "quantized", "replicas": 2}))
     assert all(plain.fingerprint(s) == served.fingerprint(s) for s in plain.stages)
     assert yaml.safe_dump(served.serve.model_dump())  # plain data, renderable
+
+
+def test_the_compare_ui_asks_a_served_model_as_the_evaluation_does(tmp_path):
+    """`kubetune ui --endpoint URL`: the served model answers over /v1/chat/completions (schema as system message,
+    greedy, the SQL stop strings) and its answer is cut and judged like a local model's."""
+    import http.server
+    import threading
+
+    from kubetune.ui.backend import ModelPool, ask, open_run, with_endpoint
+
+    seen = []
+
+    class FakeOpenAI(http.server.BaseHTTPRequestHandler):
+        def _reply(self, body):
+            data = json.dumps(body).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            self._reply({"data": [{"id": "served-merged"}]})
+
+        def do_POST(self):
+            seen.append((self.path, json.loads(self.rfile.read(int(self.headers["Content-Length"])))))
+            self._reply({"choices": [{"message": {"content": " SELECT count(*) FROM t\n\n# context: more"}}],
+                         "usage": {"completion_tokens": 9}})
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeOpenAI)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        recipe = tmp_path / "recipe.yaml"
+        recipe.write_text(yaml.safe_dump(tiny_recipe_dict(tmp_path / "no-model", tmp_path / "artifacts")))
+        info = with_endpoint(open_run(str(recipe)), f"http://127.0.0.1:{server.server_port}/v1")
+        pool = ModelPool(info)
+        pool.select(["served"])  # nothing loaded here: the base model folder does not even exist
+        result = ask(pool, SCHEMA, QUESTION, gold="SELECT count(*) FROM t")
+    finally:
+        server.shutdown()
+    (answer,) = result.answers
+    assert answer.sql == "SELECT count(*) FROM t" and answer.new_tokens == 9 and answer.execution.passed is True
+    assert answer.label == f"served: served-merged at http://127.0.0.1:{server.server_port}"
+    path, body = seen[0]
+    assert path == "/v1/chat/completions" and body["model"] == "served-merged"
+    assert body["messages"] == [{"role": "system", "content": SCHEMA}, {"role": "user", "content": QUESTION}]
+    assert body["temperature"] == 0.0 and body["stop"] == SQL_STOP and body["max_tokens"] == 12
+
+
+def test_an_endpoint_without_a_server_is_one_line(tmp_path):
+    from kubetune.errors import ArtifactError
+    from kubetune.ui.backend import open_run, with_endpoint
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe_dict(tmp_path / "no-model", tmp_path / "artifacts")))
+    with pytest.raises(ArtifactError, match="no OpenAI-compatible server"):
+        with_endpoint(open_run(str(recipe)), "http://127.0.0.1:9")

@@ -106,3 +106,34 @@ class PromptMiddleware:
             return {"type": "http.request", "body": body, "more_body": False}
 
         return await self.app(scope, replay, send)
+
+
+class ServedModel:
+    """A model behind an OpenAI-compatible server (``kubetune serve``, a KServe InferenceService): the compare UI
+    asks it as the evaluation asks a local model, through /v1/chat/completions and the chat template the server
+    was given (schema as the system message, question as the user message), greedy, with :data:`SQL_STOP`."""
+
+    def __init__(self, url: str, timeout_s: float = 120.0):
+        self.url = url.rstrip("/").removesuffix("/v1")
+        self.timeout_s = timeout_s
+        self.name = self._call("GET", "/v1/models")["data"][0]["id"]
+
+    def _call(self, method: str, path: str, body: dict | None = None) -> dict:
+        import urllib.error
+        import urllib.request
+
+        request = urllib.request.Request(self.url + path, method=method,
+                                         data=None if body is None else json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                return json.loads(response.read())
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            raise ConnectionError(f"{self.url}{path}: {getattr(exc, 'reason', exc)}") from None
+
+    def answer(self, context: str, question: str, max_tokens: int) -> tuple[str, int]:
+        """(the answer's text, tokens generated)."""
+        reply = self._call("POST", "/v1/chat/completions", {
+            "model": self.name, "temperature": 0.0, "max_tokens": max_tokens, "stop": SQL_STOP,
+            "messages": [{"role": "system", "content": context}, {"role": "user", "content": question}]})
+        return reply["choices"][0]["message"]["content"], int((reply.get("usage") or {}).get("completion_tokens", 0))

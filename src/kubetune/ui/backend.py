@@ -37,6 +37,8 @@ class RunInfo:
     """Variants that can be loaded: base, and each one whose producing stage has finished (pipeline order)."""
     labels: dict[str, str]
     """Variant → what it is, for people: "quantized: GPTQ 4-bit"."""
+    served: object | None = None
+    """A :class:`~kubetune.serving.ServedModel` (``kubetune ui --endpoint``), offered as the model "served"."""
 
     @property
     def name(self) -> str:
@@ -91,6 +93,23 @@ def open_run(run: str | None, artifacts_root: str | Path = "artifacts") -> RunIn
     models = tuple(m for m, producer in MODEL_PRODUCERS.items()
                    if producer is None or layout.marker(producer) is not None)
     return RunInfo(recipe, layout, models, {m: model_label(recipe, layout, m) for m in models})
+
+
+SERVED = "served"
+
+
+def with_endpoint(info: RunInfo, url: str) -> RunInfo:
+    """``info`` with the model served at ``url`` (OpenAI-compatible) offered beside the run's own."""
+    from dataclasses import replace
+
+    from kubetune.serving import ServedModel
+
+    try:
+        served = ServedModel(url)
+    except (ConnectionError, KeyError, IndexError, TypeError) as exc:
+        raise ArtifactError(f"--endpoint {url}: no OpenAI-compatible server with a model there ({exc})") from None
+    return replace(info, models=(*info.models, SERVED), served=served,
+                   labels={**info.labels, SERVED: f"served: {served.name} at {served.url}"})
 
 
 def model_label(recipe: Recipe, layout: RunLayout, name: str) -> str:
@@ -202,6 +221,9 @@ class ModelPool:
                 self._free(name)
             for name in [n for n in self.info.models if n in names and n not in self._loaded]:
                 started = time.perf_counter()
+                if name == SERVED:  # answered by a server: nothing in this process's memory
+                    self._loaded[name] = Loaded(name, self.info.served, None, None, 0, time.perf_counter() - started)
+                    continue
                 model, tokenizer, template = self._loader(self.info.recipe, self.info.layout, name)
                 self._loaded[name] = Loaded(name, model, tokenizer, template, memory_footprint_bytes(model),
                                             time.perf_counter() - started)
@@ -211,6 +233,9 @@ class ModelPool:
         from kubetune.ui.memory import trim_heap
         from kubetune.variants import release
 
+        if name == SERVED:
+            self._loaded.pop(name)
+            return
         entry = self._loaded.pop(name)
         model, entry.model, entry.tokenizer = entry.model, None, None
         release(model)  # empties the weights even if a reference survives (a traceback, a Gradio cache)
@@ -302,9 +327,18 @@ def ask(pool: ModelPool, context: str, question: str, gold: str = "",
         if not loaded:
             raise ValueError("pick at least one model first")
         for entry in loaded:
-            prompt = entry.template.format(context, question)
             started = time.perf_counter()
-            [(sql, new_tokens)] = generate(entry.model, entry.tokenizer, [prompt], greedy)
+            if entry.name == SERVED:
+                from kubetune.stages.infer import cut_sql
+
+                try:
+                    text, new_tokens = entry.model.answer(context, question, infer.max_new_tokens)
+                except ConnectionError as exc:  # shown on the page like the user's own mistakes
+                    raise ValueError(f"the served model did not answer: {exc}") from None
+                sql = cut_sql(text)
+            else:
+                prompt = entry.template.format(context, question)
+                [(sql, new_tokens)] = generate(entry.model, entry.tokenizer, [prompt], greedy)
             answered.append((entry.name, sql, new_tokens, time.perf_counter() - started))
     gold_exec, executions = judge(recipe, context, gold, {name: sql for name, sql, _, _ in answered})
     answers = [Answer(name, pool.info.labels[name], sql, n, s, executions[name]) for name, sql, n, s in answered]
