@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, JsonValue, ValidationError, field_validator,
+                      model_validator)
 
 from kubetune.errors import RecipeError
 
@@ -288,27 +289,71 @@ class InferSection(Section):
     batch_size: Annotated[int, Field(ge=1)] = 8
 
 
+# Gates a recipe can set, on the held-out split (evaluate.gates) or on a named set (evaluate.sets.<name>.gates).
+def known_gates() -> list[str]:
+    # kubetune.stages.evaluate computes each of these; its docstring says what they measure
+    return ["quantized_max_drop", "merged_vs_adapter_max_drop", "adapter_min_gain_over_base",
+            *(f"{m}_min_execution_accuracy" for m in MODEL_PRODUCERS)]
+
+
+def _check_gates(gates: dict[str, float]) -> dict[str, float]:
+    unknown = sorted(set(gates) - set(known_gates()))
+    if unknown:
+        raise ValueError(f"unknown gate(s) {', '.join(unknown)}; known gates: {', '.join(known_gates())}")
+    for name, limit in gates.items():
+        if name.endswith("_min_execution_accuracy") and not 0 <= limit <= 100:
+            raise ValueError(f"{name}: {limit} is not a percentage between 0 and 100")
+    return gates
+
+
+Gates = Annotated[dict[str, float], AfterValidator(_check_gates)]
+HELDOUT_SET = "heldout"  # the default evaluation set: the seeded held-out split of data.source
+SetName = Annotated[str, Field(pattern=r"^[a-z0-9]([a-z0-9_-]{0,38}[a-z0-9])?$")]
+
+
+class EvalSetSection(Section):
+    """A named test set that infer and evaluate score besides the held-out split. Its settings are outside the
+    fine-tune, merge and quantize fingerprints: adding one to a finished run infers and evaluates only it."""
+
+    source: str = Field(min_length=1)
+    """``builtin:text2sql``, a local .json/.jsonl/.csv/.parquet file or folder, or a hub data set id. Every row is
+    a test row (no split)."""
+    split: str = "train"
+    """Split of a hub data set or folder to read (a single file has only ``train``)."""
+    columns: ColumnMap = ColumnMap()
+    max_examples: Annotated[int, Field(ge=1)] | None = None
+    """Use the first N rows (in the source's order) only; generation is the slow part."""
+    builtin_examples: Annotated[int, Field(ge=10, le=1_000_000)] = 200
+    """Rows the builtin generator makes (builtin sources only)."""
+    seed: int = 1234
+    """Seed of the builtin generator; it must differ from data.seed, else the set is the training data."""
+    gates: Gates = {}
+    """Gates on this set's scores, as evaluate.gates (e.g. merged_min_execution_accuracy: 75)."""
+
+    def as_data(self) -> "DataSection":
+        """The set as a data section, for :func:`kubetune.data.load_examples`."""
+        return DataSection(source=self.source, split=self.split, columns=self.columns,
+                           builtin_examples=self.builtin_examples, seed=self.seed)
+
+
 class EvaluateSection(Section):
     timeout_s: Annotated[float, Field(gt=0)] = 2.0
     """Wall-clock limit for one SQL query in SQLite."""
-    gates: dict[str, float] = {}
+    gates: Gates = {}
     """Named limits that fail the pipeline, e.g. quantized_max_drop: 2.0 (points of execution accuracy)."""
     databases: Annotated[int, Field(ge=1, le=50)] = 3
     """Test-suite databases each query runs on: more catch more wrong queries, and take longer."""
 
-    @field_validator("gates")
+    sets: dict[SetName, EvalSetSection] = {}
+    """Named test sets scored besides the held-out split (which is the set ``heldout``), each with its own
+    source, column map, size cap and gates: ``{spider-dev: {source: dev.jsonl, max_examples: 500}}``."""
+
+    @field_validator("sets")
     @classmethod
-    def _gate_names(cls, gates: dict[str, float]) -> dict[str, float]:
-        # kubetune.stages.evaluate computes each of these; its docstring says what they measure
-        known = ["quantized_max_drop", "merged_vs_adapter_max_drop", "adapter_min_gain_over_base",
-                 *(f"{m}_min_execution_accuracy" for m in MODEL_PRODUCERS)]
-        unknown = sorted(set(gates) - set(known))
-        if unknown:
-            raise ValueError(f"unknown gate(s) {', '.join(unknown)}; known gates: {', '.join(known)}")
-        for name, limit in gates.items():
-            if name.endswith("_min_execution_accuracy") and not 0 <= limit <= 100:
-                raise ValueError(f"{name}: {limit} is not a percentage between 0 and 100")
-        return gates
+    def _set_names(cls, sets: dict[str, EvalSetSection]) -> dict[str, EvalSetSection]:
+        if HELDOUT_SET in sets:
+            raise ValueError(f"'{HELDOUT_SET}' is the held-out split of data.source; give the set another name")
+        return sets
 
 
 class Resources(Section):
@@ -467,13 +512,13 @@ def gate_models(name: str, models: list[str]) -> tuple[list[str], str | None]:
     return need, None
 
 
-def gate_problems(gates: dict[str, float], models: list[str]) -> list[str]:
+def gate_problems(gates: dict[str, float], models: list[str], where: str = "evaluate.gates") -> list[str]:
     """Gates that name a model that is not inferred, as recipe problems (``evaluate.gates.<name>: ...``)."""
     problems = []
     for name in gates:
         problem = gate_models(name, list(models))[1]
         if problem:
-            problems.append(f"evaluate.gates.{name}: {problem} (it has {list(models)})")
+            problems.append(f"{where}.{name}: {problem} (it has {list(models)})")
     return problems
 
 
@@ -495,6 +540,35 @@ class MetricsSection(Section):
     with a warning: monitoring never fails or stalls a stage."""
 
 
+class ServeSection(Section):
+    """How ``kubetune serve`` and ``kubetune render --serve`` serve a finished run's model with vLLM
+    (docs/serving.md); no stage reads it, so it is in no fingerprint."""
+
+    model: Literal["merged", "quantized"] = "merged"
+    """Which model to serve: the merge stage's checkpoint or the quantize stage's GPTQ one."""
+    platform: Literal["kserve", "deployment"] = "kserve"
+    """On a cluster: a KServe InferenceService (OpenShift AI's single-model serving) reading the model from the
+    claim, or a plain Deployment + Service where KServe is absent."""
+    runtime: str = "vllm-runtime"
+    """KServe ServingRuntime of the vLLM server (OpenShift AI's "vLLM ServingRuntime for KServe" is created under
+    the name you give it; upstream KServe's is kserve-huggingfaceserver with model_format huggingface)."""
+    model_format: str = "vLLM"
+    """modelFormat.name the ServingRuntime supports."""
+    image: str = "vllm/vllm-openai:v0.32.0"
+    """vLLM server image of the plain Deployment (its entrypoint is ``vllm serve``)."""
+    port: Annotated[int, Field(ge=1024, le=65535)] = 8080
+    """Port of the OpenAI-compatible API (and of /health)."""
+    replicas: Annotated[int, Field(ge=0)] = 1
+    gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = 0.9
+    """Share of the GPU's memory vLLM takes for weights and KV cache."""
+    max_model_len: Annotated[int, Field(ge=16)] | None = None
+    """Longest prompt + answer in tokens; default finetune.max_length + infer.max_new_tokens (what was evaluated)."""
+    extra_args: list[str] = []
+    """More ``vllm serve`` arguments, appended as given (e.g. --enforce-eager)."""
+    resources: Resources = Resources(gpus=1, cpu="4", memory="24Gi")
+    """The server pod's resources; GPUs are requested as kubernetes.gpu_resource on a kubernetes.gpu_type node."""
+
+
 class Recipe(Section):
     """A whole experiment: what model, what data, which stages and how."""
 
@@ -510,6 +584,7 @@ class Recipe(Section):
     resources: ResourcesSection = ResourcesSection()
     kubernetes: KubernetesSection = KubernetesSection()
     metrics: MetricsSection = MetricsSection()
+    serve: ServeSection = ServeSection()
     stages: list[Literal["finetune", "merge", "quantize", "infer", "evaluate"]] = list(STAGE_NAMES)
     """Stages this recipe runs, in pipeline order."""
 
@@ -526,6 +601,12 @@ class Recipe(Section):
                     problems.append(f"infer.models: '{m}' needs stage '{producer}' in stages")
         if "evaluate" in self.stages:
             problems += gate_problems(self.evaluate.gates, list(self.infer.models))
+            for name, spec in self.evaluate.sets.items():
+                problems += gate_problems(spec.gates, list(self.infer.models), f"evaluate.sets.{name}.gates")
+        for name, spec in self.evaluate.sets.items():
+            if spec.source.startswith("builtin:") and spec.source == self.data.source and spec.seed == self.data.seed:
+                problems.append(f"evaluate.sets.{name}.seed: equals data.seed, so the builtin generator would "
+                                "make the training rows; choose another seed")
         if problems:
             raise ValueError("\n".join(problems))  # one problem a line, each starting with its field path
         return self
@@ -545,21 +626,40 @@ class Recipe(Section):
             return ["infer"]
         raise KeyError(stage)
 
-    def fingerprint(self, stage: str) -> str:
+    def eval_sets(self) -> list[str]:
+        """The evaluation sets infer and evaluate score: the held-out split first, then ``evaluate.sets``."""
+        return [HELDOUT_SET, *self.evaluate.sets]
+
+    def fingerprint(self, stage: str, eval_set: str = HELDOUT_SET) -> str:
         """Hash of everything that decides ``stage``'s output: its inputs and its own section.
 
-        Changing ``infer.max_new_tokens`` leaves the fine-tune's fingerprint alone, so a rerun skips it.
+        Changing ``infer.max_new_tokens`` leaves the fine-tune's fingerprint alone, so a rerun skips it. For infer
+        and evaluate, each evaluation set has its own fingerprint (and folder); ``evaluate.sets`` is in none of
+        the others, so adding a set leaves every finished stage and set as it is.
         """
+        own = getattr(self, stage).model_dump(exclude={"sets"} if stage == "evaluate" else None)
         parts: dict[str, Any] = {
             "stage": stage,
             "model": self.model.model_dump(exclude={"allow_pickle"}),  # how weights may load, not what they are
             "prompt": self.prompt.template,
-            "own": getattr(self, stage).model_dump(),
-            "upstream": {u: self.fingerprint(u) for u in self.upstream(stage)},
+            "own": own,
+            "upstream": {u: self.fingerprint(u, eval_set if u == "infer" else HELDOUT_SET)
+                         for u in self.upstream(stage)},
         }
-        if stage in ("finetune", "quantize", "infer", "evaluate"):
+        if stage in ("finetune", "quantize") or eval_set == HELDOUT_SET and stage in ("infer", "evaluate"):
             parts["data"] = self.data.model_dump()
+        if eval_set != HELDOUT_SET and stage in ("infer", "evaluate"):
+            spec = self.evaluate.sets[eval_set]
+            parts["eval_set"] = spec.model_dump(exclude={"gates"} if stage == "infer" else None)
+            if stage == "evaluate":
+                parts["own"] = {**own, "gates": {}}  # the held-out split's gates are not this set's
         return _sha256(parts)[:16]
+
+    def job_fingerprint(self, stage: str) -> str:
+        """One hash for a stage Job: the fingerprints of every evaluation set for infer and evaluate."""
+        if stage not in ("infer", "evaluate") or not self.evaluate.sets:
+            return self.fingerprint(stage)
+        return _sha256({s: self.fingerprint(stage, s) for s in self.eval_sets()})[:16]
 
     def recipe_hash(self) -> str:
         return _sha256(self.model_dump())[:16]

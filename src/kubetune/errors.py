@@ -162,13 +162,20 @@ def storage_error(exc: BaseException, volume: str | Path | None = None) -> Stora
     return None
 
 
+class MissingProgramError(KubetuneError):
+    """A program the command runs is not installed (vLLM for kubetune serve)."""
+
+    exit_code = 15
+    permanent = False  # raised by `kubetune serve` on a workstation, never in a stage pod: no Job policy needs it
+
+
 EXIT_CODES: dict[int, str] = {
     0: "success",
     1: "unexpected internal error (a bug: please report it with the log)",
     2: "command-line usage error (click)",
     **{cls.exit_code: (cls.__doc__ or "").strip().splitlines()[0] for cls in (
         RecipeError, DataError, ModelError, ArtifactError, VerificationError, GateError, StageBusyError,
-        ClusterError, PipelineError, WontFitError, StorageError, DeviceError)},
+        ClusterError, PipelineError, WontFitError, StorageError, DeviceError, MissingProgramError)},
 }
 PERMANENT_EXIT_CODES: tuple[int, ...] = tuple(sorted(
     cls.exit_code for cls in KubetuneError.__subclasses__() if cls.permanent))

@@ -16,7 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from kubetune.artifacts import RunLayout
-from kubetune.config import Recipe
+from kubetune.config import HELDOUT_SET, Recipe
 from kubetune.stages import StageResult, run_stage
 from kubetune.terminal import literal, printable
 
@@ -57,7 +57,8 @@ def run_pipeline(recipe: Recipe, stages: list[str] | None = None, console: Conso
     if any(r.stage == "evaluate" for r in results):
         layout = RunLayout.from_recipe(recipe)
         console.print(answers_table(layout, recipe.infer.models, samples))
-        console.print(accuracy_table(layout))
+        for eval_set in recipe.eval_sets():
+            console.print(accuracy_table(layout, eval_set))
     return results
 
 
@@ -141,10 +142,11 @@ def answers_table(layout: RunLayout, models: list[str], samples: int) -> Table:
     return table
 
 
-def accuracy_table(layout: RunLayout) -> Table:
-    path = layout.stage_dir("evaluate") / "metrics.json"
+def accuracy_table(layout: RunLayout, eval_set: str = HELDOUT_SET) -> Table:
+    path = layout.stage_dir("evaluate", eval_set) / "metrics.json"
     data = json.loads(path.read_text()) if path.exists() else {}
-    table = Table(title="evaluation", title_justify="left")
+    title = "evaluation" if eval_set == HELDOUT_SET else f"evaluation on set {eval_set}"
+    table = Table(title=title, title_justify="left")
     for col in ("model", "execution accuracy", "exact match", "SQL parses", "examples"):
         table.add_column(col)
     for model, m in (data.get("models") or {}).items():

@@ -132,3 +132,33 @@ labels:
 {{- fail (printf "recipe.run.artifacts_root: %s is outside recipe.kubernetes.pvc.mount_path (%s)" $root $k.pvc.mount_path) -}}
 {{- end -}}
 {{- end -}}
+
+{{/* recipe.<name> with the model's defaults, as JSON: call with (dict "ctx" $ "name" "serve"). */}}
+{{- define "kubetune.section" -}}
+{{- $gen := include "kubetune.generated" .ctx | fromJson -}}
+{{- include "kubetune.merge" (dict "defaults" (get $gen.defaults .name) "user" (get .ctx.Values.recipe .name | default dict)) -}}
+{{- end -}}
+
+{{/*
+The prompt template as vLLM's one-line Jinja chat template (system message = schema, user message = question):
+kubetune.serving.chat_template, which writes its strings the way toJson does so that the two are equal.
+*/}}
+{{- define "kubetune.chatTemplate" -}}
+{{- $parts := list "{%- set ns = namespace(context='', question='') -%}" "{%- for m in messages -%}{%- if m['role'] == 'system' -%}{%- set ns.context = m['content'] -%}" "{%- elif m['role'] == 'user' -%}{%- set ns.question = m['content'] -%}{%- endif -%}{%- endfor -%}" -}}
+{{- $literal := "" -}}
+{{- range regexFindAll "\\{\\{|\\}\\}|\\{(context|question)\\}|[^{}]+" . -1 -}}
+{{- if eq . "{{" -}}
+{{- $literal = print $literal "{" -}}
+{{- else if eq . "}}" -}}
+{{- $literal = print $literal "}" -}}
+{{- else if or (eq . "{context}") (eq . "{question}") -}}
+{{- if $literal }}{{ $parts = append $parts (printf "{{ %s }}" (toJson $literal)) }}{{ end -}}
+{{- $literal = "" -}}
+{{- $parts = append $parts (printf "{{ ns.%s | trim }}" (trimAll "{}" .)) -}}
+{{- else -}}
+{{- $literal = print $literal . -}}
+{{- end -}}
+{{- end -}}
+{{- if $literal }}{{ $parts = append $parts (printf "{{ %s }}" (toJson $literal)) }}{{ end -}}
+{{- join "" $parts -}}
+{{- end -}}

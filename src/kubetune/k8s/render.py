@@ -288,7 +288,7 @@ def stage_job(recipe: Recipe, stage: str, namespace: str, owner: dict[str, Any] 
     if k.ttl_after_finished_s is not None and not driven:
         spec["ttlSecondsAfterFinished"] = k.ttl_after_finished_s
     meta = _meta(recipe, Names(recipe.run.name).job(stage), namespace, "stage", stage,
-                 annotations={ANN_FINGERPRINT: recipe.fingerprint(stage), ANN_RECIPE_SHA: recipe_sha256(recipe)})
+                 annotations={ANN_FINGERPRINT: recipe.job_fingerprint(stage), ANN_RECIPE_SHA: recipe_sha256(recipe)})
     if owner is not None:
         # Not a controller reference: Kueue treats a Job whose controller is another Kueue-managed Job as part of
         # that Job's workload and would never admit it. Nor blockOwnerDeletion (it needs jobs/finalizers rights).
