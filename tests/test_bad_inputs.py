@@ -409,7 +409,7 @@ def test_storage_errors_from_libraries_that_do_not_raise_oserror():
 
 # ---- the cluster: exit 10, or a reason that `status` shows ----------------------------------------------------------
 K8S_RECIPE = {"run": {"name": "gpu1"}, "model": {"name_or_path": "org/model"}, "stages": ["finetune", "merge"],
-              "infer": {"models": ["base"]}}
+              "infer": {"models": ["base"]}, "kubernetes": {"image": "registry.example.com/ml/kubetune:0.1.0"}}
 
 
 @pytest.fixture

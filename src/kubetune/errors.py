@@ -113,6 +113,14 @@ class DeviceError(KubetuneError):
     permanent = True
 
 
+class ImageError(KubetuneError):
+    """The recipe's kubernetes.image is kubetune's own by a tag that was never published; build and push your own."""
+
+    exit_code = 15
+    # Raised by `submit` before it creates anything, never in a pod: no podFailurePolicy acts on it.
+    permanent = False
+
+
 # errno values that mean "the volume cannot take this write", whatever the library that hit them.
 STORAGE_ERRNOS = {28: "no space left on the volume", 122: "disk quota exceeded", 30: "read-only file system",
                   13: "permission denied"}
@@ -145,7 +153,7 @@ EXIT_CODES: dict[int, str] = {
     2: "command-line usage error (click)",
     **{cls.exit_code: (cls.__doc__ or "").strip().splitlines()[0] for cls in (
         RecipeError, DataError, ModelError, ArtifactError, VerificationError, GateError, StageBusyError,
-        ClusterError, PipelineError, WontFitError, StorageError, DeviceError)},
+        ClusterError, PipelineError, WontFitError, StorageError, DeviceError, ImageError)},
 }
 PERMANENT_EXIT_CODES: tuple[int, ...] = tuple(sorted(
     cls.exit_code for cls in KubetuneError.__subclasses__() if cls.permanent))
