@@ -40,22 +40,32 @@ def _podman(*args: str, timeout: float = 120, check: bool = True) -> subprocess.
 
 
 @functools.cache
+def podman_problem() -> str | None:
+    """Why podman cannot run containers here (not installed, scripts/install-containers.sh not run, runc
+    failing), or None when it starts a container of the CPU base image in its own namespaces."""
+    if not (shutil.which("podman") and shutil.which("runc")):
+        return "podman or runc is not installed (scripts/install-containers.sh)"
+    if not CONTAINERS_CONF.is_file():
+        return f"{CONTAINERS_CONF.relative_to(ROOT)} is missing (scripts/install-containers.sh)"
+    try:  # generous: podman waits for its storage lock while another podman commits a layer
+        result = _podman("run", "--rm", "--network", "none", CPU_BASE_IMAGE, "true", check=False, timeout=600)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"podman run {CPU_BASE_IMAGE} true: {exc}"
+    if result.returncode != 0:
+        return f"podman run {CPU_BASE_IMAGE} true: exit {result.returncode}: {result.stderr.strip()[-500:]}"
+    return None
+
+
 def podman_works() -> bool:
-    """podman and runc are installed, the set-up of scripts/install-containers.sh is there, and podman starts a
-    container of the CPU base image (runc in its own namespaces). False on a laptop without them."""
-    if not (shutil.which("podman") and shutil.which("runc") and CONTAINERS_CONF.is_file()):
-        return False
-    try:
-        return _podman("run", "--rm", "--network", "none", CPU_BASE_IMAGE, "true", check=False).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
+    """podman and runc are installed, set up by scripts/install-containers.sh, and start a container."""
+    return podman_problem() is None
 
 
 def setup_podman() -> None:
     """Install podman/runc and write their set-up (apt-get: needs root); idempotent, seconds when done."""
     subprocess.run([str(ROOT / "scripts" / "install-containers.sh")], check=True, capture_output=True, text=True,
                    timeout=900)
-    podman_works.cache_clear()
+    podman_problem.cache_clear()
 
 
 def build_image(flavour: str = "cpu", tag: str | None = None) -> str:

@@ -6,7 +6,10 @@ dependencies; the CUDA/driver pairing documented next to the image is the one `k
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
 
 import pytest
 
@@ -79,3 +82,43 @@ def test_documented_driver_is_the_one_stage_pods_require():
     assert f"CUDA {major}" in readme and f">= {MIN_DRIVER_FOR_CUDA_MAJOR[major]}" in readme
     base = re.search(r"^ARG CUDA_IMAGE=\S*nvidia/cuda:(\d+)\.", (tools.ROOT / "images" / "Dockerfile").read_text(), re.M)
     assert int(base.group(1)) == major  # the base's driver-compat layer is for the same CUDA major
+
+
+def test_release_workflow_pushes_kubetunes_repository_by_digest_signed_with_its_sbom():
+    import yaml
+
+    from kubetune.k8s.image import PROJECT_REPOSITORY
+
+    job = yaml.safe_load((tools.ROOT / ".github" / "workflows" / "release.yaml").read_text())["jobs"]["image"]
+    assert job["env"]["REPOSITORY"] == PROJECT_REPOSITORY
+    assert job["permissions"] == {"contents": "write", "packages": "write", "id-token": "write"}
+    script = "\n".join(step.get("run", "") for step in job["steps"])
+    assert "make images FLAVOUR=cuda" in script
+    assert 'cosign sign --yes "$IMAGE"' in script and "--predicate dist/kubetune-cuda.cdx.json" in script
+    makefile = (tools.ROOT / "Makefile").read_text()
+    for target in re.findall(r"\bmake (\w[\w-]*)", script):
+        assert re.search(rf"^{target}:", makefile, re.M), f"make {target}: no such target"
+    for path in re.findall(r"\b(scripts/[\w.-]+)", script):
+        assert (tools.ROOT / path).is_file(), path
+
+
+@pytest.mark.server
+def test_sbom_lists_every_locked_package_with_the_hashes_pip_checks(tmp_path):
+    """scripts/sbom.sh (make sbom, the release workflow): CycloneDX 1.6, kubetune as the root component, one
+    component per package of the lock with its version, PyPI purl and sha256 hashes."""
+    from kubetune import __version__
+
+    cyclonedx = tools.require_binary("cyclonedx-py")
+    out = tmp_path / "kubetune-cuda.cdx.json"
+    subprocess.run([str(tools.ROOT / "scripts" / "sbom.sh"), "cuda", str(out)], check=True, capture_output=True,
+                   timeout=120, env={**os.environ, "CYCLONEDX": cyclonedx})
+    bom = json.loads(out.read_text())
+    assert (bom["bomFormat"], bom["specVersion"]) == ("CycloneDX", "1.6")
+    assert (bom["metadata"]["component"]["name"], bom["metadata"]["component"]["version"]) == ("kubetune", __version__)
+    components = {c["name"].lower().replace("_", "-"): c for c in bom["components"]}
+    assert {name: c["version"] for name, c in components.items()} == _pins("cuda")
+    assert components["torch"]["purl"] == "pkg:pypi/torch@2.13.0"
+    lock = (tools.ROOT / "images" / "requirements-cuda.lock").read_text()
+    torch_hashes = re.search(r"^torch==\S+ \\\n((?:\s+--hash=sha256:\w+(?: \\)?\n)+)", lock, re.M).group(1)
+    sbom_hashes = {h["content"] for ref in components["torch"]["externalReferences"] for h in ref.get("hashes", [])}
+    assert sbom_hashes == set(re.findall(r"sha256:(\w+)", torch_hashes)) != set()
