@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from containers import ROOT, build_image, image_labels, podman_problem, run_in_image
 
@@ -35,19 +34,22 @@ def image() -> str:
     return build_image("cpu", _recipe().kubernetes.image)  # the tiny recipe names the image CI builds
 
 
-def _recipe():
+def _recipe(*overrides: str):
     from kubetune.config import load_recipe
 
-    return load_recipe(TINY_RECIPE)
+    return load_recipe(TINY_RECIPE, list(overrides))
 
 
-def _claim(tmp_path: Path, fs_group: int | None) -> Path:
-    """A fresh volume as the kubelet hands it over: owned by root, 0755; with an fsGroup, the group's and
-    setgid (new files inherit the group), group-writable."""
+def _claim(tmp_path: Path, recipe) -> Path:
+    """A fresh volume as a user leaves it before submitting: root's, 0755, the model where the recipe names it
+    (relative to the pod's working directory, the claim's mount path)."""
     claim = tmp_path / "claim"
-    claim.mkdir()
-    os.chown(claim, 0, fs_group if fs_group is not None else 0)
-    claim.chmod(0o2775 if fs_group is not None else 0o755)
+    target = claim / recipe.model.name_or_path
+    subprocess.run([sys.executable, str(ROOT / "tests" / "tiny.py"), str(target)], check=True, capture_output=True,
+                   timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    for path in [claim, *claim.rglob("*")]:
+        os.chown(path, 0, 0)
+        path.chmod(0o755 if path.is_dir() else 0o644)
     return claim
 
 
@@ -56,29 +58,26 @@ def _recipe_volume(tmp_path: Path, recipe) -> Path:
     from kubetune.k8s.render import RECIPE_FILE, recipe_text
 
     folder = tmp_path / "recipe"
-    folder.mkdir()
+    folder.mkdir(exist_ok=True)
     (folder / RECIPE_FILE).write_text(recipe_text(recipe))
     folder.chmod(0o755)
     return folder
 
 
-def _tiny_model_on(claim: Path, recipe) -> None:
-    """The model the recipe names, on the claim where the pod resolves it (a relative path: the working dir)."""
-    target = claim / recipe.model.name_or_path
-    subprocess.run([sys.executable, str(ROOT / "tests" / "tiny.py"), str(target)], check=True, capture_output=True,
-                   timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
-    for path in [target, *target.rglob("*")]:  # made by root here; in a pod, by an earlier pod's user
-        path.chmod(0o755 if path.is_dir() else 0o644)
-
-
 def _run_stage_pod(image: str, recipe, stage: str, claim: Path, recipe_dir: Path, user: str,
-                   fs_group: int | None) -> subprocess.CompletedProcess:
-    """One stage Job's container as the kubelet starts it: the rendered args, env, workingDir, volume mounts,
-    memory limit and /dev/shm size, with the pod's user and fsGroup."""
+                   assigned_fs_group: int | None = None) -> subprocess.CompletedProcess:
+    """One stage Job's pod as the kubelet starts it: the rendered args, env, workingDir, volume mounts, memory
+    limit and /dev/shm size; the pod's fsGroup (or the one OpenShift's SCC assigns when the pod sets none)
+    applied to the claim and added to the container's groups; the container as USER ("UID:GID")."""
+    from k8s.podrunner import apply_fs_group
     from kubetune.k8s.render import stage_job
 
     pod = stage_job(recipe, stage, "test")["spec"]["template"]["spec"]
     [container] = pod["containers"]
+    security = pod.get("securityContext", {})
+    fs_group = security.get("fsGroup", assigned_fs_group)
+    if fs_group is not None:
+        apply_fs_group(claim, fs_group, security.get("fsGroupChangePolicy", "Always"))
     volumes = {v["name"]: v for v in pod["volumes"]}
     mounts, shm_size = [], None
     for mount in container["volumeMounts"]:
@@ -93,10 +92,9 @@ def _run_stage_pod(image: str, recipe, stage: str, claim: Path, recipe_dir: Path
             raise AssertionError(f"volume {mount['name']}: the test does not know how to mount it")
     env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
     env.update(GPTQMODEL_CPU_WORKERS="2", GPTQMODEL_DISABLE_PACK_EXT="1", HF_HUB_OFFLINE="1")  # CPU-only host
-    group_add = [fs_group] if fs_group is not None else []
-    return run_in_image(image, container["args"], env=env, mounts=mounts, user=user, group_add=group_add,
-                        workdir=container["workingDir"], memory=container["resources"]["limits"]["memory"],
-                        shm_size=shm_size, timeout=900)
+    return run_in_image(image, container["args"], env=env, mounts=mounts, user=user,
+                        group_add=[fs_group] if fs_group is not None else [], workdir=container["workingDir"],
+                        memory=container["resources"]["limits"]["memory"], shm_size=shm_size, timeout=900)
 
 
 def _explain(result: subprocess.CompletedProcess) -> str:
@@ -145,33 +143,35 @@ def test_memory_limit_is_enforced(image):
 
 
 def test_claim_without_fs_group_is_refused_with_exit_13(image, tmp_path):
-    """A root-owned 0755 volume (block storage, no fsGroup): the first write fails, the stage says so."""
-    recipe = _recipe()
-    claim = _claim(tmp_path, fs_group=None)
-    _tiny_model_on(claim, recipe)
-    result = _run_stage_pod(image, recipe, "finetune", claim, _recipe_volume(tmp_path, recipe), IMAGE_USER, None)
+    """A root-owned 0755 volume (block storage) and no fsGroup: the first write fails, the stage says so."""
+    recipe = _recipe("kubernetes.fs_group=null")
+    claim = _claim(tmp_path, recipe)
+    result = _run_stage_pod(image, recipe, "finetune", claim, _recipe_volume(tmp_path, recipe), IMAGE_USER)
     assert result.returncode == 13, _explain(result)
-    assert "Traceback" not in result.stderr
+    assert "permission denied" in result.stderr and "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("user, fs_group", [(f"{OPENSHIFT_UID}:0", OPENSHIFT_UID)], ids=["openshift-uid"])
-def test_tiny_pipeline_runs_one_container_per_stage(image, tmp_path, user, fs_group):
+@pytest.mark.parametrize("user, overrides, assigned_fs_group", [
+    (IMAGE_USER, [], None),  # plain Kubernetes: the image's user, the recipe's fsGroup (1001)
+    (f"{OPENSHIFT_UID}:0", ["kubernetes.fs_group=null"], OPENSHIFT_UID),  # restricted-v2 assigns both
+], ids=["image-user", "openshift-uid"])
+def test_tiny_pipeline_runs_one_container_per_stage(image, tmp_path, user, overrides, assigned_fs_group):
     from kubetune.artifacts import SUCCESS_MARKER
+    from kubetune.stages.evaluate import METRICS_FILE
 
-    recipe = _recipe()
-    claim = _claim(tmp_path, fs_group)
-    _tiny_model_on(claim, recipe)
+    recipe = _recipe(*overrides)
+    claim = _claim(tmp_path, recipe)
     recipe_dir = _recipe_volume(tmp_path, recipe)
     for stage in recipe.stages:
-        result = _run_stage_pod(image, recipe, stage, claim, recipe_dir, user, fs_group)
+        result = _run_stage_pod(image, recipe, stage, claim, recipe_dir, user, assigned_fs_group)
         assert result.returncode == 0, f"{stage}: {_explain(result)}"
 
+    uid, fs_group = int(user.split(":")[0]), recipe.kubernetes.fs_group or assigned_fs_group
     run_dir = claim / recipe.run.artifacts_root / recipe.run.name
     for stage in recipe.stages:
         assert (run_dir / stage / SUCCESS_MARKER).is_file(), stage
-        assert (run_dir / stage).stat().st_uid == int(user.split(":")[0]), stage
-    # the kubelet's setgid claim: everything the pods wrote belongs to the pod's group
+        assert (run_dir / stage).stat().st_uid == uid, stage  # written by the pod's user, not root
+    # the setgid claim: everything the pods wrote belongs to the pod's group
     assert {p.stat().st_gid for p in run_dir.rglob("*")} == {fs_group}
-    metrics = json.loads((run_dir / "evaluate" / "metrics.json").read_text())
-    assert metrics
-    assert yaml.safe_load((recipe_dir / "recipe.yaml").read_text())["run"]["name"] == recipe.run.name
+    metrics = json.loads((run_dir / "evaluate" / METRICS_FILE).read_text())
+    assert set(metrics["models"]) >= {"base", "adapter"}
