@@ -17,14 +17,8 @@ VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 REVISION=$(git rev-parse HEAD 2>/dev/null || echo unknown)
 git diff --quiet HEAD -- images src pyproject.toml README.md 2>/dev/null || REVISION="$REVISION-dirty"
 
-CREATED=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 args=(-f images/Dockerfile -t "$TAG" --build-arg "FLAVOUR=$FLAVOUR" --build-arg "VERSION=$VERSION"
-      --build-arg "REVISION=$REVISION" --build-arg "CREATED=$CREATED")
-# Also as --label: podman's layer cache reuses a LABEL step whose build arguments changed (the commit label
-# of a rebuild kept the previous commit); --label is applied to the final image, uncached.
-for label in "version=$VERSION" "revision=$REVISION" "created=$CREATED"; do
-  args+=(--label "org.opencontainers.image.$label")
-done
+      --build-arg "REVISION=$REVISION" --build-arg "CREATED=$(date -u +%Y-%m-%dT%H:%M:%SZ)")
 [[ -n ${CPU_IMAGE:-} ]] && args+=(--build-arg "CPU_IMAGE=$CPU_IMAGE")
 [[ -n ${CUDA_IMAGE:-} ]] && args+=(--build-arg "CUDA_IMAGE=$CUDA_IMAGE")
 

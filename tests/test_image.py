@@ -116,6 +116,10 @@ def test_labels_name_the_commit_and_flavour(image):
     version = subprocess.run([sys.executable, "-c", "import kubetune; print(kubetune.__version__)"], capture_output=True,
                              text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")}).stdout.strip()
     assert labels["org.opencontainers.image.version"] == version
+    recorded = run_in_image(image, ["/etc/kubetune-image.json"], command=["cat"], timeout=120)
+    assert json.loads(recorded.stdout) == {"version": version, "flavour": "cpu",
+                                           "revision": labels["org.opencontainers.image.revision"],
+                                           "created": labels["org.opencontainers.image.created"]}
 
 
 def test_build_mounts_are_not_in_the_image(image):
