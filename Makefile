@@ -59,7 +59,7 @@ images:  ## Build the image: FLAVOUR=cuda (default; what users pull) or cpu, IMA
 sbom: $(STAMP)  ## CycloneDX SBOM of FLAVOUR's lock (images/requirements-FLAVOUR.lock) into dist/
 	scripts/sbom.sh $(FLAVOUR) dist/kubetune-$(FLAVOUR).cdx.json
 
-test-image: $(STAMP)  ## Build the CPU image with podman/runc and run the tiny pipeline in it (~5 min cold; scripts/install-containers.sh)
+test-image: $(STAMP)  ## Build the CPU image with podman/runc and run the tiny pipeline in it (~12 min cold, ~6 warm; scripts/install-containers.sh)
 	scripts/install-containers.sh
 	KUBETUNE_REQUIRE_SERVERS=1 $(PY) -m pytest -m image -q tests/test_image.py
 
