@@ -471,7 +471,7 @@ def test_disk_full_during_a_checkpoint_torch_save_then_free_space_and_rerun(fini
 
 # ---- the cluster: exit 10, or a reason that `status` shows ----------------------------------------------------------
 K8S_RECIPE = {"run": {"name": "gpu1"}, "model": {"name_or_path": "org/model"}, "stages": ["finetune", "merge"],
-              "infer": {"models": ["base"]}}
+              "infer": {"models": ["base"]}, "kubernetes": {"image": "registry.example.com/ml/kubetune:0.1.0"}}
 
 
 @pytest.fixture

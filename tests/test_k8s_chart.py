@@ -102,3 +102,19 @@ def test_null_is_expressible_no_ttl_and_no_fs_group():
     assert driver_spec("platform-values.yaml")["ttlSecondsAfterFinished"] == 0
     openshift = driver_spec("openshift-values.yaml")["template"]["spec"]["securityContext"]  # fs_group: null
     assert "fsGroup" not in openshift and openshift["fsGroupChangePolicy"] == "OnRootMismatch"
+
+
+@pytest.mark.server
+def test_notes_warn_when_the_image_is_kubetunes_unpublished_default():
+    from kubetune.k8s.image import PROJECT_REPOSITORY
+
+    def notes(*values: str) -> str:
+        out = tools.run("helm", "install", "ft", str(CHART), "--dry-run=client", "--namespace", "ml",
+                        "-f", str(CHART / "ci" / "minimal-values.yaml"), *values).stdout
+        return out[out.index("NOTES:"):]
+
+    assert f'hasPrefix "{PROJECT_REPOSITORY}"' in (CHART / "templates" / "NOTES.txt").read_text()
+    default = notes()
+    assert f"recipe.kubernetes.image is {PROJECT_REPOSITORY}:{__version__}, which has not been published" in default
+    assert "make images IMAGE=REGISTRY/kubetune:TAG && podman push REGISTRY/kubetune:TAG" in default
+    assert "has not been published" not in notes("--set", "recipe.kubernetes.image=registry.example.com/ml/kt:1")

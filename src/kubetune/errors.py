@@ -116,6 +116,14 @@ class DeviceError(KubetuneError):
     permanent = True
 
 
+class ImageError(KubetuneError):
+    """The recipe's kubernetes.image is kubetune's own by a tag that was never published; build and push your own."""
+
+    exit_code = 15
+    # Raised by `submit` before it creates anything, never in a pod: no podFailurePolicy acts on it.
+    permanent = False
+
+
 # errno values that mean "the volume cannot take this write", whatever the library that hit them.
 STORAGE_ERRNOS = {28: "no space left on the volume", 122: "disk quota exceeded", 30: "read-only file system",
                   13: "permission denied"}
@@ -165,7 +173,7 @@ def storage_error(exc: BaseException, volume: str | Path | None = None) -> Stora
 class MissingProgramError(KubetuneError):
     """A program the command runs is not installed (vLLM for kubetune serve)."""
 
-    exit_code = 15
+    exit_code = 16
     permanent = False  # raised by `kubetune serve` on a workstation, never in a stage pod: no Job policy needs it
 
 
@@ -175,7 +183,7 @@ EXIT_CODES: dict[int, str] = {
     2: "command-line usage error (click)",
     **{cls.exit_code: (cls.__doc__ or "").strip().splitlines()[0] for cls in (
         RecipeError, DataError, ModelError, ArtifactError, VerificationError, GateError, StageBusyError,
-        ClusterError, PipelineError, WontFitError, StorageError, DeviceError, MissingProgramError)},
+        ClusterError, PipelineError, WontFitError, StorageError, DeviceError, ImageError, MissingProgramError)},
 }
 PERMANENT_EXIT_CODES: tuple[int, ...] = tuple(sorted(
     cls.exit_code for cls in KubetuneError.__subclasses__() if cls.permanent))

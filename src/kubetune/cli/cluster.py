@@ -101,13 +101,17 @@ def submit(recipe_path, stage, mode, dry_run, poll_s, force, model_config, serve
     """Run RECIPE on Kubernetes: the recipe ConfigMap, the claim, and one GPU Job per stage in turn.
 
     First estimates each stage's GPU memory (`kubetune estimate`) and refuses, exit 12, a stage that cannot fit
-    the card its resources.gpu_type names, unless --force. With --serve, creates what serves the finished run's
-    model instead (the claim must hold it).
+    the card its resources.gpu_type names, unless --force. Refuses, exit 15, kubetune's own image by a tag that
+    was never published (the default until the first release): build and push your own (images/README.md).
+    With --serve, creates what serves the finished run's model instead (the claim must hold it).
     """
     from kubetune.k8s import launcher
+    from kubetune.k8s.image import require_published
     from kubetune.k8s.render import namespace_of, render as render_objects, to_yaml
 
     recipe = _load(recipe_path, overrides)
+    if dry_run != "client":  # what --dry-run client prints is a template to edit, like `render`
+        require_published(recipe.kubernetes.image)
     if serve:
         from kubetune.k8s.serving import serving_objects
 
