@@ -62,6 +62,9 @@ sbom: $(STAMP)  ## CycloneDX SBOM of FLAVOUR's lock (images/requirements-FLAVOUR
 test-image: $(STAMP)  ## Build the CPU image with podman/runc and run the tiny pipeline in it (~12 min cold, ~6 warm; scripts/install-containers.sh)
 	scripts/install-containers.sh
 	KUBETUNE_REQUIRE_SERVERS=1 $(PY) -m pytest -m image -q tests/test_image.py
+	# the pod path's end-to-end run again, every pod a container of that image (make test runs them as processes)
+	KUBETUNE_POD_EXECUTOR=podman KUBETUNE_REQUIRE_SERVERS=1 $(PY) -m pytest -q tests/test_pod_path.py \
+	  -k "matches_kubetune_run or permanent or fs_group"
 
 test-k8s: $(STAMP)  ## Kubernetes tests only: render, chart, kustomize, fake API server, Dockerfile lint
 	scripts/install-k8s-tools.sh

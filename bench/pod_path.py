@@ -106,7 +106,8 @@ def cmd_pods(args) -> dict:
     work = Path(args.work)
     claim = work / "claim"
     # The host executor runs this checkout, not an image: any name but the unpublished default (exit 15) will do.
-    recipe, sets = lay_out_inputs(args, claim, "kubernetes.driver.poll_s=2", "kubernetes.image=localhost/kubetune:this-checkout")
+    recipe, sets = lay_out_inputs(args, claim, "kubernetes.driver.poll_s=2",
+                                  "kubernetes.image=localhost/kubetune:this-checkout")
     for path in [claim, *claim.rglob("*")]:  # as a fresh volume: root's, not the pods' user's
         os.chown(path, 0, 0)
     claim.chmod(0o755)
