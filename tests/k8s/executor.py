@@ -47,6 +47,7 @@ class ContainerSpec:
     termination_log: Path | None = None
     image: str = ""
     name: str = ""
+    memory_limit_bytes: int | None = None  # resources.limits.memory: enforced by the podman executor only
 
 
 class Running:
@@ -200,6 +201,8 @@ class PodmanExecutor:
                 "--workdir", spec.workdir, "--entrypoint", spec.argv[0]]
         for gid in spec.groups:
             args += ["--group-add", str(gid)]
+        if spec.memory_limit_bytes:  # the cgroup limit the kubelet sets: past it the OOM killer ends it, 137
+            args += ["--memory", f"{spec.memory_limit_bytes}b", "--memory-swap", f"{spec.memory_limit_bytes}b"]
         for m in spec.mounts:
             if m.image_part:
                 continue

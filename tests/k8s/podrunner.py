@@ -308,7 +308,8 @@ class PodRunner:
         argv = list(container.get("command") or IMAGE_ENTRYPOINT) + list(container.get("args") or [])
         return ContainerSpec(argv=argv, env=env, mounts=mounts, uid=uid, gid=gid, groups=groups, workdir=workdir,
                              log=run.log, termination_log=run.termination, image=container.get("image", ""),
-                             name=pod_name)
+                             name=pod_name, memory_limit_bytes=_quantity_bytes(
+                                 ((container.get("resources") or {}).get("limits") or {}).get("memory")))
 
     def _mount(self, pod_name: str, volume: dict[str, Any], vm: dict[str, Any], fs_group: int | None,
                change_policy: str) -> Mount:
