@@ -123,8 +123,9 @@ def run_in_image(image: str, argv: Sequence[str], *, command: Sequence[str] | No
         argv = [*command[1:], *argv]
     name = f"kubetune-test-{os.getpid()}-{next(_counter)}"
     args += ["--name", name, image, *argv]
-    try:
-        return subprocess.run(["podman", *args], env=podman_env(), capture_output=True, text=True, timeout=timeout)
+    try:  # cwd: conmon drops an empty file named "oom" in its working directory when the container is OOM-killed
+        return subprocess.run(["podman", *args], env=podman_env(), capture_output=True, text=True, timeout=timeout,
+                              cwd=CONTAINERS_CONF.parent)
     except subprocess.TimeoutExpired:
         _podman("rm", "--force", "--time", "0", name, check=False)
         raise
