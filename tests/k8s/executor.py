@@ -217,7 +217,9 @@ class PodmanExecutor:
         args += [spec.image, *spec.argv[1:]]
         log = open(spec.log, "ab")
         try:
-            proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+            # conmon drops a file named 'oom' in its working folder when a container is OOM-killed: not the checkout
+            proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                    cwd=spec.log.parent)
         finally:
             log.close()
         return PodmanRunning(proc, spec.name, self.env)
