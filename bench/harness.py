@@ -14,28 +14,35 @@ are that stage's alone). The model folder is built from
 byte-level BPE tokenizer trained on the builtin Text-to-SQL rows; the weights' values change neither time nor
 memory. Data: ``builtin:text2sql``.
 
-What is measured, per case (nothing here is tuned per case):
+What is measured, per case (nothing here is tuned per case, and nothing of kubetune or a library is replaced):
 
 * per stage: wall time, peak GPU memory (torch allocator and NVML, from the stage's own report);
-* fine-tune steps: a callback records CUDA events at each optimizer step's begin and end; the first
-  ``--warmup`` steps are dropped; the median step time and tokens/s (real, non-padding tokens over the measured
-  steps' summed time) come from the rest;
+* fine-tune steps, from the fine-tune report's ``step_times`` (kubetune.metrics.callbacks.StepTimes: CUDA events
+  at each optimizer step's begin and end, and each step's real tokens, Σ s², rows and padded positions); the
+  first ``--warmup`` steps are dropped; the median step time and tokens/s (real, non-padding tokens over the
+  measured steps' summed time) come from the rest;
 * MFU = model FLOPs / measured time / 989 TFLOP/s (dense bf16, H100 and H200 SXM), with model FLOPs per step
   = 4·N·T (N: weights of every matmul, lm_head included; T: real tokens; LoRA: forward + input gradients)
   plus causal attention 6·L·d·Σ s² (forward 2·s²·d per layer, backward twice that; s: the length each token
-  attends over: the row for padded or wrapped-packed rows, the example for padding-free packing);
-* memory right after the base model loads and after the trainer is built, with the parameters' bytes by dtype
-  (what stays in 16/32 bit next to 4/8-bit weights).
+  attends over: the row for padded or wrapped rows, the example for packing).
 
-The original's recipe differs from what a kubetune recipe can say in one place only, TRL's packing strategy
-("wrapped" at 2048 tokens: rows cut mid-example, attention across examples); cases pass it as an SFTConfig
-override, recorded in the JSON.
+Each record pins the case: its resolved recipe (``settings``, machine paths as names) and that recipe's hash
+(``settings_sha256``); the run's ``environment`` holds the git commit, a hash of the source files, the image
+lock's hash and every installed distribution's version.
+
+The original's recipe packed with TRL's "wrapped" strategy (rows of 2048 tokens cut mid-example, attention
+across examples). kubetune's ``finetune.packing`` keeps examples apart instead, and is refused for BLOOM (its
+mask ignores position_ids). The baseline cases make the wrapped rows as data (``wrapped_rows``) and train
+them unpacked at batch 1: the same tokens per step and the same attention work as the original, with nothing
+of kubetune changed.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
+import importlib.metadata
 import json
 import os
 import platform
@@ -50,6 +57,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "bench" / "configs"
 RESULTS = ROOT / "bench" / "results"
 PEAK_BF16_FLOPS = 989e12  # dense bf16 tensor-core peak, H100 SXM and H200 (datasheets)
+WRAPPED_LENGTH = 2048  # tokens per row of the original's wrapped packing
 
 MODELS = {
     "bloom-1b1": "bigscience--bloom-1b1.json",
@@ -61,25 +69,27 @@ JOBS = {"bloom-1b1": "jobs/bloom-1b1-lora.yaml", "bloom-7b1": "jobs/bloom-7b1-ql
         "falcon-7b": "jobs/falcon-7b-8bit.yaml", "codegen2-1b": "jobs/codegen2-1b-lora.yaml"}
 
 # The original notebook's fine-tune: LoRA r16/alpha32 on peft's default modules for these architectures
-# (query_key_value), batch 1, TRL packing wrapped at 2048 tokens, loss on the whole sequence, gradient
-# checkpointing; bloom-1b1 loaded and trained in fp32, bloom-7b1 on a 4-bit nf4 base, falcon-7b on an 8-bit base.
+# (query_key_value), batch 1, rows of 2048 tokens made by TRL's "wrapped" packing, loss on the whole sequence,
+# gradient checkpointing; bloom-1b1 loaded and trained in fp32, bloom-7b1 on a 4-bit nf4 base, falcon-7b on an
+# 8-bit base. The wrapped rows are made here as data ("data": "wrapped", see wrapped_rows) and trained unpacked:
+# kubetune's finetune.packing keeps examples apart, which BLOOM's attention mask cannot do (exit 3).
 ORIGINAL = ["finetune.lora.r=16", "finetune.lora.alpha=32", "finetune.lora.dropout=0.05",
             "finetune.lora.target_modules=[query_key_value]", "finetune.batch_size=1", "finetune.grad_accum=1",
-            "finetune.max_length=2048", "finetune.packing=true", "finetune.completion_only_loss=false",
-            "finetune.gradient_checkpointing=true"]
-WRAPPED = {"packing_strategy": "wrapped"}
+            f"finetune.max_length={WRAPPED_LENGTH}", "finetune.packing=false", "finetune.group_by_length=false",
+            "finetune.completion_only_loss=false", "finetune.gradient_checkpointing=true"]
+GPTQ = {"set": ["finetune.max_steps=2"], "stages": ["finetune", "merge", "quantize"]}  # the adapter only: 2 steps
 
+# A case is a recipe: jobs/<model>.yaml with the settings below, nothing else (no code of kubetune or of a
+# library replaced). "env": environment variables of the case's processes (a library's documented switch).
+# Each record pins the resolved recipe and its hash (settings_sha256): "<model>/ours" is the shipped recipe as
+# it was when the case ran, so two runs of it are the same settings only when their hashes agree.
 CASES: dict[str, dict] = {
-    # 1. bloom-1b1. "ours" is jobs/bloom-1b1-lora.yaml as shipped when the case runs (each JSON records the resolved
-    # recipe); each lever case changes one thing from it. The shipped defaults were then set from these runs.
+    # 1. bloom-1b1; each lever case changes one thing from the shipped recipe
     "bloom-1b1/baseline": {"model": "bloom-1b1", "set": ORIGINAL + ["model.dtype=float32", "finetune.precision=fp32"],
-                           "sft": WRAPPED},
+                           "data": "wrapped"},
     "bloom-1b1/ours": {"model": "bloom-1b1", "set": []},
     # one lever on the original's recipe: bf16 weights and mixed precision instead of fp32 (nothing else changed)
-    # the loss from full logits (bf16 logits of every position over the 250,880-token vocabulary, then
-    # cross-entropy), instead of TRL 1.16's chunked LM head that scores only the labelled positions
-    "bloom-1b1/ours-full-logits": {"model": "bloom-1b1", "set": [], "patch": ["full_logits_loss"]},
-    "bloom-1b1/baseline-bf16": {"model": "bloom-1b1", "set": ORIGINAL, "sft": WRAPPED},
+    "bloom-1b1/baseline-bf16": {"model": "bloom-1b1", "set": ORIGINAL, "data": "wrapped"},
     "bloom-1b1/ours-bs8-nogc": {"model": "bloom-1b1",
                                 "set": ["finetune.batch_size=8", "finetune.gradient_checkpointing=false"]},
     "bloom-1b1/ours-bs32": {"model": "bloom-1b1", "set": ["finetune.batch_size=32"]},
@@ -97,72 +107,37 @@ CASES: dict[str, dict] = {
                                                   "finetune.gradient_checkpointing=false"]},
     "bloom-1b1/ours-nodropout": {"model": "bloom-1b1", "set": ["finetune.lora.dropout=0.0"]},
     "bloom-1b1/ours-wholeloss": {"model": "bloom-1b1", "set": ["finetune.completion_only_loss=false"]},
-    # the shipped recipe again, with one more step run under torch.profiler (left out of the figures): where a
-    # step's time goes
-    "bloom-1b1/ours-profile": {"model": "bloom-1b1", "set": [], "profile": True},
-    # torch.compile through TRL's SFTConfig: on the H200 the first steps had not finished compiling after 103 s and
-    # 184 s (two runs; batches grouped by length change shape at every step, and each new shape recompiles)
-    "bloom-1b1/ours-compile": {"model": "bloom-1b1", "set": ["finetune.group_by_length=true"],
-                               "sft": {"torch_compile": True}},
     # 2. bloom-7b1 on a 4-bit base
-    "bloom-7b1/baseline": {"model": "bloom-7b1", "set": ORIGINAL + ["finetune.base_precision=4bit"], "sft": WRAPPED},
+    "bloom-7b1/baseline": {"model": "bloom-7b1", "set": ORIGINAL + ["finetune.base_precision=4bit"],
+                           "data": "wrapped"},
     "bloom-7b1/ours": {"model": "bloom-7b1", "set": []},
     "bloom-7b1/ours-bs32": {"model": "bloom-7b1", "set": ["finetune.batch_size=32", "finetune.grad_accum=1"]},
+    # measured as bloom-7b1/ours-grouped-bs64-noupcast while kubetune still upcast the k-bit base's rest under bf16
     "bloom-7b1/ours-grouped-bs64": {"model": "bloom-7b1", "set": ["finetune.batch_size=64", "finetune.grad_accum=1",
                                                                    "finetune.group_by_length=true"]},
-    # the frozen embeddings/lm_head/norms stay bf16 (no fp32 upcast): measured as a patch, then adopted by
-    # kubetune.stages.finetune.prepare_kbit_base for bf16 training (the patch is a no-op since)
-    "bloom-7b1/ours-noupcast": {"model": "bloom-7b1", "set": [], "patch": ["no_kbit_upcast"]},
-    "bloom-7b1/ours-bs32-noupcast": {"model": "bloom-7b1", "set": ["finetune.batch_size=32", "finetune.grad_accum=1"],
-                                     "patch": ["no_kbit_upcast"]},
-    "bloom-7b1/ours-grouped-bs64-noupcast": {"model": "bloom-7b1",
-                                             "set": ["finetune.batch_size=64", "finetune.grad_accum=1",
-                                                     "finetune.group_by_length=true"], "patch": ["no_kbit_upcast"]},
-    # 3. GPTQ 8-bit (the fine-tune only makes the adapter: 2 steps). The builtin rows are ~64 tokens; the
-    # "-cal2048" cases calibrate on 128 sequences of 2048 tokens (rows joined: see PATCHES["calibration_2048"]).
-    "bloom-1b1/gptq8": {"model": "bloom-1b1", "set": ["finetune.max_steps=2"],
-                        "stages": ["finetune", "merge", "quantize"]},
-    # GPTQModel's torch loop instead of its JIT-compiled CUDA block update: what a pod of the shipped image runs
-    # (it has no nvcc, so the JIT build fails there and GPTQModel falls back)
-    "bloom-1b1/gptq8-torch-loop": {"model": "bloom-1b1", "set": ["finetune.max_steps=2"],
-                                   "stages": ["finetune", "merge", "quantize"], "patch": ["gptq_torch_block_update"]},
-    # kubetune's image as it now runs: no compiled kernel, so the torch loop replayed as CUDA graphs
-    # (stages/gptq_block.py); the patch hides GPTQModel's kernel on a machine that could build it
-    "bloom-1b1/gptq8-graphed": {"model": "bloom-1b1", "set": ["finetune.max_steps=2"],
-                                "stages": ["finetune", "merge", "quantize"], "patch": ["gptq_no_compiled_kernel"]},
-    "bloom-1b1/gptq8-nooffload": {"model": "bloom-1b1", "set": ["finetune.max_steps=2"],
-                                  "stages": ["finetune", "merge", "quantize"], "patch": ["gptq_no_offload"]},
-    "bloom-1b1/gptq8-cal2048": {"model": "bloom-1b1", "set": ["finetune.max_steps=2",
-                                                              "quantize.calibration.max_length=2048",
-                                                              "data.builtin_examples=8000"],
-                                "stages": ["finetune", "merge", "quantize"], "patch": ["calibration_2048"]},
-    "bloom-7b1/gptq8": {"model": "bloom-7b1", "set": ["finetune.max_steps=2"],
-                        "stages": ["finetune", "merge", "quantize"]},
-    "bloom-7b1/gptq8-graphed": {"model": "bloom-7b1", "set": ["finetune.max_steps=2"],
-                                "stages": ["finetune", "merge", "quantize"], "patch": ["gptq_no_compiled_kernel"]},
-    "bloom-7b1/gptq8-cal2048": {"model": "bloom-7b1", "set": ["finetune.max_steps=2",
-                                                              "quantize.calibration.max_length=2048",
-                                                              "data.builtin_examples=8000"],
-                                "stages": ["finetune", "merge", "quantize"], "patch": ["calibration_2048"]},
+    # 3. GPTQ 8-bit. The block update GPTQModel runs is in the quantize report (block_update): its compiled kernel
+    # where nvcc can build it, else kubetune's CUDA graphs of its torch loop (stages/gptq_block.py)
+    "bloom-1b1/gptq8": {"model": "bloom-1b1", **GPTQ},
+    # GPTQModel's torch loop, through its own switch (GPTQMODEL_DISABLE_GPTQ_CUDA: no kernel, no graphs)
+    "bloom-1b1/gptq8-torch-loop": {"model": "bloom-1b1", **GPTQ, "env": {"GPTQMODEL_DISABLE_GPTQ_CUDA": "1"}},
+    "bloom-7b1/gptq8": {"model": "bloom-7b1", **GPTQ},
     # 4. falcon-7b on an 8-bit base (kubetune.modelio builds Falcon's layers as plain nn.Linear so that
     # bitsandbytes quantizes them; before, the "8-bit" falcon was a bf16 model)
-    "falcon-7b/baseline": {"model": "falcon-7b", "set": ORIGINAL + ["finetune.base_precision=8bit"], "sft": WRAPPED},
+    "falcon-7b/baseline": {"model": "falcon-7b", "set": ORIGINAL + ["finetune.base_precision=8bit"],
+                           "data": "wrapped"},
     "falcon-7b/ours": {"model": "falcon-7b", "set": []},
     # falcon-7b's shipped recipe packs 2 rows of 512 per step; these are the settings it replaced (8 × 2 unpacked)
-    # and packing at those batch settings, as rows and as TRL's one flattened row
+    # and packing at those batch settings
     "falcon-7b/ours-unpacked": {"model": "falcon-7b", "set": ["finetune.packing=false", "finetune.batch_size=8",
                                                              "finetune.grad_accum=2"]},
     "falcon-7b/ours-packed": {"model": "falcon-7b", "set": ["finetune.packing=true", "finetune.batch_size=8",
                                                            "finetune.grad_accum=2"]},
-    "falcon-7b/ours-packed-flat": {"model": "falcon-7b", "set": ["finetune.packing=true", "finetune.batch_size=8",
-                                                                "finetune.grad_accum=2"],
-                                   "patch": ["trl_flattened_packing"]},
     # the same tokens per optimizer step as ours-packed (16 rows of 512), in micro-batches a quarter the size
     "falcon-7b/ours-packed-bs2": {"model": "falcon-7b",
                                   "set": ["finetune.packing=true", "finetune.batch_size=2", "finetune.grad_accum=8"]},
-    "falcon-7b/ours-grouped-bs64-noupcast": {"model": "falcon-7b",
-                                             "set": ["finetune.batch_size=64", "finetune.grad_accum=1",
-                                                     "finetune.group_by_length=true"], "patch": ["no_kbit_upcast"]},
+    # the lever measured as falcon-7b/ours-grouped-bs64-noupcast (no fp32 upcast is kubetune's bf16 behaviour since)
+    "falcon-7b/ours-grouped-bs64": {"model": "falcon-7b", "set": ["finetune.batch_size=64", "finetune.grad_accum=1",
+                                                                 "finetune.group_by_length=true"]},
     "codegen2-1b/ours": {"model": "codegen2-1b", "set": []},
     "codegen2-1b/ours-grouped-bs64-gc": {"model": "codegen2-1b",
                                          "set": ["finetune.batch_size=64", "finetune.group_by_length=true",
@@ -170,6 +145,10 @@ CASES: dict[str, dict] = {
     # where the memory of an 8-bit load goes (no training): the base as the fine-tune loads it, then prepared
     "falcon-7b/probe-8bit": {"model": "falcon-7b", "set": ["finetune.base_precision=8bit"], "probe": True},
 }
+# Dropped since their runs (the JSON files keep them): the code-patch experiments ("patches" in a record:
+# no_kbit_upcast, adopted by kubetune; full_logits_loss; trl_flattened_packing; gptq_no_offload;
+# calibration_2048; gptq_no_compiled_kernel), TRL SFTConfig overrides ("sft_overrides": torch_compile, and the
+# baseline's packing_strategy, now "data": "wrapped") and the torch.profiler step ("profile").
 
 
 # ---- models ------------------------------------------------------------------------------------------------
@@ -239,6 +218,10 @@ def build_model(model: str, folder: Path, tiny: bool) -> dict:
 
 
 # ---- one case, in its own process -------------------------------------------------------------------------
+def wrapped_data_path(work: Path, model: str, tiny: bool) -> Path:
+    return work / "data" / f"wrapped-{model}{'-tiny' if tiny else ''}-{WRAPPED_LENGTH}.jsonl"
+
+
 def recipe_for(case: str, spec: dict, folder: Path, work: Path, steps: int, warmup: int, tiny: bool):
     import yaml
 
@@ -253,7 +236,71 @@ def recipe_for(case: str, spec: dict, folder: Path, work: Path, steps: int, warm
               "metrics.enabled=false", f"stages={json.dumps(stages)}"]
     if tiny:
         common += ["merge.dtype=float32", "quantize.group_size=32", "quantize.calibration.samples=16"]
+    if spec.get("data") == "wrapped":
+        # the rows are the prompt (no template around them: {question} alone) and the loss is on every token
+        data["prompt"] = {"template": "{question}"}
+        # ~118 rows of 2048 tokens from the builtin rows: hold out few (the cases train ~13 steps of one row)
+        common += [f"data.source={wrapped_data_path(work, spec['model'], tiny)}", "data.eval_size=8"]
     return recipe_from_dict(data, f"{JOBS[spec['model']]} ({case})", common + spec["set"])
+
+
+def case_settings(case: str, recipe) -> dict:
+    """What a case is, machine-independent: the resolved recipe (the model folder as the model's name; the run's
+    name and artifact root left out: where it writes), the case's environment variables and data;
+    ``settings_sha256`` in a record is its hash."""
+    spec = CASES[case]
+    resolved = recipe.model_dump(mode="json")
+    resolved["model"]["name_or_path"] = spec["model"]
+    resolved["run"].pop("name"), resolved["run"].pop("artifacts_root")
+    if spec.get("data") == "wrapped":
+        resolved["data"]["source"] = Path(resolved["data"]["source"]).name
+    return {"recipe": resolved, "env": spec.get("env", {}), "data": spec.get("data", "recipe")}
+
+
+def settings_sha256(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def wrapped_rows(texts: list[str], tokenizer, length: int) -> list[dict]:
+    """The original's packing (TRL's "wrapped" strategy) as data: the examples' texts joined end to end and cut
+    every ``length`` tokens, mid-example, so that each row's tokens attend across examples as they did there.
+    Each row is one data row (``question``: up to the example end nearest its middle, so that the prompt's
+    tokens stay the same when TRL tokenizes prompt and answer apart; ``answer``: the rest), so that the template
+    "{question}" and the end-of-sequence token the fine-tune appends make ``length`` tokens again, give or
+    take a merge at the cut; trained unpacked at batch 1, a step sees what a wrapped step saw."""
+    stream: list[int] = []
+    for text in texts:
+        stream += tokenizer(text, add_special_tokens=False)["input_ids"]
+    per_row = length - 1  # the fine-tune appends the end-of-sequence token
+    rows = []
+    for start in range(0, len(stream) - per_row + 1, per_row):
+        ids = stream[start:start + per_row]
+        # the end of an example nearest the middle: the stages strip the question and the answer, and nothing
+        # merges across an end-of-sequence token
+        ends = [i + 1 for i, token in enumerate(ids[:-1]) if token == tokenizer.eos_token_id]
+        cut = min(ends, key=lambda i: abs(i - per_row // 2), default=per_row // 2)
+        rows.append({"context": "", "question": tokenizer.decode(ids[:cut]), "answer": tokenizer.decode(ids[cut:])})
+    return rows
+
+
+def write_wrapped_data(data, model_folder: Path, path: Path) -> None:
+    """The wrapped rows for the model's tokenizer, from the training split of ``data`` (the builtin rows as every
+    other case of the model trains on them: prompt + answer + eos, as the fine-tune sees them)."""
+    from transformers import AutoTokenizer
+
+    from kubetune.config import DEFAULT_PROMPT_TEMPLATE
+    from kubetune.data import example_texts, load_splits
+    from kubetune.prompt import PromptTemplate
+
+    if path.is_file():
+        return
+    tokenizer = AutoTokenizer.from_pretrained(model_folder)
+    template = PromptTemplate(DEFAULT_PROMPT_TEMPLATE)
+    texts = ["".join(example_texts(row, template, tokenizer.eos_token)) for row in load_splits(data).train]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_suffix(".part")
+    part.write_text("".join(json.dumps(r) + "\n" for r in wrapped_rows(texts, tokenizer, WRAPPED_LENGTH)))
+    part.rename(path)
 
 
 def dtype_bytes(model) -> dict:
@@ -281,244 +328,11 @@ def _low_bit_dtypes():
     return {torch.int8, torch.uint8}
 
 
-class StepTimer:
-    """Trainer callback: device time of each optimizer step (CUDA events), its real tokens and attention work."""
-
-    def __init__(self, cuda: bool):
-        self.cuda = cuda
-        self.steps: list[dict] = []
-        self._pending: dict | None = None
-
-    def note_batch(self, inputs) -> None:
-        """Called for every micro-batch: real tokens T and Σ s² (per attending span)."""
-        if self._pending is None:
-            return
-        if "attention_mask" in inputs:
-            lengths = inputs["attention_mask"].sum(dim=1).tolist()
-        else:  # packed: position_ids restart at 0 for each example, flattened or in rows
-            from kubetune.stages.packing import packed_example_lengths
-
-            lengths = packed_example_lengths(inputs["position_ids"]).tolist()
-        self._pending["tokens"] += int(sum(lengths))
-        self._pending["sum_s2"] += int(sum(s * s for s in lengths))
-        self._pending["rows"] += int(inputs["input_ids"].shape[0])
-        self._pending["padded_tokens"] += int(inputs["input_ids"].numel())
-
-    def _mark(self):
-        if self.cuda:
-            import torch
-
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            return ev
-        return time.perf_counter()
-
-    def callback(self):
-        from transformers import TrainerCallback
-
-        timer = self
-
-        class _Cb(TrainerCallback):
-            def on_step_begin(self, args, state, control, **kwargs):
-                timer._pending = {"start": timer._mark(), "tokens": 0, "sum_s2": 0, "rows": 0, "padded_tokens": 0}
-
-            def on_step_end(self, args, state, control, **kwargs):
-                if timer._pending is not None:
-                    timer._pending["end"] = timer._mark()
-                    timer.steps.append(timer._pending)
-                    timer._pending = None
-
-        return _Cb()
-
-    def results(self) -> list[dict]:
-        if self.cuda:
-            import torch
-
-            torch.cuda.synchronize()
-        out = []
-        for s in self.steps:
-            ms = s["start"].elapsed_time(s["end"]) if self.cuda else (s["end"] - s["start"]) * 1e3
-            out.append({"ms": ms, **{k: s[k] for k in ("tokens", "sum_s2", "rows", "padded_tokens")}})
-        return out
-
-
-def _patch_no_kbit_upcast() -> None:
-    """The frozen 16-bit rest of a k-bit base (BLOOM-7B1's tied 250880×4096 embedding: 1.9 GiB in bf16, 3.8 in
-    fp32) stays 16-bit whatever the training precision. Measured as a patch first; since then
-    kubetune.stages.finetune.prepare_kbit_base does it under bf16 itself (the patch changes nothing there)."""
-    from kubetune.stages import finetune
-
-    prepare = finetune.prepare_kbit_base
-    finetune.prepare_kbit_base = lambda model, gradient_checkpointing, upcast: prepare(
-        model, gradient_checkpointing, upcast=False)
-
-
-def _patch_gptq_no_offload() -> None:
-    """GPTQModel without its disk offload of finished layers (kubetune sets offload_to_disk_path for machines whose
-    memory the model does not fit): what the offload costs in time when the model fits anyway."""
-    import gptqmodel
-
-    original = gptqmodel.QuantizeConfig
-
-    def no_offload(*args, **kwargs):
-        kwargs.pop("offload_to_disk_path", None)
-        kwargs["offload_to_disk"] = False  # also when GPTQModel rebuilds the config from a saved checkpoint
-        return original(*args, **kwargs)
-
-    gptqmodel.QuantizeConfig = no_offload
-
-
-def _patch_calibration_2048() -> None:
-    """Calibrate on ``calibration.samples`` sequences of ``calibration.max_length`` tokens made by joining training
-    rows (prompt + answer + eos, as the fine-tune sees them) end to end: the long-sequence calibration the issue asks
-    about, which a recipe cannot express (the quantize stage takes one row per sample)."""
-    from kubetune.data import example_texts, load_splits
-    from kubetune.stages import quantize
-
-    def joined(recipe, template, tokenizer):
-        cal = recipe.quantize.calibration
-        stream: list[int] = []
-        need = cal.samples * cal.max_length
-        for row in load_splits(recipe.data).train:
-            text = "".join(example_texts(row, template, tokenizer.eos_token))
-            stream += tokenizer(text)["input_ids"]
-            if len(stream) >= need:
-                break
-        chunks = [stream[i:i + cal.max_length] for i in range(0, need, cal.max_length)]
-        chunks = [c for c in chunks if len(c) == cal.max_length]
-        return [{"input_ids": c, "attention_mask": [1] * len(c)} for c in chunks]
-
-    quantize.calibration_examples = joined
-
-
-def _patch_trl_flattened_packing() -> None:
-    """Packing as TRL 1.16 does it by itself: each batch flattened into one padding-free row under sdpa's dense
-    block mask, instead of kubetune's rows of max_length (kubetune.stages.packing)."""
-    from kubetune.stages import packing
-
-    packing.packing_layout = lambda model: packing.FLATTENED
-
-
-def _patch_gptq_torch_block_update() -> None:
-    """GPTQModel without its CUDA block-update extension (GPTQMODEL_DISABLE_GPTQ_CUDA): the column loop in torch,
-    as in an image without a CUDA compiler."""
-    os.environ["GPTQMODEL_DISABLE_GPTQ_CUDA"] = "1"
-
-
-def _patch_gptq_no_compiled_kernel() -> None:
-    """GPTQModel's compiled CUDA block update reported unavailable, as in an image without nvcc: kubetune's CUDA
-    graphs (stages/gptq_block.py) run the blocks."""
-    from gptqmodel.quantization import gptq_cuda
-
-    gptq_cuda.block_update_available = lambda: False
-
-
-def _patch_full_logits_loss() -> None:
-    """SFTTrainer's loss as transformers' Trainer computes it: the model's own forward with labels, which builds
-    the logits of every position (TRL 1.16 otherwise scores only labelled positions in chunks)."""
-    import transformers
-    import trl
-
-    trl.SFTTrainer.compute_loss = transformers.Trainer.compute_loss
-
-
-PATCHES = {"no_kbit_upcast": _patch_no_kbit_upcast, "full_logits_loss": _patch_full_logits_loss,
-           "trl_flattened_packing": _patch_trl_flattened_packing, "gptq_no_offload": _patch_gptq_no_offload,
-           "calibration_2048": _patch_calibration_2048, "gptq_torch_block_update": _patch_gptq_torch_block_update,
-           "gptq_no_compiled_kernel": _patch_gptq_no_compiled_kernel}
-
-
-def profile_micro_batch(run, into: dict, cuda: bool):
-    """Run one micro-batch (forward + backward) under torch.profiler: its wall time, the GPU's busy time (sum of
-    kernel times) and the kernels that take it. Busy time far below wall time means the host (Python, kernel
-    launches) limits the step, not the GPU."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    if cuda:
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    with profile(activities=activities) as prof:
-        out = run()
-        if cuda:
-            torch.cuda.synchronize()
-    into["wall_ms"] = (time.perf_counter() - started) * 1e3
-    events = [e for e in prof.key_averages() if e.device_type.name == ("CUDA" if cuda else "CPU")]
-    key = "self_device_time_total" if cuda else "self_cpu_time_total"
-    total_us = sum(getattr(e, key) for e in events)
-    into["device_busy_ms"] = total_us / 1e3
-    into["kernels"] = sum(e.count for e in events)
-    into["top"] = [{"name": e.key[:120], "ms": getattr(e, key) / 1e3, "count": e.count}
-                   for e in sorted(events, key=lambda e: -getattr(e, key))[:20]]
-    return out
-
-
-def instrument(record: dict, sft_overrides: dict, cuda: bool, profile_step: int | None = None) -> StepTimer:
-    """Wrap the fine-tune stage's building blocks (load, SFTConfig, trainer) to observe, not to change them
-    (apart from the recorded SFTConfig overrides of the baseline). With ``profile_step``, the first micro-batch
-    of that optimizer step (0-based) runs under the profiler; the step summary leaves that step out."""
-    import torch
-    import trl
-
-    from kubetune import modelio
-    from kubetune.stages import finetune
-
-    timer = StepTimer(cuda)
-    mem = (lambda: torch.cuda.memory_allocated()) if cuda else (lambda: None)
-
-    original_config = trl.SFTConfig
-
-    def sft_config(*args, **kwargs):
-        kwargs.update(sft_overrides)
-        return original_config(*args, **kwargs)
-
-    trl.SFTConfig = sft_config
-
-    original_load_base = modelio.load_base_model
-
-    def load_base_model(*args, **kwargs):
-        model = original_load_base(*args, **kwargs)
-        if "after_load" not in record:  # the fine-tune's base (merge/quantize load later, recorded by their stage)
-            record["after_load"] = {"allocated_bytes": mem(), **dtype_bytes(model)}
-        return model
-
-    modelio.load_base_model = load_base_model
-
-    original_load_model = finetune.load_model
-
-    def load_model(recipe, *args, **kwargs):
-        model = original_load_model(recipe, *args, **kwargs)
-        record["after_prepare"] = {"allocated_bytes": mem(), **dtype_bytes(model)}
-        return model
-
-    finetune.load_model = load_model
-
-    original_build = finetune.build_trainer
-
-    def build_trainer(*args, **kwargs):
-        trainer = original_build(*args, **kwargs)
-        record["after_build_allocated_bytes"] = mem()
-        record["sft"] = {k: getattr(trainer.args, k, None) for k in
-                         ("packing", "packing_strategy", "padding_free", "completion_only_loss", "max_length",
-                          "per_device_train_batch_size", "gradient_accumulation_steps", "bf16", "fp16",
-                          "gradient_checkpointing", "loss_type")}
-        record["attn_implementation"] = getattr(trainer.model.config, "_attn_implementation", None)
-        trainer.add_callback(timer.callback())
-        step = trainer.training_step
-
-        def training_step(model, inputs, *a, **kw):
-            timer.note_batch(inputs)
-            if profile_step is not None and trainer.state.global_step == profile_step and "profile" not in record:
-                record["profile"] = {}  # the first micro-batch of that step only
-                return profile_micro_batch(lambda: step(model, inputs, *a, **kw), record["profile"], cuda)
-            return step(model, inputs, *a, **kw)
-
-        trainer.training_step = training_step
-        return trainer
-
-    finetune.build_trainer = build_trainer
-    return timer
+def report_steps(finetune_report: dict) -> list[dict]:
+    """The fine-tune report's ``step_times`` columns (kubetune.metrics.callbacks.StepTimes) as one dict per step."""
+    columns = finetune_report.get("step_times") or {}
+    keys = [k for k in ("ms", "tokens", "sum_s2", "rows", "padded_tokens") if k in columns]
+    return [dict(zip(keys, values)) for values in zip(*(columns[k] for k in keys))]
 
 
 def step_summary(steps: list[dict], warmup: int, n_matmul: int, layers: int, hidden: int,
@@ -594,7 +408,8 @@ def case_stages(case: str) -> list[str]:
 
 
 def run_case(case: str, args) -> dict:
-    """Run the case's stages named by ``args.stage`` (all when None) in this process."""
+    """Run the case's stages named by ``args.stage`` (all when None) in this process; the record holds their
+    reports, and the fine-tune's step times and tokens (its report's ``step_times``) summed up."""
     import torch
 
     from kubetune.stages import run_stage
@@ -603,43 +418,76 @@ def run_case(case: str, args) -> dict:
     cuda = torch.cuda.is_available()
     work = Path(args.work)
     folder = work / "models" / (spec["model"] + ("-tiny" if args.tiny else ""))
-    recipe = recipe_for(case, spec, folder, work, args.steps + (1 if spec.get("profile") else 0), args.warmup,
-                        args.tiny)
+    recipe = recipe_for(case, spec, folder, work, args.steps, args.warmup, args.tiny)
+    settings = case_settings(case, recipe)
     config = model_config(spec["model"], args.tiny)
     text = config.get_text_config()
-    record: dict = {"case": case, "model": spec["model"], "set": spec["set"], "sft_overrides": spec.get("sft", {}),
+    record: dict = {"case": case, "model": spec["model"], "set": spec["set"], "env": spec.get("env", {}),
+                    "data": settings["data"], "settings": settings, "settings_sha256": settings_sha256(settings),
                     "stages_run": list(recipe.stages), "n_matmul_params": matmul_params(config),
                     "layers": text.num_hidden_layers, "hidden": text.hidden_size}
-    for patch in spec.get("patch", []):  # proposed code changes, measured (recorded in the JSON)
-        PATCHES[patch]()
-    record["patches"] = spec.get("patch", [])
     if spec.get("probe"):
         probe_load(recipe, record)
         return record
-    profile_step = args.warmup + args.steps if spec.get("profile") else None  # one step after the measured ones
-    timer = instrument(record, spec.get("sft", {}), cuda, profile_step)
+    if spec.get("data") == "wrapped":
+        unwrapped = recipe_for(case, {k: v for k, v in spec.items() if k != "data"}, folder, work, args.steps,
+                               args.warmup, args.tiny)
+        write_wrapped_data(unwrapped.data, folder, Path(recipe.data.source))
     reports = {}
     for stage in [st for st in recipe.stages if args.stage in (None, st)]:
         if cuda:
             torch.cuda.empty_cache()
-        result = run_stage(recipe, stage)
-        report = dict(result.report)
+        report = dict(run_stage(recipe, stage).report)
         if stage != "finetune":
             report.pop("recipe", None)  # the finetune report keeps the whole recipe (the estimator reads it)
         reports[stage] = report
     record["reports"] = reports
-    steps = timer.results()
-    record["steps"] = steps
     if "finetune" in reports:
-        record["summary"] = step_summary(steps, args.warmup, record["n_matmul_params"], record["layers"],
-                                         record["hidden"], measured_steps=args.steps)
+        record["steps"] = report_steps(reports["finetune"])
+        record["summary"] = step_summary(record["steps"], args.warmup, record["n_matmul_params"], record["layers"],
+                                         record["hidden"])
     return record
 
 
 # ---- driver ----------------------------------------------------------------------------------------------
+def git_commit() -> str | None:
+    """The commit the harness runs from, with "-dirty" when tracked files differ from it; on a machine that got
+    the tree without .git, $BENCH_COMMIT (bench/README.md sets it in the device call)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=20)
+        if head.returncode == 0:
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                                   capture_output=True, text=True, timeout=20).stdout.strip()
+            return head.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return os.environ.get("BENCH_COMMIT") or None
+
+
+def source_sha256() -> str:
+    """One hash of the code a run executes (src/, bench/*.py, jobs/, pyproject.toml), whether or not .git came
+    along: two runs with the same hash ran the same code."""
+    digest = hashlib.sha256()
+    files = sorted([*(ROOT / "src").rglob("*.py"), *(ROOT / "bench").glob("*.py"), *(ROOT / "jobs").glob("*.yaml"),
+                    ROOT / "pyproject.toml"])
+    for path in files:
+        digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def installed_versions() -> dict[str, str]:
+    """Every distribution importable here, name → version."""
+    return dict(sorted((d.metadata["Name"], d.version) for d in importlib.metadata.distributions()
+                       if d.metadata["Name"]))
+
+
 def environment() -> dict:
+    lock = ROOT / "images" / "requirements.lock"
     env: dict = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                 "host": platform.node(), "python": platform.python_version(), "command": " ".join(sys.argv)}
+                 "host": platform.node(), "python": platform.python_version(), "command": " ".join(sys.argv),
+                 "git_commit": git_commit(), "source_sha256": source_sha256(),
+                 "lock": {"file": str(lock.relative_to(ROOT)), "sha256": hashlib.sha256(lock.read_bytes()).hexdigest()},
+                 "all_versions": installed_versions()}
     try:
         import torch
 
@@ -703,6 +551,7 @@ def cmd_run(args) -> int:
         for step in steps:
             try:
                 proc = subprocess.run(base + step + common, stdout=log, stderr=subprocess.STDOUT,
+                                      env={**os.environ, **CASES[case].get("env", {})},
                                       timeout=max(10, deadline - time.monotonic()))
                 rc = proc.returncode
             except subprocess.TimeoutExpired:

@@ -83,25 +83,34 @@ def slim(report: dict | None) -> dict | None:
     return {k: report[k] for k in keep if k in report}
 
 
+def lay_out_inputs(args, folder: Path, *extra_sets: str):
+    """The model and the data set where the recipe finds them, relative to ``folder`` (the claim, or the folder
+    `kubetune run` runs in); returns (recipe, its --set overrides). ``args.recipe`` becomes absolute, since the
+    commands run inside ``folder``."""
+    from kubetune.config import load_recipe
+
+    shutil.rmtree(Path(args.work), ignore_errors=True)
+    shutil.copytree(args.model, folder / MODEL_ON_CLAIM)
+    (folder / DATA_ON_CLAIM).parent.mkdir(parents=True)
+    shutil.copy(args.data, folder / DATA_ON_CLAIM)
+    args.recipe = str(Path(args.recipe).resolve())
+    sets = [f"data.source={DATA_ON_CLAIM}", *extra_sets, *args.set]
+    return load_recipe(args.recipe, sets), sets
+
+
 def cmd_pods(args) -> dict:
     from k8s.executor import HostExecutor
     from k8s.fakeapi import FakeCluster
     from k8s.podrunner import PodRunner
 
-    from kubetune.config import load_recipe
-
     work = Path(args.work)
-    shutil.rmtree(work, ignore_errors=True)
     claim = work / "claim"
-    shutil.copytree(args.model, claim / MODEL_ON_CLAIM)
-    (claim / DATA_ON_CLAIM).parent.mkdir(parents=True)
-    shutil.copy(args.data, claim / DATA_ON_CLAIM)
-    for path in [claim, *claim.rglob("*")]:
+    # The host executor runs this checkout, not an image: any name but the unpublished default (exit 15) will do.
+    recipe, sets = lay_out_inputs(args, claim, "kubernetes.driver.poll_s=2",
+                                  "kubernetes.image=localhost/kubetune:this-checkout")
+    for path in [claim, *claim.rglob("*")]:  # as a fresh volume: root's, not the pods' user's
         os.chown(path, 0, 0)
     claim.chmod(0o755)
-    args.recipe = str(Path(args.recipe).resolve())  # submit runs in the claim folder
-    sets = [f"data.source={DATA_ON_CLAIM}", "kubernetes.driver.poll_s=2", *args.set]
-    recipe = load_recipe(str(args.recipe), sets)
     bin_dir = kubetune_launcher(ROOT / ".cache" / "pod-path-bin")  # not under /tmp: a pod's /tmp is its own
     started = time.monotonic()
     with FakeCluster("bench") as fake, PodRunner(fake, work / "node", claims={f"{recipe.run.name}-data": claim},
@@ -126,7 +135,8 @@ def cmd_pods(args) -> dict:
         pods = {}
         for name, run in runner.runs.items():
             pods[name] = {"job": run.job, "wall_s": run.wall_s, "exit_code": run.process.poll() if run.process else None}
-            shutil.copy(run.log, Path(args.out) / f"pod-{run.job}.log") if run.job.endswith(("finetune", "driver")) else None
+            if run.job.endswith(("finetune", "driver")):  # at most 8 files come back from a device call
+                shutil.copy(run.log, Path(args.out) / f"pod-{run.job}.log")
         errors = list(runner.errors)
     artifacts = claim / recipe.run.artifacts_root / recipe.run.name
     return {"mode": "pods", "driver": state, "status": status, "pods": pods, "runner_errors": errors,
@@ -135,17 +145,8 @@ def cmd_pods(args) -> dict:
 
 
 def cmd_run(args) -> dict:
-    from kubetune.config import load_recipe
-
-    work = Path(args.work)
-    shutil.rmtree(work, ignore_errors=True)
-    folder = work / "local"
-    shutil.copytree(args.model, folder / MODEL_ON_CLAIM)
-    (folder / DATA_ON_CLAIM).parent.mkdir(parents=True)
-    shutil.copy(args.data, folder / DATA_ON_CLAIM)
-    args.recipe = str(Path(args.recipe).resolve())
-    sets = [f"data.source={DATA_ON_CLAIM}", *args.set]
-    recipe = load_recipe(str(args.recipe), sets)
+    folder = Path(args.work) / "local"
+    recipe, sets = lay_out_inputs(args, folder)
     bin_dir = kubetune_launcher(ROOT / ".cache" / "pod-path-bin")
     started = time.monotonic()
     proc = subprocess.run([str(bin_dir / "kubetune"), "run", str(args.recipe)] + [a for s in sets for a in ("--set", s)],

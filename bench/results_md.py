@@ -1,6 +1,6 @@
 """bench/RESULTS.md (and a memory chart under bench/results/) from the JSON files in bench/results/ only.
 
-    make bench-results            # = .venv/bin/python bench/results_md.py
+    make bench-results            # = .venv/bin/python bench/results_md.py --readme README.md
     .venv/bin/python bench/results_md.py --results bench/results --out bench/RESULTS.md
 
 Inputs: ``gpu-*.json`` (a harness ``results.json`` with the estimator's predictions, written by
@@ -18,6 +18,7 @@ import datetime
 import json
 import os
 import re
+import textwrap
 from pathlib import Path
 
 from bench_report import GIB, error_pct, est_cells, estimator_version, gib  # bench/bench_report.py
@@ -188,6 +189,7 @@ def header(res: Results, quality: list[dict]) -> list[str]:
         est = (src["data"].get("estimator") or {}).get("source_sha256_16")
         lines.append(f"- `{src['name']}`: {src['card']}, {env.get('date')}; harness command "
                      f"`{env.get('command')}`" + (f"; device command `{device}`" if device else "")
+                     + (f"; commit {env['git_commit']}" if env.get("git_commit") else "")
                      + (f"; estimator source {est}" if est else ""))
     never = {case: why for case, why in res.failed.items() if res.get(case) is None}
     if never:
@@ -280,8 +282,10 @@ def block_update_section(results_dir: Path) -> list[str]:
 
 def levers_table(res: Results) -> list[str]:
     lines = ["## Levers", "", "Every measured case with what it changes against the shipped recipe (`set` "
-             "overrides, TRL SFTConfig overrides, code patches under measurement); × = ratio to the model's "
-             "`ours` case.", ""]
+             "overrides; in runs before 2026-12-06 also TRL SFTConfig overrides and code patches under "
+             "measurement, since dropped from the harness); settings sha256: the hash of the case's resolved recipe, "
+             "environment and data (recorded since 2026-12-06: two runs of a case ran the same settings only when "
+             "it agrees); × = ratio to the model's `ours` case.", ""]
     for model in res.models():
         rows = []
         for row in res.of_model(model):
@@ -292,14 +296,20 @@ def levers_table(res: Results) -> list[str]:
                 after = [gib((row.run.get(k) or {}).get("allocated_bytes")) for k in
                          ("probe_after_load", "probe_after_prepare")]
                 note = f"load probe: {after[0]} GiB after load, {after[1]} after prepare"
+            if row.run.get("env"):
+                note = "; ".join(filter(None, [note, "env " + code(row.run["env"])]))
+            if row.run.get("data") == "wrapped":
+                note = "; ".join(filter(None, [note, "data: the original's wrapped rows (harness.wrapped_rows)"]))
+            pinned = row.run.get("settings_sha256")
             rows.append([row.case, code(row.run.get("set")), code(row.run.get("sft_overrides")),
-                         code(row.run.get("patches")), num(s.get("tokens_per_s"), ",.0f"), gib(row.peak("finetune")),
+                         code(row.run.get("patches")), f"`{pinned[:12]}`" if pinned else "–",
+                         num(s.get("tokens_per_s"), ",.0f"), gib(row.peak("finetune")),
                          ratio(s.get("tokens_per_s"), ours.summary.get("tokens_per_s") if ours else None, mark),
                          ratio(row.peak("finetune"), ours.peak("finetune") if ours else None, mark),
                          note, f"`{row.source['name']}`"])
         lines += [f"### {model}", ""] + table(
-            ["case", "set", "sft_overrides", "patches", "tokens/s", "peak alloc GiB", "tokens/s ×", "peak ×",
-             "notes", "source"], rows) + [""]
+            ["case", "set", "sft_overrides", "patches", "settings sha256", "tokens/s", "peak alloc GiB", "tokens/s ×",
+             "peak ×", "notes", "source"], rows) + [""]
     return lines
 
 
@@ -520,6 +530,21 @@ def verdict(value, ok) -> tuple[str, str]:
     return (value, "met" if ok else "missed") if value else (NOT_MEASURED, NOT_MEASURED)
 
 
+def newest_gptq(res: Results, model: str, block_update: str) -> Row | None:
+    """The newest GPTQ run of the model's default calibration whose block update was ``block_update``: since the
+    harness stopped hiding GPTQModel's kernel (2026-12-06), ``<model>/gptq8`` is either, depending on the machine
+    (nvcc or none); older files name the image's path ``<model>/gptq8-graphed``."""
+    found = None
+    for src in res.sources:  # oldest first
+        for case in (f"{model}/gptq8", f"{model}/gptq8-graphed"):
+            run = src["runs"].get(case)
+            if run and "error" not in run and "quantize" in (run.get("reports") or {}):
+                row = Row(src, run)
+                if block_update_of(row, row.reports["quantize"]) == block_update:
+                    found = row
+    return found
+
+
 def targets(res: Results, quality: list[dict]) -> list[str]:
     rows = []
     for model, (min_speed, max_peak, min_mfu) in TARGETS.items():
@@ -542,9 +567,10 @@ def targets(res: Results, quality: list[dict]) -> list[str]:
             rows.append([what, f"MFU (4NT) ≥ {100 * min_mfu:g}%",
                          *verdict(mfu and f"{100 * mfu:.1f}%", mfu and mfu >= min_mfu)])
     for model, limit in GPTQ_TARGET_S.items():
-        for case, where in ((DEFAULT_GPTQ_CASE.get(model, ""), "kubetune's image, no nvcc"),
-                            (COMPILED_GPTQ_CASE.get(model, ""), "with nvcc (GPTQModel's kernel)")):
-            row = res.get(case)
+        for case, kind, where in ((DEFAULT_GPTQ_CASE.get(model, ""), "cuda-graphs", "kubetune's image, no nvcc"),
+                                  (COMPILED_GPTQ_CASE.get(model, ""), "cuda-kernel", "with nvcc (GPTQModel's kernel)")):
+            row = newest_gptq(res, model, kind) or res.get(case)
+            case = row.case if row else case
             q = row.reports.get("quantize") if row else None
             seconds, samples = (q or {}).get("seconds"), (q or {}).get("calibration_samples")
             rows.append([f"GPTQ {model}, {where} (`{case}`)",
@@ -574,8 +600,77 @@ def targets(res: Results, quality: list[dict]) -> list[str]:
             ""] + table(["what", "target", "measured", "verdict"], rows) + [""]
 
 
+# ---- README -------------------------------------------------------------------------------------------------
+README_BEGIN = "<!-- bench headlines: generated by bench/results_md.py from bench/results/, do not edit -->"
+README_END = "<!-- end of bench headlines -->"
+
+
+def best_case(res: Results, model: str) -> tuple[Row | None, Row | None, str]:
+    """(fastest measured fine-tune of the model, its baseline, ratio marker), by tokens/s over the baseline."""
+    best = (None, None, "", 0.0)
+    for row in res.of_model(model):
+        base, mark = res.reference(row, f"{model}/baseline")
+        speed, b_speed = row.summary.get("tokens_per_s"), base.summary.get("tokens_per_s") if base else None
+        if speed and b_speed and not row.variant.startswith("baseline") and speed / b_speed > best[3]:
+            best = (row, base, mark, speed / b_speed)
+    return best[:3]
+
+
+def speed_phrase(row: Row, base: Row, mark: str) -> str:
+    s, b = row.summary["tokens_per_s"], base.summary["tokens_per_s"]
+    files = sorted({row.source["name"], base.source["name"]})
+    return (f"{s / b:.2f}×{mark} the tokens/s at {ratio(row.peak('finetune'), base.peak('finetune'))}× the "
+            f"peak (`{row.case}` {s:,.0f} vs `{base.case}` {b:,.0f} tokens/s; {', '.join(f'`{f}`' for f in files)})")
+
+
+def readme_headlines(res: Results, quality: list[dict]) -> list[str]:
+    """The figures README.md quotes, each from the rows RESULTS.md shows, with the file it comes from."""
+    lines = []
+    if quality:
+        src = quality[-1]
+        runs = src["data"].get("runs") or {}
+        first = quality_metrics(next(iter(runs.values()), {}))
+        accuracy = {name: quality_metrics(run).get("quantized", {}).get("execution_accuracy")
+                    for name, run in runs.items()}
+        seconds = sum(rep.get("duration_s") or 0 for run in runs.values()
+                      for stage, rep in (run.get("reports") or {}).items()
+                      if (run.get("status") or {}).get(stage) == "done")
+        figures = [f"base {first.get('base', {}).get('execution_accuracy', 0):.1f}%",
+                   f"fine-tuned {first.get('merged', {}).get('execution_accuracy', 0):.1f}%"] + \
+            [f"{name.replace('gptq', 'GPTQ-')} {acc:.1f}%" for name, acc in accuracy.items() if acc is not None]
+        heldout = (src["data"].get("data") or {}).get("heldout_rows")
+        lines.append(f"- Gemma 3 270M on WikiSQL ({num(heldout, ',.0f')} "
+                     f"held-out questions): {', '.join(figures)} execution accuracy; the stages that ran took "
+                     f"{seconds:.0f} s in all on one {src['card']} (stage reports; the GGUF import before them is "
+                     f"not timed) (`{src['name']}`).")
+    for model in TARGETS:
+        ours = res.get(DEFAULT_CASE.get(model, ""))
+        base, mark = res.reference(ours, f"{model}/baseline") if ours else (None, "")
+        if not (ours and base and ours.summary and base.summary):
+            continue
+        line = f"- {model} fine-tune against the original notebook's recipe, same card: shipped recipe " + \
+            speed_phrase(ours, base, mark)
+        best, best_base, best_mark = best_case(res, model)
+        if best is not None and best.case != ours.case:
+            line += "; fastest case measured " + speed_phrase(best, best_base, best_mark)
+        lines.append(line + ".")
+    if any("†" in line for line in lines):
+        lines.append("- †: the baseline was measured in another device call on the same card.")
+    # nested under README's "GPU measurements" item, wrapped as the rest of the file
+    wrapped = [textwrap.fill(line, 118, initial_indent="  ", subsequent_indent="    ", break_on_hyphens=False)
+               for line in lines]
+    return [README_BEGIN] + wrapped + [README_END]
+
+
+def update_readme(readme: Path, headlines: list[str]) -> str:
+    """README.md with its headline block replaced by ``headlines``."""
+    text = readme.read_text()
+    start, end = text.index(README_BEGIN), text.index(README_END) + len(README_END)
+    return text[:start] + "\n".join(headlines) + text[end:]
+
+
 # ---- main ----------------------------------------------------------------------------------------------------
-def generate(results_dir: Path, out: Path) -> str:
+def generate(results_dir: Path, out: Path, readme: Path | None = None) -> str:
     res = Results(load_sources(results_dir, "gpu-*.json"))
     quality = load_sources(results_dir, "quality-*.json")
     lines = (header(res, quality) + original_table(res) + gptq_table(res) + block_update_section(results_dir)
@@ -584,6 +679,8 @@ def generate(results_dir: Path, out: Path) -> str:
              + targets(res, quality))
     text = "\n".join(lines).rstrip() + "\n"
     out.write_text(text)
+    if readme is not None:
+        readme.write_text(update_readme(readme, readme_headlines(res, quality)))
     return text
 
 
@@ -591,9 +688,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--results", default=str(ROOT / "bench" / "results"), help="folder of gpu-*.json, quality-*.json")
     p.add_argument("--out", default=str(ROOT / "bench" / "RESULTS.md"), help="the markdown file to write")
+    p.add_argument("--readme", help="also rewrite this file's bench headline block (make bench-results: README.md)")
     args = p.parse_args(argv)
     out = Path(args.out)
-    generate(Path(args.results), out)
+    generate(Path(args.results), out, Path(args.readme) if args.readme else None)
     print(f"wrote {out}")
     return 0
 

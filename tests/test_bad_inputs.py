@@ -124,6 +124,31 @@ RECIPES = {
     "group-size-0": ({"quantize": {"group_size": 0}}, "quantize.group_size: must be -1 (per row)"),
     "several-problems-at-once": ({"quantize": {"bits": 3}, "finetune": {"epochs": -1, "lora": {"r": 0}}},
                                  "3 problems"),
+    # YAML that PyYAML accepts silently: the second key replaces the first; aliases expand without bound
+    "duplicate-key": ("model: {name_or_path: x}\nfinetune: {epochs: 2}\nfinetune: {max_steps: 3}\n",
+                      "line 3, column 1: not valid YAML (duplicate key 'finetune'"),
+    "alias-expansion": ("model: {name_or_path: x}\nkubernetes:\n  tolerations:\n  - a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n"
+                        + "".join(f"    a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 9)),
+                        "aliases expand to more than 100,000 values"),
+    # values that validated, then crashed render or a stage with a traceback
+    "nan-float": ("model: {name_or_path: x}\nfinetune: {learning_rate: .nan}\n",
+                  "finetune.learning_rate: Input should be a finite number"),
+    "inf-gate": ({"evaluate": {"gates": {"quantized_max_drop": float("inf")}}},
+                 "evaluate.gates.quantized_max_drop: Input should be a finite number"),
+    "date-in-toleration": ("model: {name_or_path: x}\nkubernetes: {tolerations: [{key: a, value: 2026-12-06}]}\n",
+                           "kubernetes.tolerations.0.value: input was not a valid JSON value"),
+    "lone-surrogate": ('model: {name_or_path: x}\nkubernetes: {affinity: {a: "b\\ud800"}}\n',
+                       "kubernetes.affinity: contains a lone UTF-16 surrogate"),
+    "template-format-spec": ({"prompt": {"template": "{context} {question:d}"}},
+                             "prompt.template: placeholder(s) {question:d} carry a format spec or conversion"),
+    "template-conversion": ({"prompt": {"template": "{context!r} {question}"}},
+                            "prompt.template: placeholder(s) {context!r} carry a format spec or conversion"),
+    "artifacts-root-climbs-out": ({"run": {"artifacts_root": "../../outside"}},
+                                  "run.artifacts_root: ../../outside climbs out of the working directory"),
+    "run-name-starts-with-digit": ({"run": {"name": "1run"}}, "run.name: String should match pattern '^[a-z]"),
+    # read by transformers only when the merge saves, after the fine-tune and the merge itself
+    "merge-shard-size-unreadable": ({"merge": {"max_shard_size": "2 gigabytes"}},
+                                    "merge.max_shard_size: String should match pattern"),
 }
 
 
@@ -207,6 +232,10 @@ DATA = {  # case: (make the source in a folder, more data settings, words of the
     "eval-takes-everything": (lambda d: _jsonl(d / "few.jsonl", _rows(12)), {"eval_size": 12},
                               "leaves no training rows out of 12"),
     "unknown-builtin": (lambda d: "builtin:wikisql", {}, "unknown builtin data set 'wikisql'"),
+    # 24 MB in one row: tokenizing it took GBs and minutes; refused before any tokenizer sees it
+    "oversized-row": (lambda d: _jsonl(d / "big.jsonl", _rows(17) + [{**_rows(1)[0], "context": "x" * 24_000_000}]
+                                       + _rows(23)), {}, "big.jsonl: row 18: context (column 'context') has "
+                                                         "24,000,000 characters; the limit is 1,000,000"),
 }
 
 
@@ -390,26 +419,59 @@ def test_read_only_volume_then_writable_and_rerun(finished, tmp_path, tiny_model
         ctx.__exit__(None, None, None)
 
 
-def test_storage_errors_from_libraries_that_do_not_raise_oserror():
-    """safetensors and torch word ENOSPC in their own exceptions; they map to exit 13 all the same."""
+def test_storage_errors_from_libraries_that_do_not_raise_oserror(tmp_path):
+    """safetensors words ENOSPC in its own exception; torch.save to a path gives no reason at all (its C++ stream
+    keeps no errno), so the volume it wrote to decides. Both map to exit 13; torch's words alone do not."""
+    import safetensors.torch
+    import torch
+
     from kubetune.errors import StorageError, storage_error
 
-    rust = RuntimeError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space" })')
-    assert isinstance(storage_error(rust), StorageError)
-    try:
-        try:
-            raise OSError(30, "Read-only file system", "/workspace/x")
-        except OSError as inner:
-            raise RuntimeError("PytorchStreamWriter failed writing file data/0") from inner
-    except RuntimeError as outer:
-        assert "/workspace/x: read-only file system" in str(storage_error(outer))
+    with tmpfs(tmp_path / "full", "64k") as full:
+        with pytest.raises(Exception) as rust:  # safetensors' Rust writer: its own exception type
+            safetensors.torch.save_file({"x": torch.zeros(100_000)}, str(full / "model.safetensors"))
+        assert isinstance(storage_error(rust.value), StorageError), repr(rust.value)
+        (full / "model.safetensors").unlink(missing_ok=True)
+        with pytest.raises(RuntimeError) as real:
+            torch.save({"x": torch.zeros(100_000)}, full / "optimizer.pt")
+        assert storage_error(real.value) is None, "no reason given: not a storage error without a volume to look at"
+        assert f"{full}: no space left on the volume" in str(storage_error(real.value, volume=full))
+        assert storage_error(real.value, volume=tmp_path) is None, "a volume with room: some other failure"
     assert storage_error(ValueError("No such column")) is None
     assert StorageError.exit_code == 13 and StorageError.permanent
 
 
+def _pages(path: Path) -> int:
+    return -(-path.stat().st_size // 4096) * 4096
+
+
+def test_disk_full_during_a_checkpoint_torch_save_then_free_space_and_rerun(finished, tmp_path, tiny_model_dir):
+    """The volume fills while the Trainer's torch.save writes a checkpoint's optimizer.pt: exit 13 with one line
+    (it was exit 1 with two tracebacks, which podFailurePolicy retries), then a rerun with room finishes."""
+    done = finished / "keep" / ".work" / "finetune" / "checkpoints" / "checkpoint-1"
+    before_optimizer = [p for p in done.iterdir() if p.name not in ("optimizer.pt", "scheduler.pt", "rng_state.pth",
+                                                                     "trainer_state.json", "kubetune-checkpoint.json")]
+    # the first checkpoint's files up to optimizer.pt, the checkpoints' README and fingerprint, half the optimizer
+    size = sum(map(_pages, before_optimizer)) + 2 * 4096 + _pages(done / "optimizer.pt") // 2
+    with tmpfs(tmp_path / "volume", f"{size // 1024}k") as root:
+        data = keep_dict(tiny_model_dir, root)
+        data["run"]["name"] = "full"
+        recipe = tmp_path / "full.yaml"
+        recipe.write_text(yaml.safe_dump(data))
+        result = kubetune("stage", "finetune", "--recipe", recipe)
+        handled(result, 13, f"{root / 'full'}: no space left on the volume", root, {}, run="full", stage="finetune")
+        checkpoint = root / "full" / ".work" / "finetune" / "checkpoints" / "checkpoint-1"
+        assert (checkpoint / "optimizer.pt").exists() and not (checkpoint / "scheduler.pt").exists(), \
+            "the volume did not fill during optimizer.pt's torch.save"
+        subprocess.run(["mount", "-o", "remount,size=16m", str(root)], check=True)  # the user frees space
+        again = kubetune("stage", "finetune", "--recipe", recipe)
+        assert again.exit_code == 0, again.output
+        assert (root / "full" / "finetune" / SUCCESS_MARKER).exists()
+
+
 # ---- the cluster: exit 10, or a reason that `status` shows ----------------------------------------------------------
 K8S_RECIPE = {"run": {"name": "gpu1"}, "model": {"name_or_path": "org/model"}, "stages": ["finetune", "merge"],
-              "infer": {"models": ["base"]}}
+              "infer": {"models": ["base"]}, "kubernetes": {"image": "registry.example.com/ml/kubetune:0.1.0"}}
 
 
 @pytest.fixture

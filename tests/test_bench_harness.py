@@ -1,4 +1,5 @@
-"""bench/harness.py: the arithmetic behind its tokens/s and MFU, and the recipes it builds (no GPU, no timing)."""
+"""bench/harness.py: the arithmetic behind its tokens/s and MFU, and the cases it runs: every case a valid recipe
+that kubetune's pre-flight accepts, pinned by a hash of its resolved settings (no GPU, no timing)."""
 
 from __future__ import annotations
 
@@ -10,34 +11,32 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def harness():
+def load_harness():
     spec = importlib.util.spec_from_file_location("bench_harness", ROOT / "bench" / "harness.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def test_batch_lengths_padded_padding_free_and_packed_rows(harness):
-    import torch
-
-    timer = harness.StepTimer(cuda=False)
-    timer._pending = {"tokens": 0, "sum_s2": 0, "rows": 0, "padded_tokens": 0}
-    # padded rows: lengths 3 and 5 in a 2×5 batch
-    timer.note_batch({"input_ids": torch.zeros(2, 5, dtype=torch.long),
-                      "attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])})
-    # padding-free: one row of 2 examples (2, 4 tokens); position_ids restart at 0
-    timer.note_batch({"input_ids": torch.zeros(1, 6, dtype=torch.long),
-                      "position_ids": torch.tensor([[0, 1, 0, 1, 2, 3]])})
-    # packed rows: (3, 2) and (4) + 3 positions of right padding (each a lone 0)
-    timer.note_batch({"input_ids": torch.zeros(2, 7, dtype=torch.long),
-                      "position_ids": torch.tensor([[0, 1, 2, 0, 1, 0, 0], [0, 1, 2, 3, 0, 0, 0]])})
-    assert timer._pending["tokens"] == 3 + 5 + 2 + 4 + 3 + 2 + 4
-    assert timer._pending["sum_s2"] == 9 + 25 + 4 + 16 + 9 + 4 + 16
-    assert timer._pending["padded_tokens"] == 10 + 6 + 14
+harness = load_harness()
 
 
-def test_step_summary_flops(harness):
+def case_recipe(case, tmp_path, steps=10, warmup=3):
+    spec = harness.CASES[case]
+    return harness.recipe_for(case, spec, tmp_path / "models" / spec["model"], tmp_path, steps=steps, warmup=warmup,
+                              tiny=False)
+
+
+def test_steps_from_the_fine_tune_report():
+    report = {"step_times": {"clock": "cuda-events", "ms": [10.0, 12.5], "tokens": [100, 90], "sum_s2": [5000, 4100],
+                             "rows": [2, 2], "padded_tokens": [128, 128]}}
+    assert harness.report_steps(report) == [
+        {"ms": 10.0, "tokens": 100, "sum_s2": 5000, "rows": 2, "padded_tokens": 128},
+        {"ms": 12.5, "tokens": 90, "sum_s2": 4100, "rows": 2, "padded_tokens": 128}]
+    assert harness.report_steps({}) == []  # a report from before step_times
+
+
+def test_step_summary_flops():
     steps = [{"ms": 1000.0, "tokens": 100, "sum_s2": 10_000, "rows": 1, "padded_tokens": 100}] * 3
     s = harness.step_summary(steps, warmup=1, n_matmul=1_000, layers=2, hidden=8)
     assert s["steps_measured"] == 2
@@ -49,14 +48,7 @@ def test_step_summary_flops(harness):
     assert s["padding_fraction"] == 0
 
 
-def test_a_profiled_step_after_the_measured_ones_is_left_out(harness):
-    steps = [{"ms": 100.0, "tokens": 100, "sum_s2": 0, "rows": 1, "padded_tokens": 100}] * 3 + \
-        [{"ms": 900.0, "tokens": 100, "sum_s2": 0, "rows": 1, "padded_tokens": 100}]
-    s = harness.step_summary(steps, warmup=1, n_matmul=1, layers=1, hidden=1, measured_steps=2)
-    assert s["steps_measured"] == 2 and s["step_ms_max"] == 100.0
-
-
-def test_one_record_from_the_per_stage_processes(harness):
+def test_one_record_from_the_per_stage_processes():
     finetune = {"case": "c", "reports": {"finetune": {"duration_s": 1}}, "steps": [{"ms": 1}], "summary": {"x": 1}}
     merge = {"case": "c", "reports": {"merge": {"duration_s": 2}}, "steps": [], "summary": None}
     record = harness.merge_stage_records([finetune, merge])
@@ -65,24 +57,98 @@ def test_one_record_from_the_per_stage_processes(harness):
     assert harness.merge_stage_records([]) is None
 
 
-def test_profile_of_a_micro_batch_names_its_kernels(harness):
+@pytest.mark.parametrize("case", sorted(harness.CASES))
+def test_every_case_is_a_recipe_that_kubetune_runs(case, tmp_path):
+    """Each case validates, and passes the check that refused bloom-*/baseline on an H100 (2026-12-06: exit 3,
+    finetune.packing on BLOOM): the pre-flight of `kubetune estimate`/`submit`, on the published config."""
+    from kubetune.estimate import estimate_recipe
+
+    spec = harness.CASES[case]
+    recipe = case_recipe(case, tmp_path)
+    assert recipe.data.source.startswith("builtin:") or spec.get("data") == "wrapped"
+    assert recipe.stages == spec.get("stages", ["finetune"])
+    assert set(spec) <= {"model", "set", "stages", "env", "data", "probe"}  # no patches, no SFTConfig overrides
+    if spec.get("data") == "wrapped":
+        harness.wrapped_data_path(tmp_path, spec["model"], False).parent.mkdir(parents=True)
+        harness.wrapped_data_path(tmp_path, spec["model"], False).write_text(
+            '{"context": "", "question": "a b c", "answer": "d e f"}\n' * 20)
+    estimate_recipe(recipe, model_config=ROOT / "bench" / "configs" / harness.MODELS[spec["model"]], suggest=False)
+
+
+@pytest.mark.parametrize("model", ["bloom-1b1", "bloom-7b1", "falcon-7b"])
+def test_baseline_is_the_original_recipe(model, tmp_path):
+    recipe = case_recipe(f"{model}/baseline", tmp_path)
+    ft = recipe.finetune
+    assert (ft.batch_size, ft.grad_accum, ft.max_length, ft.completion_only_loss) == (1, 1, 2048, False)
+    assert not ft.packing and not ft.group_by_length and ft.gradient_checkpointing
+    assert (ft.lora.r, ft.lora.alpha, ft.lora.target_modules) == (16, 32, ["query_key_value"])
+    assert ft.base_precision == {"bloom-1b1": "none", "bloom-7b1": "4bit", "falcon-7b": "8bit"}[model]
+    assert recipe.prompt.template == "{question}"
+    assert recipe.data.source == str(harness.wrapped_data_path(tmp_path, model, False))
+
+
+def test_wrapped_rows_cut_the_joined_examples_every_length_tokens():
+    """TRL's wrapped packing as data: the token stream of the joined examples, cut mid-example into rows of
+    length - 1 tokens (the fine-tune appends the end-of-sequence token), each row split into question + answer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = [f"w{i}" for i in range(50)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok)
+    texts = [" ".join(words[1 + 7 * i:1 + 7 * i + 7]) for i in range(7)]  # 7 examples of 7 tokens: 49 tokens
+    rows = harness.wrapped_rows(texts, tokenizer, length=11)  # rows of 10 tokens: 4 rows, 9 tokens left over
+    joined = [row["question"] + " " + row["answer"] for row in rows]
+    assert joined == [" ".join(words[1 + 10 * r:11 + 10 * r]) for r in range(4)]
+    assert all(len(tokenizer(row["question"])["input_ids"]) == 5 for row in rows)
+    assert all(row["context"] == "" for row in rows)
+
+
+def test_a_case_is_pinned_by_its_resolved_settings(tmp_path):
+    """The hash follows every resolved setting, not the case's name or the machine's paths: the shipped recipe
+    changed under "<model>/ours" three times, and only the hash tells such runs apart."""
+    ours = harness.case_settings("bloom-1b1/ours", case_recipe("bloom-1b1/ours", tmp_path))
+    elsewhere = harness.case_settings("bloom-1b1/ours", case_recipe("bloom-1b1/ours", tmp_path / "other"))
+    assert harness.settings_sha256(ours) == harness.settings_sha256(elsewhere)
+    changed = harness.case_settings("bloom-1b1/ours", harness.recipe_for(
+        "bloom-1b1/ours", {"model": "bloom-1b1", "set": ["finetune.lora.dropout=0.0"]}, tmp_path / "m", tmp_path,
+        steps=10, warmup=3, tiny=False))
+    assert harness.settings_sha256(changed) != harness.settings_sha256(ours)
+    assert ours["recipe"]["finetune"]["batch_size"] == case_recipe("bloom-1b1/ours", tmp_path).finetune.batch_size
+    torch_loop = harness.case_settings("bloom-1b1/gptq8-torch-loop", case_recipe("bloom-1b1/gptq8-torch-loop", tmp_path))
+    gptq8 = harness.case_settings("bloom-1b1/gptq8", case_recipe("bloom-1b1/gptq8", tmp_path))
+    assert torch_loop["recipe"] == gptq8["recipe"] and torch_loop["env"] == {"GPTQMODEL_DISABLE_GPTQ_CUDA": "1"}
+    assert harness.settings_sha256(torch_loop) != harness.settings_sha256(gptq8)
+
+
+def test_environment_records_commit_source_lock_and_every_version():
+    env = harness.environment()
+    assert env["git_commit"] and len(env["git_commit"].split("-")[0]) == 40  # this checkout has .git
+    assert len(env["source_sha256"]) == 64 and len(env["lock"]["sha256"]) == 64
+    assert env["lock"]["file"] == "images/requirements.lock"
     import torch
+    import transformers
 
-    into: dict = {}
-    x = torch.randn(64, 64, requires_grad=True)
-    out = harness.profile_micro_batch(lambda: (x @ x).relu().sum().backward(), into, cuda=False)
-    assert out is None and into["wall_ms"] > 0 and into["kernels"] > 0
-    assert any("mm" in k["name"] for k in into["top"])
+    assert env["all_versions"]["torch"] == torch.__version__ and env["all_versions"]["transformers"] == \
+        transformers.__version__
+    assert len(env["all_versions"]) > 50  # every distribution, not a chosen few
 
 
-@pytest.mark.parametrize("case", ["bloom-1b1/baseline", "bloom-7b1/ours", "falcon-7b/baseline", "bloom-1b1/gptq8"])
-def test_case_recipes_validate(harness, case, tmp_path):
-    recipe = harness.recipe_for(case, harness.CASES[case], tmp_path / "model", tmp_path, steps=10, warmup=3,
-                                tiny=False)
-    assert recipe.data.source == "builtin:text2sql"
-    if case.endswith("baseline"):
-        ft = recipe.finetune
-        assert (ft.batch_size, ft.max_length, ft.packing, ft.completion_only_loss) == (1, 2048, True, False)
-        assert ft.lora.target_modules == ["query_key_value"]
-    if case.endswith("gptq8"):
-        assert recipe.stages == ["finetune", "merge", "quantize"] and recipe.quantize.bits == 8
+def test_wrapped_rows_keep_the_prompt_tokens_when_trl_tokenizes_the_answer_apart():
+    """With the bench's byte-level tokenizer, each row's prompt ends at an example's end: stripped and tokenized
+    alone, as the stages do, it is the start of the whole row's tokens (TRL warns and trains on another boundary
+    otherwise), and the row is about ``length`` tokens again once the end-of-sequence token is appended."""
+    from kubetune.config import DEFAULT_PROMPT_TEMPLATE
+    from kubetune.text2sql import generate
+
+    tokenizer = harness.train_tokenizer()
+    texts = [DEFAULT_PROMPT_TEMPLATE.format(context=r["context"], question=r["question"]) + r["answer"] + "</s>"
+             for r in generate(60, seed=1)]
+    rows = harness.wrapped_rows(texts, tokenizer, length=129)
+    assert len(rows) >= 10
+    for row in rows:
+        prompt = tokenizer(row["question"].strip())["input_ids"]
+        whole = tokenizer(row["question"].strip() + row["answer"].strip())["input_ids"]
+        assert whole[:len(prompt)] == prompt
+        assert abs(len(whole) + 1 - 129) <= 2

@@ -149,3 +149,69 @@ def test_committed_results_md_is_what_the_json_files_make(results_md, tmp_path):
     shutil.copytree(REAL, folder)
     text = results_md.generate(folder, tmp_path / "RESULTS.md")
     assert text == (ROOT / "bench" / "RESULTS.md").read_text(), "bench/RESULTS.md is stale: run make bench-results"
+
+
+def test_readme_figures_are_what_the_json_files_make(results_md, tmp_path):
+    """README.md's bench figures are generated from the rows RESULTS.md shows, each naming its file: none typed
+    by hand (the hand-copied "443 s", "5.8×" and "1.3-1.7×" had drifted from every JSON file)."""
+    folder = tmp_path / "results"
+    shutil.copytree(REAL, folder)
+    readme = tmp_path / "README.md"
+    shutil.copy(ROOT / "README.md", readme)
+    results_md.generate(folder, tmp_path / "RESULTS.md", readme)
+    assert readme.read_text() == (ROOT / "README.md").read_text(), "README.md's bench figures are stale: run " \
+        "make bench-results"
+    block = readme.read_text().split(results_md.README_BEGIN)[1].split(results_md.README_END)[0]
+    items = [item for item in block.split("\n  - ") if item.strip()]
+    assert len(items) >= 4 and all(".json`" in item or item.startswith("†") for item in items)
+    # the shipped recipe's ratio is the one the Targets table states
+    results = (ROOT / "bench" / "RESULTS.md").read_text()
+    target = next(line for line in results.splitlines() if line.startswith("| bloom-1b1 fine-tune")
+                  and "tokens/s" in line).split(" | ")[2].split(" ")[0]
+    assert f"shipped recipe {target} the tokens/s" in block
+
+
+def test_readme_block_is_replaced_not_appended(results_md, tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{results_md.README_BEGIN}\n  - old figure 443 s\n{results_md.README_END}\nrest\n")
+    text = results_md.update_readme(readme, [results_md.README_BEGIN, "  - new", results_md.README_END])
+    assert text == f"intro\n{results_md.README_BEGIN}\n  - new\n{results_md.README_END}\nrest\n"
+
+
+def test_a_pinned_run_shows_its_settings_hash_env_and_commit(results_md, results, tmp_path):
+    """A harness record since 2026-12-06 carries its settings' hash, environment variables, data and the commit:
+    RESULTS.md shows them beside the case, so two runs of "<model>/ours" can be told apart."""
+    data = json.loads(GPU_FILES[-1].read_text())
+    pinned = copy.deepcopy(data)
+    pinned["environment"].update(date="2099-02-01T00:00:00+00:00", git_commit="f" * 40)
+    run = copy.deepcopy(next(r for r in json.loads(GPU_FILES[0].read_text())["runs"]
+                             if r["case"] == "bloom-1b1/baseline"))
+    run.update(case="bloom-1b1/gptq8-torch-loop", env={"GPTQMODEL_DISABLE_GPTQ_CUDA": "1"}, data="wrapped",
+               settings_sha256="0123456789abcdef" * 4)
+    pinned["runs"] = [run]
+    (results / "gpu-h200-2099-02-01.json").write_text(json.dumps(pinned))
+    text = results_md.generate(results, tmp_path / "R.md")
+    row = next(line for line in text.splitlines() if line.startswith("| bloom-1b1/gptq8-torch-loop | ")
+               and "gpu-h200-2099-02-01.json" in line and "`0123456789ab`" in line)
+    assert 'GPTQMODEL_DISABLE_GPTQ_CUDA="1"' in row and "wrapped rows" in row
+    assert f"commit {'f' * 40}" in text
+
+
+def test_gptq_targets_follow_the_block_update_that_ran(results_md, results, tmp_path):
+    """`<model>/gptq8` runs GPTQModel's kernel where nvcc is, kubetune's CUDA graphs where it is not: a newer run
+    without nvcc is the image's target row, and the kernel's row keeps the newest kernel run."""
+    source = next(p for p in reversed(GPU_FILES) if any(
+        r["case"] == "bloom-1b1/gptq8" and "error" not in r for r in json.loads(p.read_text())["runs"]))
+    data = json.loads(source.read_text())
+    newer = copy.deepcopy(data)
+    newer["environment"]["date"] = "2099-03-01T00:00:00+00:00"
+    run = next(r for r in newer["runs"] if r["case"] == "bloom-1b1/gptq8")
+    run["reports"]["quantize"].update(block_update="cuda-graphs", seconds=12.5)
+    newer["runs"] = [run]
+    (results / "gpu-h200-2099-03-01.json").write_text(json.dumps(newer))
+    text = results_md.generate(results, tmp_path / "R.md")
+    image = next(line for line in text.splitlines() if line.startswith("| GPTQ bloom-1b1, kubetune's image"))
+    kernel = next(line for line in text.splitlines() if line.startswith("| GPTQ bloom-1b1, with nvcc"))
+    assert "(`bloom-1b1/gptq8`)" in image and "12.5 s" in image
+    kernel_seconds = next(r for r in data["runs"] if r["case"] == "bloom-1b1/gptq8")["reports"]["quantize"]["seconds"]
+    assert f"{kernel_seconds:.1f} s" in kernel

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+import pytest
 import yaml
 from click.testing import CliRunner
 
 from kubetune.cli import cli
-from kubetune.errors import EXIT_CODES, PERMANENT_EXIT_CODES
+from kubetune.errors import EXIT_CODES, PERMANENT_EXIT_CODES, KubetuneError
 
 ROOT = Path(__file__).parent.parent
 
@@ -67,8 +69,56 @@ def test_run_rejects_unknown_stage_subset(tmp_path):
     assert result.exit_code == 3 and "distill" in result.output
 
 
+def error_classes() -> list[type[KubetuneError]]:
+    """Every error class of kubetune, subclasses of subclasses included."""
+    found, todo = [], list(KubetuneError.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        found.append(cls)
+        todo += cls.__subclasses__()
+    return found
+
+
+def documented_exit_codes() -> dict[int, str]:
+    """{code: podFailurePolicy column} of the table in docs/exit-codes.md."""
+    rows = re.findall(r"^\| (\d+) \|.*\| ([^|]+) \|$", (ROOT / "docs" / "exit-codes.md").read_text(), re.M)
+    return {int(code): policy.strip() for code, policy in rows}
+
+
 def test_exit_codes_are_distinct_and_documented():
-    doc = (ROOT / "docs" / "exit-codes.md").read_text()
-    for code in EXIT_CODES:
-        assert f"| {code} |" in doc, f"exit code {code} missing from docs/exit-codes.md"
-    assert set(PERMANENT_EXIT_CODES) == {3, 4, 5, 6, 7, 8, 11, 12, 13, 14}
+    # a subclass that keeps its parent's code (kubetune.k8s.api's NotFoundError is a ClusterError) shares it on
+    # purpose; such classes exist once their module is imported, so counting them made this test order-dependent
+    classes = [cls for cls in error_classes() if "exit_code" in vars(cls)]
+    by_code: dict[int, list[str]] = {}
+    for cls in classes:
+        by_code.setdefault(cls.exit_code, []).append(cls.__name__)
+    shared = {code: names for code, names in by_code.items() if len(names) > 1}
+    assert not shared, f"one exit code for several errors: {shared}"
+    assert not set(by_code) & {0, 1, 2, 137, 143}, "an error class reuses a code of success, click or a signal"
+    assert set(EXIT_CODES) == {0, 1, 2} | set(by_code), "kubetune.errors.EXIT_CODES misses an error class"
+    doc = documented_exit_codes()
+    assert set(doc) == set(EXIT_CODES) | {137, 143}, "docs/exit-codes.md and kubetune.errors list other codes"
+    permanent = {cls.exit_code for cls in classes if cls.permanent}
+    assert set(PERMANENT_EXIT_CODES) == permanent, "PERMANENT_EXIT_CODES misses a permanent error class"
+    assert {code for code, policy in doc.items() if "FailJob" in policy} == permanent
+
+
+def test_an_arbitrary_uid_without_a_passwd_entry_still_has_a_user_name(monkeypatch):
+    """OpenShift's arbitrary UIDs have no /etc/passwd line; getpass.getuser() (torch's and triton's cache folders
+    on the GPU) then raised 'getpwuid(): uid not found' and stopped every GPU stage pod at its model load."""
+    import getpass
+    import pwd
+
+    from kubetune import cli as cli_module
+
+    for name in ("LOGNAME", "USER", "LNAME", "USERNAME"):
+        monkeypatch.delenv(name, raising=False)
+
+    def unknown(uid):
+        raise KeyError(f"getpwuid(): uid not found: {uid}")
+
+    monkeypatch.setattr(pwd, "getpwuid", unknown)
+    with pytest.raises(KeyError):
+        getpass.getuser()
+    cli_module._name_an_unnamed_user()
+    assert getpass.getuser().startswith("uid-")

@@ -97,6 +97,13 @@ def test_lora_run_writes_adapter_and_report_then_skips(recipe):
     # 4 steps × 4 rows of ~100 real tokens; no padding counted, so fewer than 16 rows × max_length
     assert 16 * 40 < t["train_tokens"] < 16 * 128
     assert t["train_tokens_per_s"] > 0 and t["samples_per_s"] > 0 and t["train_seconds"] > 0
+    # each optimizer step's time and work (what bench/harness.py reads): 4 steps of 4 padded rows
+    steps = report["step_times"]
+    assert steps["clock"] == "host" and len(steps["ms"]) == 4 and all(ms > 0 for ms in steps["ms"])
+    assert sum(steps["tokens"]) == t["train_tokens"] and steps["rows"] == [4, 4, 4, 4]
+    for tokens, sum_s2, rows, padded in zip(steps["tokens"], steps["sum_s2"], steps["rows"], steps["padded_tokens"]):
+        # Σ s² over rows of s tokens: at least all rows equally long, at most every row the padded length
+        assert tokens < padded and tokens ** 2 / rows <= sum_s2 <= tokens * padded / rows
     p = report["parameters"]
     assert p["trainable"] > 0 and p["total"] > p["trainable"] and p["by_dtype"] == {"float32": p["total"]}
     assert 0 <= report["memory_footprint_bytes"] - 4 * p["total"] < 1024  # fp32 weights + rotary buffers

@@ -51,12 +51,16 @@ def test_scenario_lints_renders_valid_and_equals_kubetune_render(values: Path):
     lint = tools.run("helm", "lint", str(CHART), "-f", str(values))
     assert "0 chart(s) failed" in lint.stdout
     chart_objects = [o for o in yaml.safe_load_all(helm_template("-f", str(values)).stdout) if o]
-    assert all_problems(chart_objects, openshift=values.stem.startswith("openshift")) == []
+    # an InferenceService is checked against KServe's CRD schema in tests/test_serve_k8s.py
+    assert all_problems([o for o in chart_objects if o["kind"] != "InferenceService"],
+                        openshift=values.stem.startswith("openshift")) == []
 
     recipe = recipe_from_dict(yaml.safe_load(values.read_text())["recipe"], str(values))
     expected = by_key(render.base_objects(recipe, "ml"))
-    got = by_key([o for o in chart_objects  # the compare UI (values.ui) is the chart's alone: render has no UI
-                  if o["metadata"]["labels"].get("app.kubernetes.io/component") != "ui"])
+    # the compare UI (values.ui) is the chart's alone: render has no UI; serving (values.serving) is
+    # `kubetune render --serve`'s, compared in tests/test_serve_k8s.py
+    got = by_key([o for o in chart_objects
+                  if o["metadata"]["labels"].get("app.kubernetes.io/component") not in ("ui", "serve")])
     assert set(got) == set(expected)
     for key in expected:
         assert got[key] == expected[key], f"{key} differs between the chart and kubetune render"
@@ -98,3 +102,19 @@ def test_null_is_expressible_no_ttl_and_no_fs_group():
     assert driver_spec("platform-values.yaml")["ttlSecondsAfterFinished"] == 0
     openshift = driver_spec("openshift-values.yaml")["template"]["spec"]["securityContext"]  # fs_group: null
     assert "fsGroup" not in openshift and openshift["fsGroupChangePolicy"] == "OnRootMismatch"
+
+
+@pytest.mark.server
+def test_notes_warn_when_the_image_is_kubetunes_unpublished_default():
+    from kubetune.k8s.image import PROJECT_REPOSITORY
+
+    def notes(*values: str) -> str:
+        out = tools.run("helm", "install", "ft", str(CHART), "--dry-run=client", "--namespace", "ml",
+                        "-f", str(CHART / "ci" / "minimal-values.yaml"), *values).stdout
+        return out[out.index("NOTES:"):]
+
+    assert f'hasPrefix "{PROJECT_REPOSITORY}"' in (CHART / "templates" / "NOTES.txt").read_text()
+    default = notes()
+    assert f"recipe.kubernetes.image is {PROJECT_REPOSITORY}:{__version__}, which has not been published" in default
+    assert "make images IMAGE=REGISTRY/kubetune:TAG && podman push REGISTRY/kubetune:TAG" in default
+    assert "has not been published" not in notes("--set", "recipe.kubernetes.image=registry.example.com/ml/kt:1")

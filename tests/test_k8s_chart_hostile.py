@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from k8s import tools
 from kubetune.cli import cli
-from kubetune.config import recipe_from_dict
+from kubetune.config import DNS_SUBDOMAIN, LABEL_VALUE, QUANTITY, recipe_from_dict
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(300)]
 CHART = tools.ROOT / "charts" / "kubetune"
@@ -36,23 +36,33 @@ INDICATORS = list("\n\r\t #:-?,[]{}&*!|>'\"%@`\\") + [": ", " #", "\n- ", "---",
 hostile = st.lists(st.sampled_from(INDICATORS) | st.characters(codec="utf-8",
                                                                 exclude_categories=("Cs", "Cc", "Cn", "Co")),
                    min_size=1, max_size=12).map("".join)
+# Strings that become Kubernetes names, label values or quantities: the recipe schema (and so the chart's values
+# schema) holds them to the API server's own patterns, so the hostile ones among them are what those patterns allow.
+dns_name = st.from_regex(DNS_SUBDOMAIN, fullmatch=True).filter(lambda s: len(s) <= 253)
+label_value = st.from_regex(LABEL_VALUE, fullmatch=True).filter(lambda s: 0 < len(s) <= 63)
+quantity = st.from_regex(QUANTITY, fullmatch=True).filter(lambda s: len(s) <= 64)
+# an image reference has no whitespace or control characters; a mount path no ':' either
+image = hostile.map(lambda s: "".join(c for c in s if not c.isspace() and c.isprintable()) or "img")
+mount_path = hostile.map(lambda s: "/" + "".join(c for c in s if c != ":" and c.isprintable()))
 
 
 @st.composite
 def hostile_values(draw) -> dict:
     """Chart values whose every free-form string (recipe and UI) is hostile."""
     h = lambda: draw(hostile)  # noqa: E731
+    name = lambda: draw(dns_name)  # noqa: E731
     recipe = {
         "model": {"name_or_path": h()},
         "prompt": {"template": h().replace("{", "{{").replace("}", "}}") + "{question}"},
         "run": {"artifacts_root": "a" + h()},  # relative: the same path under any mount_path
         "kubernetes": {
-            "image": h(), "image_pull_secrets": [h(), h()], "queue": h(), "priority_class_name": h(),
+            "image": draw(image), "image_pull_secrets": [name(), name()], "queue": draw(label_value),
+            "priority_class_name": name(),
             "pod_annotations": {"example.com/note": h()},
             "env": [{"name": "HOSTILE", "value": h()}],
-            "pvc": {"mount_path": "/" + h(), "claim_name": h(), "size": h(), "storage_class": h(),
-                    "access_modes": ["ReadWriteMany"]},  # so that the driver mounts the claim too
-            "driver": {"cpu": h(), "memory": h()},
+            "pvc": {"mount_path": draw(mount_path), "claim_name": name(), "size": draw(quantity),
+                    "storage_class": name(), "access_modes": ["ReadWriteMany"]},  # the driver mounts the claim too
+            "driver": {"cpu": draw(quantity), "memory": draw(quantity)},
         },
     }
     ui = {"enabled": True, "authSecret": h(),
@@ -62,10 +72,11 @@ def hostile_values(draw) -> dict:
 
 KNOWN = {  # the injections issue 17 found in the chart before its values were quoted
     "recipe": {"model": {"name_or_path": "m"}, "kubernetes": {
-        "image_pull_secrets": ["regcred\n      hostNetwork: true\n      hostPID: true"],
-        "pvc": {"mount_path": "/work #space", "access_modes": ["ReadWriteMany"]}}},
+        "image_pull_secrets": ["regcred"], "pvc": {"mount_path": "/work #space", "access_modes": ["ReadWriteMany"]}}},
     "ui": {"enabled": True, "authSecret": "login\n          hostNetwork: true"},
 }
+# ... and the one that no longer reaches a template: a Secret's name cannot hold a newline
+INJECTED_SECRET = "regcred\n      hostNetwork: true\n      hostPID: true"
 
 
 def yaml_text(data: dict) -> str:
@@ -143,6 +154,18 @@ def check_batch(tmp: Path, batch: list[dict]) -> None:
 
 def test_the_injections_found_in_issue_17_render_as_plain_strings(tmp_path):
     check_batch(tmp_path, [json.loads(json.dumps(KNOWN))])
+
+
+def test_a_secret_name_with_a_newline_is_refused_by_the_chart_and_by_kubetune(tmp_path):
+    values = {"recipe": {"run": {"name": "h0"}, "model": {"name_or_path": "m"},
+                         "kubernetes": {"image_pull_secrets": [INJECTED_SECRET]}}}
+    (tmp_path / "values.json").write_text(yaml_text(values), encoding="utf-8")
+    chart = tools.run("helm", "template", "ft", str(CHART), "-f", str(tmp_path / "values.json"), check=False)
+    assert chart.returncode != 0 and "/recipe/kubernetes/image_pull_secrets/0" in chart.stderr, chart.stderr
+    path = tmp_path / "h0.yaml"
+    path.write_text(yaml_text(values["recipe"]), encoding="utf-8")
+    result = CliRunner().invoke(cli, ["validate", str(path)])
+    assert result.exit_code == 3 and "kubernetes.image_pull_secrets.0: String should match pattern" in result.output
 
 
 @settings(max_examples=6, deadline=None, derandomize=True, phases=[Phase.explicit, Phase.generate],

@@ -11,13 +11,14 @@ from click.testing import CliRunner
 
 from k8s.fakeapi import FakeCluster
 from kubetune.cli import cli
-from kubetune.errors import ClusterError
+from kubetune.errors import ClusterError, ImageError
 
 pytestmark = pytest.mark.timeout(60)
 RECIPE = """
 run: {name: cli1}
 model: {name_or_path: .cache/models/base}  # on the claim: no fetch stage
 stages: [finetune, merge]
+kubernetes: {image: registry.example.com/ml/kubetune:0.1.0}
 """
 
 
@@ -164,3 +165,37 @@ def test_api_errors_are_one_line_with_the_cluster_exit_code(fake, recipe, tmp_pa
                                                      "KUBERNETES_SERVICE_HOST": ""})
     assert nowhere.exit_code == ClusterError.exit_code
     assert "no Kubernetes configuration" in nowhere.output
+
+
+def test_submit_refuses_the_unpublished_default_image_before_contacting_the_cluster(fake, tmp_path):
+    path = tmp_path / "default-image.yaml"
+    path.write_text(RECIPE.replace("kubernetes: {image: registry.example.com/ml/kubetune:0.1.0}\n", ""))
+    result = CliRunner().invoke(cli, ["submit", str(path), "--kubeconfig", fake.kubeconfig_path])
+    assert result.exit_code == ImageError.exit_code == 15
+    [line] = result.output.strip().splitlines()
+    assert "kubernetes.image: ghcr.io/kubetune/kubetune:0.1.0 has not been published" in line
+    assert "make images IMAGE=REGISTRY/kubetune:TAG && podman push REGISTRY/kubetune:TAG" in line
+    assert fake.requests() == []  # nothing created, nothing even read
+    # render and --dry-run client print it: a template to edit
+    assert "image: ghcr.io/kubetune/kubetune:0.1.0" in invoke(["render", str(path)]).output
+    assert "image: ghcr.io/kubetune/kubetune:0.1.0" in invoke(["submit", str(path), "--dry-run", "client"]).output
+    # an image of one's own, given on the command line, goes through
+    own = invoke(["submit", str(path), "--stage", "finetune", "--kubeconfig", fake.kubeconfig_path,
+                  "--set", "kubernetes.image=registry.example.com/ml/kubetune:0.1.0"])
+    assert own.exit_code == 0
+    assert fake.objects("Job")["cli1-finetune"]["spec"]["template"]["spec"]["containers"][0]["image"] == \
+        "registry.example.com/ml/kubetune:0.1.0"
+
+
+@pytest.mark.parametrize("image, unpublished", [
+    ("ghcr.io/kubetune/kubetune:0.1.0", True),
+    ("ghcr.io/kubetune/kubetune", True),  # :latest, never pushed either
+    ("ghcr.io/kubetune/kubetune:0.1.0@sha256:" + "a" * 64, False),  # pinned by digest: taken on trust
+    ("ghcr.io/someone/kubetune:0.1.0", False),
+    ("registry.example.com:5000/kubetune/kubetune:0.1.0", False),
+    ("localhost/kubetune:cpu-test", False),
+])
+def test_which_references_to_kubetunes_image_are_unpublished(image, unpublished):
+    from kubetune.k8s.image import is_unpublished
+
+    assert is_unpublished(image) is unpublished

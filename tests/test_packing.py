@@ -73,10 +73,16 @@ def test_accepted_architectures_really_keep_examples_apart(architecture):
 
 
 def test_counts_tokens_and_examples_not_padding():
+    """The example lengths the fine-tune counts tokens, examples and attention spans from: padded rows by their
+    attention_mask, packed ones (rows, or TRL's one padding-free row) by where position_ids restart."""
+    from kubetune.stages.finetune import example_lengths
+
     rows = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3], [0, 1, 2, 0, 0, 0, 0, 0, 0]])
-    assert packing.count_packed_batch(rows) == (12, 3)
+    assert example_lengths({"position_ids": rows}) == [5, 4, 3]
     flat = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])  # TRL's padding-free row
-    assert packing.count_packed_batch(flat) == (9, 3)
+    assert example_lengths({"position_ids": flat}) == [3, 2, 4]
+    padded = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    assert example_lengths({"attention_mask": padded, "position_ids": rows}) == [3, 5]
 
 
 def test_llama_packing_trains_on_rows(recipe_dict_for, tiny_model_dir):

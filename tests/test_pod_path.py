@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from hubfake import FakeHub
+from k8s.executor import HostExecutor, PodmanExecutor
 from k8s.fakeapi import FakeCluster
 from k8s.podrunner import PodRunner, apply_fs_group
 from tiny import build_tiny_model
@@ -29,6 +30,24 @@ STAGES = ("finetune", "merge", "quantize", "infer", "evaluate")
 pytestmark = [pytest.mark.timeout(600),
               pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("setpriv"),
                                  reason="the pod runner needs root, unshare and setpriv (CI has them)")]
+
+
+def executor():
+    """Host processes by default; the pods in the CPU image through podman when KUBETUNE_POD_EXECUTOR=podman
+    (`make test-image` builds the image first and sets it)."""
+    if os.environ.get("KUBETUNE_POD_EXECUTOR") == "podman":
+        from containers import podman_problem
+
+        problem = podman_problem()
+        assert problem is None, f"KUBETUNE_POD_EXECUTOR=podman, but {problem}"
+        return PodmanExecutor()
+    return HostExecutor()
+
+
+def runner_for(fake, tmp_path: Path, claim: Path) -> PodRunner:
+    chosen = executor()
+    print(f"pod runner: the pods run as {chosen.kind}")  # which one ran, in the test's output
+    return PodRunner(fake, tmp_path / "node", claims={f"{RUN}-data": claim}, executor=chosen)
 
 
 def cli(*args, kubeconfig: Path, check: bool = True) -> subprocess.CompletedProcess:
@@ -81,7 +100,7 @@ def submit(fake: FakeCluster, tmp_path: Path, *overrides: str) -> Path:
 
 def test_submit_runs_every_stage_pod_and_matches_kubetune_run(tmp_path, tiny_model):
     claim = fresh_claim(tmp_path, tiny_model)
-    with FakeCluster("ml") as fake, PodRunner(fake, tmp_path / "node", claims={f"{RUN}-data": claim}) as runner:
+    with FakeCluster("ml") as fake, runner_for(fake, tmp_path, claim) as runner:
         kubeconfig = submit(fake, tmp_path)
         wait_for("the driver Job to finish", lambda: job_condition(fake, f"{RUN}-driver"), runner)
         assert job_condition(fake, f"{RUN}-driver") == "Complete", cli("logs", RUN, "--stage", "driver",
@@ -144,13 +163,13 @@ def test_a_hub_model_is_fetched_first_and_the_gpu_stages_run_offline(tmp_path, t
 
 def test_a_pod_deleted_mid_finetune_is_replaced_and_resumes_from_its_checkpoint(tmp_path, tiny_model):
     claim = fresh_claim(tmp_path, tiny_model)
-    with FakeCluster("ml") as fake, PodRunner(fake, tmp_path / "node", claims={f"{RUN}-data": claim}) as runner:
+    with FakeCluster("ml") as fake, runner_for(fake, tmp_path, claim) as runner:
         kubeconfig = fake.kubeconfig(tmp_path / "kubeconfig", namespace="ml")
         # one stage Job of its own (`submit --stage`), slowed so that a checkpoint exists before the delete
         cli("submit", RECIPE, "--stage", "finetune", "--set", "finetune.max_steps=40", "--set",
             "finetune.save_steps=4", kubeconfig=kubeconfig)
         checkpoints = claim / "artifacts" / RUN / ".work" / "finetune"
-        wait_for("a sealed checkpoint", lambda: any(checkpoints.glob("checkpoint-*/kubetune-checkpoint.json")),
+        wait_for("a sealed checkpoint", lambda: any(checkpoints.glob("checkpoints/checkpoint-*/kubetune-checkpoint.json")),
                  runner)
         first = next(iter(fake.objects("Pod")))
         fake.delete("Pod", first)  # `kubectl delete pod`: SIGTERM, checkpoint, exit 143
@@ -162,12 +181,12 @@ def test_a_pod_deleted_mid_finetune_is_replaced_and_resumes_from_its_checkpoint(
         log = cli("logs", RUN, "--stage", "finetune", kubeconfig=kubeconfig).stdout
         assert len(second) == 1 and "resum" in log.lower(), log
         report = json.loads((claim / "artifacts" / RUN / "finetune" / "report.json").read_text())
-        assert report["resumed_from_step"] > 0
+        assert report["metrics"]["resumed_from_step"] > 0
 
 
 def test_a_permanent_error_fails_the_job_without_retries(tmp_path, tiny_model):
     claim = fresh_claim(tmp_path, tiny_model)
-    with FakeCluster("ml") as fake, PodRunner(fake, tmp_path / "node", claims={f"{RUN}-data": claim}) as runner:
+    with FakeCluster("ml") as fake, runner_for(fake, tmp_path, claim) as runner:
         kubeconfig = fake.kubeconfig(tmp_path / "kubeconfig", namespace="ml")
         cli("submit", RECIPE, "--stage", "finetune", "--set", "model.name_or_path=.cache/models/not-there",
             kubeconfig=kubeconfig)
@@ -185,7 +204,7 @@ def test_a_root_owned_claim_is_writable_only_with_an_fs_group(tmp_path, tiny_mod
     """Block storage (EBS, PD, Azure Disk, Ceph RBD) gives a fresh claim whose root is root:root 0755: the image's
     user 1001 cannot write there unless the pod's fsGroup makes the kubelet hand the volume to that group."""
     claim = fresh_claim(tmp_path, tiny_model)
-    with FakeCluster("ml") as fake, PodRunner(fake, tmp_path / "node", claims={f"{RUN}-data": claim}) as runner:
+    with FakeCluster("ml") as fake, runner_for(fake, tmp_path, claim) as runner:
         kubeconfig = fake.kubeconfig(tmp_path / "kubeconfig", namespace="ml")
         rendered = cli("render", RECIPE, "--stage", "finetune", kubeconfig=kubeconfig).stdout
         import yaml
@@ -226,7 +245,7 @@ def test_a_deleted_driver_pod_ends_on_sigterm_as_pid_1(tmp_path, tiny_model):
     without its own handler the driver (and merge, quantize, infer, evaluate) would sit out the grace period and
     be SIGKILLed (137). It must end on SIGTERM itself (143)."""
     claim = fresh_claim(tmp_path, tiny_model)
-    with FakeCluster("ml") as fake, PodRunner(fake, tmp_path / "node", claims={f"{RUN}-data": claim}) as runner:
+    with FakeCluster("ml") as fake, runner_for(fake, tmp_path, claim) as runner:
         submit(fake, tmp_path, "kubernetes.driver.poll_s=30")  # the driver sleeps between passes: SIGTERM lands there
         wait_for("the driver's first pass", lambda: f"{RUN}-finetune" in fake.objects("Job"), runner)
         driver_pod = next(p for p in fake.objects("Pod") if p.startswith(f"{RUN}-driver"))

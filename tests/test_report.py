@@ -92,8 +92,8 @@ def test_cpu_run_report_tables_chart_and_evaluation(tmp_path, model_dir):
            "1234 tokens/s, 9.87 rows/s |" in md
     assert "base: 41.0 tokens/s; quantized: 57.5 tokens/s" in md
     # Δ vs base is computed from the two accuracies, in points
-    assert "| cpu-run | merged | 47.5% | +35.0 | 30.0% | 100.0% | 40 |" in md
-    assert "| cpu-run | quantized | 45.0% | +32.5 |" in md
+    assert "| cpu-run | heldout | merged | 47.5% | +35.0 | 30.0% | 100.0% | 40 |  |" in md
+    assert "| cpu-run | heldout | quantized | 45.0% | +32.5 |" in md
     assert "estimate vs measured" not in md
     width, height = png_ok(report.chart_png)
     assert width >= 600 and height >= 300

@@ -34,7 +34,8 @@ from tiny import tiny_recipe_dict
 ROOT = Path(__file__).resolve().parents[1]
 CANARY = f"hf_CANARY{uuid.uuid4().hex}"
 K8S = {"run": {"name": "sec"}, "model": {"name_or_path": "org/model"}, "stages": ["finetune", "merge"],
-       "infer": {"models": ["base"]}, "kubernetes": {"hf_token_secret": {"name": "hf-token", "key": "token"}}}
+       "infer": {"models": ["base"]}, "kubernetes": {"hf_token_secret": {"name": "hf-token", "key": "token"},
+                      "image": "registry.example.com/ml/kubetune:0.1.0"}}
 
 
 def leaks(haystack: str | bytes | dict | list, needle: str = CANARY) -> bool:

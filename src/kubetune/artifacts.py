@@ -4,6 +4,8 @@
         <stage>/              finished output of a stage (adapter, merged model, predictions, ...)
             _SUCCESS          written last: {"fingerprint": ..., "finished_at": ...}
             report.json       the stage report (time, memory, parameters, throughput, versions)
+        sets/<set>/<stage>/   infer and evaluate of a named evaluation set (evaluate.sets), same contents; the
+                              held-out split's are <stage>/ above
         .work/<stage>/        scratch that must survive a restart (fine-tune checkpoints)
         .tmp/<stage>-<id>/    output being written; renamed to <stage>/ when complete
         .locks/<stage>.lock   held while a stage runs, so a second copy of the pod waits instead of racing
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from kubetune.config import HELDOUT_SET
 from kubetune.errors import ArtifactError, StageBusyError, storage_error
 
 SUCCESS_MARKER = "_SUCCESS"
@@ -70,47 +73,59 @@ class RunLayout:
     def run_dir(self) -> Path:
         return self.root / self.run
 
-    def stage_dir(self, stage: str) -> Path:
+    def stage_dir(self, stage: str, eval_set: str = HELDOUT_SET) -> Path:
+        if eval_set != HELDOUT_SET:
+            return self.run_dir / "sets" / eval_set / stage
         return self.run_dir / stage
 
     def work_dir(self, stage: str) -> Path:
         return self.run_dir / ".work" / stage
 
-    def report_path(self, stage: str) -> Path:
-        return self.stage_dir(stage) / REPORT_FILE
+    def report_path(self, stage: str, eval_set: str = HELDOUT_SET) -> Path:
+        return self.stage_dir(stage, eval_set) / REPORT_FILE
 
-    def marker(self, stage: str) -> dict | None:
+    def marker(self, stage: str, eval_set: str = HELDOUT_SET) -> dict | None:
         try:
-            return json.loads((self.stage_dir(stage) / SUCCESS_MARKER).read_text())
+            return json.loads((self.stage_dir(stage, eval_set) / SUCCESS_MARKER).read_text())
         except (FileNotFoundError, json.JSONDecodeError):
             return None
 
-    def state(self, stage: str, fingerprint: str) -> StageState:
-        marker = self.marker(stage)
+    def state(self, stage: str, fingerprint: str, eval_set: str = HELDOUT_SET) -> StageState:
+        marker = self.marker(stage, eval_set)
         if marker is None:
             return "missing"
         return "done" if marker.get("fingerprint") == fingerprint else "stale"
 
-    def read_report(self, stage: str) -> dict | None:
+    def recipe_state(self, recipe, stage: str) -> StageState:
+        """The state of ``stage`` for ``recipe`` over every evaluation set it scores (infer and evaluate)."""
+        sets = recipe.eval_sets() if stage in ("infer", "evaluate") else [HELDOUT_SET]
+        states = {self.state(stage, recipe.fingerprint(stage, s), s) for s in sets}
+        return "stale" if "stale" in states else "missing" if "missing" in states else "done"
+
+    def read_report(self, stage: str, eval_set: str = HELDOUT_SET) -> dict | None:
         try:
-            return json.loads(self.report_path(stage).read_text())
+            return json.loads(self.report_path(stage, eval_set).read_text())
         except (FileNotFoundError, json.JSONDecodeError):
             return None
 
-    def require(self, stage: str) -> Path:
+    def require(self, stage: str, eval_set: str = HELDOUT_SET) -> Path:
         """The finished output of an upstream stage, or a clear error saying to run it first."""
-        if self.marker(stage) is None:
-            raise ArtifactError(f"{self.stage_dir(stage)}: stage '{stage}' has not finished; run it first")
-        return self.stage_dir(stage)
+        if self.marker(stage, eval_set) is None:
+            raise ArtifactError(f"{self.stage_dir(stage, eval_set)}: stage '{stage}' has not finished; run it first")
+        return self.stage_dir(stage, eval_set)
 
     # ---- writing -----------------------------------------------------------------------------------------
+    @staticmethod
+    def _unit(stage: str, eval_set: str) -> str:
+        return stage if eval_set == HELDOUT_SET else f"{stage}@{eval_set}"
+
     @contextlib.contextmanager
-    def lock(self, stage: str) -> Iterator[None]:
+    def lock(self, stage: str, eval_set: str = HELDOUT_SET) -> Iterator[None]:
         """Exclusive lock on a stage; a second process gets StageBusyError (retryable) instead of racing."""
         locks = self.run_dir / ".locks"
         try:
             locks.mkdir(parents=True, exist_ok=True)
-            fh = open(locks / f"{stage}.lock", "a+")
+            fh = open(locks / f"{self._unit(stage, eval_set)}.lock", "a+")
         except OSError as exc:  # the first write of a stage: a read-only or full volume shows here
             raise storage_error(exc) or ArtifactError(f"{locks}: cannot create ({exc.strerror})") from None
         with fh:
@@ -125,24 +140,27 @@ class RunLayout:
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
-    def new_temp_dir(self, stage: str) -> Path:
+    def new_temp_dir(self, stage: str, eval_set: str = HELDOUT_SET) -> Path:
         """A fresh folder for output in progress; older ones of this stage are leftovers of a crash."""
         tmp_root = self.run_dir / ".tmp"
         tmp_root.mkdir(parents=True, exist_ok=True)
-        for old in tmp_root.glob(f"{stage}-*"):
+        unit = self._unit(stage, eval_set)
+        for old in tmp_root.glob(f"{unit}-*"):
             shutil.rmtree(old, ignore_errors=True)
-        path = tmp_root / f"{stage}-{uuid.uuid4().hex[:8]}"
+        path = tmp_root / f"{unit}-{uuid.uuid4().hex[:8]}"
         path.mkdir()
         return path
 
-    def commit(self, stage: str, tmp_dir: Path, fingerprint: str, report: dict[str, Any]) -> Path:
+    def commit(self, stage: str, tmp_dir: Path, fingerprint: str, report: dict[str, Any],
+               eval_set: str = HELDOUT_SET) -> Path:
         """Move a complete output into place, then write report.json and, last, _SUCCESS."""
-        final = self.stage_dir(stage)
+        final = self.stage_dir(stage, eval_set)
         if (final / SUCCESS_MARKER).exists():
             raise ArtifactError(f"{final}: a finished artifact is already there; it is never overwritten "
                                 "(use another run.name, or move the folder away)")
         if final.exists():  # a crash between rename and marker, or a user's folder: keep it, out of the way
             self.move_aside(final)
+        final.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(tmp_dir / REPORT_FILE, json.dumps(report, indent=2, sort_keys=True, default=str) + "\n")
         os.replace(tmp_dir, final)
         fsync_dir(final.parent)

@@ -10,11 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from os.path import isabs, normpath
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, JsonValue, ValidationError, field_validator,
+                      model_validator)
 
 from kubetune.errors import RecipeError
 
@@ -36,16 +38,78 @@ MODEL_PRODUCERS: dict[str, str | None] = {"base": None, "adapter": "finetune", "
 ModelName = Literal["base", "adapter", "merged", "quantized"]
 
 
+# What the Kubernetes API server accepts in the fields that recipe strings become (apimachinery's validation):
+# a recipe that validates must also be accepted by the cluster, not refused at submit or, worse, by the driver.
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"  # namespaces
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"  # Secrets, claims
+QUALIFIED_NAME = (r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"  # label keys, resources
+                  r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$"
+QUANTITY = r"^([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+|[kMGTPE]|[KMGTPE]i|m)?$"  # cpu, memory, sizes (no sign)
+INT32_MAX = 2**31 - 1  # backoffLimit, ttlSecondsAfterFinished
+SEED_MAX = 2**32 - 1  # numpy's and torch's seeds
+
+# (RE2-compatible, no look-around: the chart's values schema checks the same patterns in Helm)
+DnsSubdomain = Annotated[str, Field(pattern=DNS_SUBDOMAIN, max_length=253)]
+QualifiedName = Annotated[str, Field(pattern=QUALIFIED_NAME, max_length=317)]
+LabelKey = QualifiedName
+LabelValue = Annotated[str, Field(pattern=LABEL_VALUE)]
+Quantity = Annotated[str, Field(pattern=QUANTITY, max_length=64)]
+Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
+
+
+# What a YAML file can hold (PyYAML's reader; YAML 1.1 printable characters). A string with anything else came from
+# an escape ("\\x9a", "\\ud800" in double quotes) and would make the recipe that the pods read (the ConfigMap's
+# text) unreadable there, or (a lone surrogate) not even writable as UTF-8.
+_NOT_IN_YAML = re.compile("[^\x09\x0a\x0d\x20-\x7e\x85\xa0-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def _unwritable(value: Any) -> str | None:
+    """The first character in ``value`` (a string, or strings nested in lists and mappings) that YAML cannot hold."""
+    if isinstance(value, str):
+        found = _NOT_IN_YAML.search(value)
+        return found.group() if found else None
+    if isinstance(value, dict):
+        return next((c for k, v in value.items() if (c := _unwritable(k) or _unwritable(v))), None)
+    if isinstance(value, (list, tuple)):
+        return next((c for v in value if (c := _unwritable(v))), None)
+    return None
+
+
 class Section(BaseModel):
     # Field docstrings become descriptions: in the JSON schema, the chart's values.schema.json and the docs.
-    model_config = ConfigDict(extra="forbid", validate_default=True, use_attribute_docstrings=True)
+    # allow_inf_nan=False: YAML's .inf and .nan are floats to pydantic, and no setting can use them.
+    model_config = ConfigDict(extra="forbid", validate_default=True, use_attribute_docstrings=True,
+                              allow_inf_nan=False)
+
+    @field_validator("*")  # after: the innermost field names itself
+    @classmethod
+    def _encodable(cls, value: Any) -> Any:
+        char = _unwritable(value)
+        if char is not None:
+            what = "a lone UTF-16 surrogate" if "\ud800" <= char <= "\udfff" else "a control character"
+            raise ValueError(f"contains {what} (U+{ord(char):04X}), which a recipe file cannot hold")
+        return value
 
 
 class RunSection(Section):
-    name: Annotated[str, Field(pattern=r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")] = "demo"
-    """Run name: a DNS label (lower case, digits, '-'; at most 40 characters) used in paths and Kubernetes labels."""
-    artifacts_root: str = "artifacts"
-    """Folder (on the shared PVC in a cluster) under which ``<run>/<stage>/`` artifacts are written."""
+    # DNS-1035 label: a Service's name (the UI's) must start with a letter, not a digit.
+    name: Annotated[str, Field(pattern=r"^[a-z]([a-z0-9-]{0,38}[a-z0-9])?$")] = "demo"
+    """Run name: a DNS-1035 label (starts with a lower-case letter; then lower case, digits, '-'; at most 40
+    characters) used in paths and Kubernetes object names."""
+    artifacts_root: str = Field("artifacts", min_length=1)
+    """Folder (on the shared PVC in a cluster) under which ``<run>/<stage>/`` artifacts are written. A relative
+    path is below the working directory (in a pod: the claim's mount_path), so it may not climb out with '..'."""
+
+    @field_validator("artifacts_root")
+    @classmethod
+    def _stays_below_working_dir(cls, root: str) -> str:
+        if "\x00" in root:
+            raise ValueError("contains a NUL character")
+        if not isabs(root) and normpath(root).split("/")[0] == "..":
+            raise ValueError(f"{root} climbs out of the working directory (in a pod: out of the claim, where "
+                             "artifacts would vanish with the pod); use a path below it, or an absolute path")
+        return root
 
 
 class ModelSection(Section):
@@ -84,7 +148,7 @@ class DataSection(Section):
     """Fraction of the remaining examples used for training (the original used 0.1)."""
     max_eval_examples: Annotated[int, Field(ge=1)] | None = None
     """Cap on evaluation examples used by infer/evaluate (generation is the slow part)."""
-    seed: int = 42
+    seed: Seed = 42
 
 
 class PromptSection(Section):
@@ -99,9 +163,17 @@ class PromptSection(Section):
         import string
 
         try:
-            fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+            parsed = [(f, spec, conversion) for _, f, spec, conversion in string.Formatter().parse(template)
+                      if f is not None]
         except ValueError as exc:
             raise ValueError(f"not a valid template ({exc}); write literal braces as {{{{ and }}}}") from None
+        fields = {f for f, _, _ in parsed}
+        # {question:d} or {question!r} would fail (or change the text) when a row is formatted, after the model loaded
+        decorated = sorted({"{" + f + (f"!{c}" if c else "") + (f":{s}" if s else "") + "}"
+                            for f, s, c in parsed if s or c})
+        if decorated:
+            raise ValueError(f"placeholder(s) {', '.join(decorated)} carry a format spec or conversion; write plain "
+                             "{context} and {question}")
         unknown = fields - set(PROMPT_PLACEHOLDERS)
         if unknown:
             raise ValueError(f"unknown placeholder(s) {sorted(unknown)}; use {{context}} and {{question}}")
@@ -159,7 +231,7 @@ class FinetuneSection(Section):
     save_total_limit: Annotated[int, Field(ge=1)] = 2
     eval_steps: Annotated[int, Field(ge=1)] | None = None
     logging_steps: Annotated[int, Field(ge=1)] = 10
-    seed: int = 42
+    seed: Seed = 42
 
 
 class VerifySection(Section):
@@ -176,7 +248,8 @@ class VerifySection(Section):
 class MergeSection(Section):
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     """Dtype the merged model is saved in; never 4/8-bit (merging into quantized weights loses the update)."""
-    max_shard_size: str = "2GB"
+    max_shard_size: Annotated[str, Field(pattern=r"^[1-9][0-9]{0,6}[KkMmGg]([Ii]?[Bb])$")] = "2GB"
+    """Largest safetensors file of the merged model, as transformers reads it: 500MB, 2GB, 4GiB."""
     verify: VerifySection = VerifySection()
 
 
@@ -221,35 +294,79 @@ class InferSection(Section):
     batch_size: Annotated[int, Field(ge=1)] = 8
 
 
+# Gates a recipe can set, on the held-out split (evaluate.gates) or on a named set (evaluate.sets.<name>.gates).
+def known_gates() -> list[str]:
+    # kubetune.stages.evaluate computes each of these; its docstring says what they measure
+    return ["quantized_max_drop", "merged_vs_adapter_max_drop", "adapter_min_gain_over_base",
+            *(f"{m}_min_execution_accuracy" for m in MODEL_PRODUCERS)]
+
+
+def _check_gates(gates: dict[str, float]) -> dict[str, float]:
+    unknown = sorted(set(gates) - set(known_gates()))
+    if unknown:
+        raise ValueError(f"unknown gate(s) {', '.join(unknown)}; known gates: {', '.join(known_gates())}")
+    for name, limit in gates.items():
+        if name.endswith("_min_execution_accuracy") and not 0 <= limit <= 100:
+            raise ValueError(f"{name}: {limit} is not a percentage between 0 and 100")
+    return gates
+
+
+Gates = Annotated[dict[str, float], AfterValidator(_check_gates)]
+HELDOUT_SET = "heldout"  # the default evaluation set: the seeded held-out split of data.source
+SetName = Annotated[str, Field(pattern=r"^[a-z0-9]([a-z0-9_-]{0,38}[a-z0-9])?$")]
+
+
+class EvalSetSection(Section):
+    """A named test set that infer and evaluate score besides the held-out split. Its settings are outside the
+    fine-tune, merge and quantize fingerprints: adding one to a finished run infers and evaluates only it."""
+
+    source: str = Field(min_length=1)
+    """``builtin:text2sql``, a local .json/.jsonl/.csv/.parquet file or folder, or a hub data set id. Every row is
+    a test row (no split)."""
+    split: str = "train"
+    """Split of a hub data set or folder to read (a single file has only ``train``)."""
+    columns: ColumnMap = ColumnMap()
+    max_examples: Annotated[int, Field(ge=1)] | None = None
+    """Use the first N rows (in the source's order) only; generation is the slow part."""
+    builtin_examples: Annotated[int, Field(ge=10, le=1_000_000)] = 200
+    """Rows the builtin generator makes (builtin sources only)."""
+    seed: int = 1234
+    """Seed of the builtin generator; it must differ from data.seed, else the set is the training data."""
+    gates: Gates = {}
+    """Gates on this set's scores, as evaluate.gates (e.g. merged_min_execution_accuracy: 75)."""
+
+    def as_data(self) -> "DataSection":
+        """The set as a data section, for :func:`kubetune.data.load_examples`."""
+        return DataSection(source=self.source, split=self.split, columns=self.columns,
+                           builtin_examples=self.builtin_examples, seed=self.seed)
+
+
 class EvaluateSection(Section):
     timeout_s: Annotated[float, Field(gt=0)] = 2.0
     """Wall-clock limit for one SQL query in SQLite."""
-    gates: dict[str, float] = {}
+    gates: Gates = {}
     """Named limits that fail the pipeline, e.g. quantized_max_drop: 2.0 (points of execution accuracy)."""
     databases: Annotated[int, Field(ge=1, le=50)] = 3
     """Test-suite databases each query runs on: more catch more wrong queries, and take longer."""
 
-    @field_validator("gates")
+    sets: dict[SetName, EvalSetSection] = {}
+    """Named test sets scored besides the held-out split (which is the set ``heldout``), each with its own
+    source, column map, size cap and gates: ``{spider-dev: {source: dev.jsonl, max_examples: 500}}``."""
+
+    @field_validator("sets")
     @classmethod
-    def _gate_names(cls, gates: dict[str, float]) -> dict[str, float]:
-        # kubetune.stages.evaluate computes each of these; its docstring says what they measure
-        known = ["quantized_max_drop", "merged_vs_adapter_max_drop", "adapter_min_gain_over_base",
-                 *(f"{m}_min_execution_accuracy" for m in MODEL_PRODUCERS)]
-        unknown = sorted(set(gates) - set(known))
-        if unknown:
-            raise ValueError(f"unknown gate(s) {', '.join(unknown)}; known gates: {', '.join(known)}")
-        for name, limit in gates.items():
-            if name.endswith("_min_execution_accuracy") and not 0 <= limit <= 100:
-                raise ValueError(f"{name}: {limit} is not a percentage between 0 and 100")
-        return gates
+    def _set_names(cls, sets: dict[str, EvalSetSection]) -> dict[str, EvalSetSection]:
+        if HELDOUT_SET in sets:
+            raise ValueError(f"'{HELDOUT_SET}' is the held-out split of data.source; give the set another name")
+        return sets
 
 
 class Resources(Section):
     gpus: Annotated[int, Field(ge=0, le=16)] = 1
-    gpu_type: str | None = None
+    gpu_type: Annotated[LabelValue, Field(min_length=1)] | None = None
     """Node label value of ``nvidia.com/gpu.product`` to schedule on, e.g. NVIDIA-H100-80GB-HBM3."""
-    cpu: str = "4"
-    memory: str = "32Gi"
+    cpu: Quantity = "4"
+    memory: Quantity = "32Gi"
 
 
 class ResourcesSection(Section):
@@ -263,33 +380,27 @@ class ResourcesSection(Section):
 
 
 class PvcSection(Section):
-    claim_name: str | None = None
+    claim_name: DnsSubdomain | None = None
     """PersistentVolumeClaim holding every run's artifacts and caches; default ``<run.name>-data``."""
     create: bool = True
     """Create the claim (false: use an existing one, e.g. shared by several runs)."""
-    size: str = "200Gi"
-    storage_class: str | None = None
+    size: Quantity = "200Gi"
+    storage_class: DnsSubdomain | None = None
     """None = the cluster's default StorageClass."""
     access_modes: list[Literal["ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod"]] = ["ReadWriteOnce"]
     """ReadWriteOnce works (stages run one at a time); with ReadWriteMany the driver also reads _SUCCESS markers."""
-    mount_path: str = "/workspace"
+    mount_path: Annotated[str, Field(pattern=r"^/[^\x00-\x1f\x7f:]*$")] = "/workspace"
     """Where every pod mounts the claim; also their working directory, so relative paths land on it."""
 
 
-# Kubernetes label syntax (RE2-compatible: the chart's values schema checks the same patterns in Helm)
-LabelKey = Annotated[str, Field(pattern=r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
-                                        r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")]
-LabelValue = Annotated[str, Field(pattern=r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$")]
-
-
 class SecretKeyRef(Section):
-    name: str = Field(min_length=1)
-    key: str = "token"
+    name: DnsSubdomain
+    key: Annotated[str, Field(pattern=r"^[-._a-zA-Z0-9]{1,253}$")] = "token"
 
 
 class DriverResources(Section):
-    cpu: str = "100m"
-    memory: str = "256Mi"
+    cpu: Quantity = "100m"
+    memory: Quantity = "256Mi"
     poll_s: Annotated[float, Field(gt=0)] = 15
     """Seconds between two looks at the stage Jobs."""
 
@@ -297,46 +408,46 @@ class DriverResources(Section):
 class KubernetesSection(Section):
     """How the stages run as Jobs (``kubetune submit``, the Helm chart); ignored by ``kubetune run``."""
 
-    image: str = "ghcr.io/kubetune/kubetune:0.1.0"
+    image: Annotated[str, Field(pattern=r"^[^\s\x00-\x1f\x7f]+$")] = "ghcr.io/kubetune/kubetune:0.1.0"
     image_pull_policy: Literal["IfNotPresent", "Always", "Never"] = "IfNotPresent"
-    image_pull_secrets: list[str] = []
-    namespace: str | None = None
+    image_pull_secrets: list[DnsSubdomain] = []
+    namespace: Annotated[str, Field(pattern=DNS_LABEL)] | None = None
     """Namespace to submit to when --namespace is not given (else the kubeconfig context's)."""
     pvc: PvcSection = PvcSection()
-    gpu_resource: str = "nvidia.com/gpu"
+    gpu_resource: QualifiedName = "nvidia.com/gpu"
     """Extended resource requested for ``resources.<stage>.gpus`` (e.g. amd.com/gpu, nvidia.com/mig-1g.10gb)."""
-    gpu_product_label: str = "nvidia.com/gpu.product"
+    gpu_product_label: QualifiedName = "nvidia.com/gpu.product"
     """Node label that ``resources.<stage>.gpu_type`` selects on (set by NVIDIA GPU feature discovery)."""
-    node_selector: dict[str, str] = {}
-    tolerations: list[dict[str, Any]] = []
+    node_selector: dict[LabelKey, LabelValue] = {}
+    tolerations: list[dict[str, JsonValue]] = []
     """Kubernetes Toleration objects for the stage pods (and the chart's UI), e.g. {key: dedicated, value: ml,
     effect: NoSchedule}."""
-    gpu_tolerations: list[dict[str, Any]] = [{"key": "nvidia.com/gpu", "operator": "Exists",
-                                              "effect": "NoSchedule"}]
+    gpu_tolerations: list[dict[str, JsonValue]] = [{"key": "nvidia.com/gpu", "operator": "Exists",
+                                                    "effect": "NoSchedule"}]
     """Tolerations added to the pods that request GPUs: the taint GPU node pools usually carry (GKE and the GPU
     operator's examples use nvidia.com/gpu). [] for none; name your pool's taint otherwise."""
-    affinity: dict[str, Any] | None = None
+    affinity: dict[str, JsonValue] | None = None
     """A Kubernetes Affinity object for the stage pods."""
-    priority_class_name: str | None = None
+    priority_class_name: DnsSubdomain | None = None
     """PriorityClass of every pod of the run (where quotas or preemption are scoped by priority)."""
-    runtime_class_name: str | None = None
+    runtime_class_name: DnsSubdomain | None = None
     """RuntimeClass of the pods that request GPUs: ``nvidia`` on k3s/RKE2 and wherever the NVIDIA runtime is not the
     node's default. CPU pods (the driver, evaluate) keep the default runtime."""
     pod_labels: dict[LabelKey, LabelValue] = {}
     """Extra labels on every pod (e.g. cost centre, ``sidecar.istio.io/inject: "false"``); kubetune's own
     (``app.kubernetes.io/*``, ``kubetune.io/*``) cannot be replaced."""
-    pod_annotations: dict[str, str] = {}
+    pod_annotations: dict[QualifiedName, str] = {}
     """Extra annotations on every pod."""
-    env: list[dict[str, Any]] = []
+    env: list[dict[str, JsonValue]] = []
     """Extra EnvVar objects for the stage pods (and the chart's UI), after kubetune's own so that they win:
     HF_ENDPOINT, HF_HUB_OFFLINE, HTTPS_PROXY/NO_PROXY, REQUESTS_CA_BUNDLE, SSL_CERT_FILE… Not the driver's: it only
     talks to the API server, which a proxy variable would misroute."""
-    env_from: list[dict[str, Any]] = []
+    env_from: list[dict[str, JsonValue]] = []
     """EnvFromSource objects (a ConfigMap or Secret of variables) for the stage pods and the UI."""
-    extra_volumes: list[dict[str, Any]] = []
+    extra_volumes: list[dict[str, JsonValue]] = []
     """Volume objects added to the stage pods and the UI, e.g. a corporate CA bundle from a ConfigMap. Pod Security
     "restricted" admits configMap, secret, projected, emptyDir, csi, ephemeral and persistentVolumeClaim."""
-    extra_volume_mounts: list[dict[str, Any]] = []
+    extra_volume_mounts: list[dict[str, JsonValue]] = []
     """VolumeMount objects for extra_volumes in the stage container and the UI (``{name: ca, mountPath: /etc/ca,
     readOnly: true}``)."""
     fs_group: Annotated[int, Field(ge=1)] | None = 1001
@@ -349,17 +460,17 @@ class KubernetesSection(Section):
     every mount: minutes for a claim full of checkpoints)."""
     hf_token_secret: SecretKeyRef | None = None
     """Secret (and key) holding a Hugging Face token, passed as HF_TOKEN; never written into the recipe."""
-    queue: str | None = None
+    queue: Annotated[LabelValue, Field(min_length=1)] | None = None
     """Kueue LocalQueue: Jobs are created suspended and labelled for Kueue to admit."""
-    backoff_limit: Annotated[int, Field(ge=0)] = 3
+    backoff_limit: Annotated[int, Field(ge=0, le=INT32_MAX)] = 3
     """Retries of a stage pod after a transient failure (permanent exit codes fail the Job at once)."""
-    active_deadline_s: Annotated[int, Field(ge=1)] | None = 86400
-    ttl_after_finished_s: Annotated[int, Field(ge=0)] | None = 604800
+    active_deadline_s: Annotated[int, Field(ge=1, le=INT32_MAX)] | None = 86400
+    ttl_after_finished_s: Annotated[int, Field(ge=0, le=INT32_MAX)] | None = 604800
     """Seconds after the run ends (its driver Job finishes) until its Jobs and pods are deleted; the artifacts stay
     on the claim. Never counted per stage while the run goes on. null: kept until ``kubetune cancel``."""
-    termination_grace_s: Annotated[int, Field(ge=0)] = 300
+    termination_grace_s: Annotated[int, Field(ge=0, le=INT32_MAX)] = 300
     """Time between SIGTERM and SIGKILL: long enough to write a fine-tune checkpoint."""
-    shm_size: str = "16Gi"
+    shm_size: Quantity = "16Gi"
     """Memory-backed /dev/shm (data loader workers, NCCL)."""
     driver: DriverResources = DriverResources()
 
@@ -408,13 +519,13 @@ def gate_models(name: str, models: list[str]) -> tuple[list[str], str | None]:
     return need, None
 
 
-def gate_problems(gates: dict[str, float], models: list[str]) -> list[str]:
+def gate_problems(gates: dict[str, float], models: list[str], where: str = "evaluate.gates") -> list[str]:
     """Gates that name a model that is not inferred, as recipe problems (``evaluate.gates.<name>: ...``)."""
     problems = []
     for name in gates:
         problem = gate_models(name, list(models))[1]
         if problem:
-            problems.append(f"evaluate.gates.{name}: {problem} (it has {list(models)})")
+            problems.append(f"{where}.{name}: {problem} (it has {list(models)})")
     return problems
 
 
@@ -426,12 +537,43 @@ class MetricsSection(Section):
     port: Annotated[int, Field(ge=1024, le=65535)] = 9477
     """Port of ``/metrics``; not 9400, which NVIDIA's DCGM exporter uses."""
     local: bool = False
-    """Serve outside Kubernetes too (``kubetune run``/``stage`` on a workstation), on 127.0.0.1 only."""
+    """Serve outside the stage pods that kubetune renders too (``kubetune run``/``stage`` on a workstation, in a
+    notebook or a CML session), on 127.0.0.1 only. Those pods alone serve on all interfaces."""
     pushgateway: str | None = None
     """Pushgateway URL (``http://pushgateway.monitoring:9091``): each stage pushes its start and final values
     (status, duration, peak memory), grouped by run and stage, so a stage shorter than a scrape is not lost."""
-    push_timeout_s: Annotated[float, Field(gt=0)] = 5.0
-    """A push that takes longer is given up with a warning: monitoring never fails or stalls a stage."""
+    push_timeout_s: Annotated[float, Field(gt=0, le=600)] = 5.0
+    """Seconds a whole push may take (connecting, sending, the answer); a push that takes longer is given up
+    with a warning: monitoring never fails or stalls a stage."""
+
+
+class ServeSection(Section):
+    """How ``kubetune serve`` and ``kubetune render --serve`` serve a finished run's model with vLLM
+    (docs/serving.md); no stage reads it, so it is in no fingerprint."""
+
+    model: Literal["merged", "quantized"] = "merged"
+    """Which model to serve: the merge stage's checkpoint or the quantize stage's GPTQ one."""
+    platform: Literal["kserve", "deployment"] = "kserve"
+    """On a cluster: a KServe InferenceService (OpenShift AI's single-model serving) reading the model from the
+    claim, or a plain Deployment + Service where KServe is absent."""
+    runtime: str = "vllm-runtime"
+    """KServe ServingRuntime of the vLLM server (OpenShift AI's "vLLM ServingRuntime for KServe" is created under
+    the name you give it; upstream KServe's is kserve-huggingfaceserver with model_format huggingface)."""
+    model_format: str = "vLLM"
+    """modelFormat.name the ServingRuntime supports."""
+    image: str = "vllm/vllm-openai:v0.32.0"
+    """vLLM server image of the plain Deployment (its entrypoint is ``vllm serve``)."""
+    port: Annotated[int, Field(ge=1024, le=65535)] = 8080
+    """Port of the OpenAI-compatible API (and of /health)."""
+    replicas: Annotated[int, Field(ge=0)] = 1
+    gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = 0.9
+    """Share of the GPU's memory vLLM takes for weights and KV cache."""
+    max_model_len: Annotated[int, Field(ge=16)] | None = None
+    """Longest prompt + answer in tokens; default finetune.max_length + infer.max_new_tokens (what was evaluated)."""
+    extra_args: list[str] = []
+    """More ``vllm serve`` arguments, appended as given (e.g. --enforce-eager)."""
+    resources: Resources = Resources(gpus=1, cpu="4", memory="24Gi")
+    """The server pod's resources; GPUs are requested as kubernetes.gpu_resource on a kubernetes.gpu_type node."""
 
 
 class Recipe(Section):
@@ -449,6 +591,7 @@ class Recipe(Section):
     resources: ResourcesSection = ResourcesSection()
     kubernetes: KubernetesSection = KubernetesSection()
     metrics: MetricsSection = MetricsSection()
+    serve: ServeSection = ServeSection()
     stages: list[Literal["finetune", "merge", "quantize", "infer", "evaluate"]] = list(STAGE_NAMES)
     """Stages this recipe runs, in pipeline order."""
 
@@ -465,6 +608,12 @@ class Recipe(Section):
                     problems.append(f"infer.models: '{m}' needs stage '{producer}' in stages")
         if "evaluate" in self.stages:
             problems += gate_problems(self.evaluate.gates, list(self.infer.models))
+            for name, spec in self.evaluate.sets.items():
+                problems += gate_problems(spec.gates, list(self.infer.models), f"evaluate.sets.{name}.gates")
+        for name, spec in self.evaluate.sets.items():
+            if spec.source.startswith("builtin:") and spec.source == self.data.source and spec.seed == self.data.seed:
+                problems.append(f"evaluate.sets.{name}.seed: equals data.seed, so the builtin generator would "
+                                "make the training rows; choose another seed")
         if self.resources.fetch.gpus:
             problems.append("resources.fetch.gpus: the fetch stage only downloads; it takes no GPU (set 0)")
         if problems:
@@ -486,21 +635,42 @@ class Recipe(Section):
             return ["infer"]
         raise KeyError(stage)
 
-    def fingerprint(self, stage: str) -> str:
+    def eval_sets(self) -> list[str]:
+        """The evaluation sets infer and evaluate score: the held-out split first, then ``evaluate.sets``."""
+        return [HELDOUT_SET, *self.evaluate.sets]
+
+    def fingerprint(self, stage: str, eval_set: str = HELDOUT_SET) -> str:
         """Hash of everything that decides ``stage``'s output: its inputs and its own section.
 
-        Changing ``infer.max_new_tokens`` leaves the fine-tune's fingerprint alone, so a rerun skips it.
+        Changing ``infer.max_new_tokens`` leaves the fine-tune's fingerprint alone, so a rerun skips it. For infer
+        and evaluate, each evaluation set has its own fingerprint (and folder); ``evaluate.sets`` is in none of
+        the others, so adding a set leaves every finished stage and set as it is.
         """
+        own = {} if stage == FETCH_STAGE else getattr(self, stage).model_dump(
+            exclude={"sets"} if stage == "evaluate" else None)
         parts: dict[str, Any] = {
             "stage": stage,
             "model": self.model.model_dump(exclude={"allow_pickle"}),  # how weights may load, not what they are
             "prompt": self.prompt.template,
-            "own": {} if stage == FETCH_STAGE else getattr(self, stage).model_dump(),
-            "upstream": {u: self.fingerprint(u) for u in self.upstream(stage)},
+            "own": own,
+            "upstream": {u: self.fingerprint(u, eval_set if u == "infer" else HELDOUT_SET)
+                         for u in self.upstream(stage)},
         }
-        if stage in ("finetune", "quantize", "infer", "evaluate", FETCH_STAGE):
+        if stage in ("finetune", "quantize", FETCH_STAGE) or (eval_set == HELDOUT_SET
+                                                              and stage in ("infer", "evaluate")):
             parts["data"] = self.data.model_dump()
+        if eval_set != HELDOUT_SET and stage in ("infer", "evaluate"):
+            spec = self.evaluate.sets[eval_set]
+            parts["eval_set"] = spec.model_dump(exclude={"gates"} if stage == "infer" else None)
+            if stage == "evaluate":
+                parts["own"] = {**own, "gates": {}}  # the held-out split's gates are not this set's
         return _sha256(parts)[:16]
+
+    def job_fingerprint(self, stage: str) -> str:
+        """One hash for a stage Job: the fingerprints of every evaluation set for infer and evaluate."""
+        if stage not in ("infer", "evaluate") or not self.evaluate.sets:
+            return self.fingerprint(stage)
+        return _sha256({s: self.fingerprint(stage, s) for s in self.eval_sets()})[:16]
 
     def recipe_hash(self) -> str:
         return _sha256(self.model_dump())[:16]
@@ -511,13 +681,70 @@ def _sha256(obj: Any) -> str:
 
 
 # ---- loading ------------------------------------------------------------------------------------------
+# A recipe has a few hundred values; aliases that expand to more than this are a "billion laughs" document, which
+# would take minutes and gigabytes in render and in every stage that dumps the recipe.
+MAX_EXPANDED_NODES = 100_000
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses what it would otherwise accept silently: a key given twice (the second
+    would replace the first, dropping a section without a word) and aliases that expand without bound."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _expanded_size(node, {}, set())
+        return super().construct_document(node)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            seen: set = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # '<<: *defaults' overrides on purpose
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    duplicate = key in seen
+                    seen.add(key)
+                except TypeError:  # an unhashable key: SafeConstructor reports it
+                    continue
+                if duplicate:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r}: YAML would keep only the last one", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_nodes: set[int]) -> int:
+    """How many nodes ``node`` stands for once every alias is expanded (aliases share nodes: memoized by id)."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    if id(node) in open_nodes:
+        raise yaml.constructor.ConstructorError(None, None, "an alias refers to a node that contains it",
+                                                node.start_mark)
+    size = 1
+    if isinstance(node, (yaml.SequenceNode, yaml.MappingNode)):
+        open_nodes.add(id(node))
+        children = node.value if isinstance(node, yaml.SequenceNode) else [n for pair in node.value for n in pair]
+        for child in children:
+            size += _expanded_size(child, sizes, open_nodes)
+            if size > MAX_EXPANDED_NODES:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"aliases expand to more than {MAX_EXPANDED_NODES:,} values", node.start_mark)
+        open_nodes.discard(id(node))
+    sizes[id(node)] = size
+    return size
+
+
+def load_yaml(text: str) -> Any:
+    """``text`` as plain data, through :class:`RecipeLoader` (no tags beyond YAML's own, as yaml.safe_load)."""
+    return yaml.load(text, Loader=RecipeLoader)  # noqa: S506 - RecipeLoader is a SafeLoader
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``finetune.lora.r=8`` → (['finetune', 'lora', 'r'], 8). The value is parsed as YAML."""
     key, sep, raw = text.partition("=")
     if not sep or not re.fullmatch(r"[A-Za-z_][\w-]*(\.[A-Za-z_][\w-]*)*", key.strip()):
         raise RecipeError("--set", [f"{text!r}: expected KEY.PATH=VALUE, e.g. finetune.lora.r=8"])
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key.strip().split("."), value
@@ -571,11 +798,13 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     except (OSError, UnicodeDecodeError) as exc:
         raise RecipeError(str(path), [f"cannot read: {exc}"]) from None
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         raise RecipeError(str(path), [f"{where}not valid YAML ({getattr(exc, 'problem', exc)})"]) from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise RecipeError(str(path), ["not valid YAML (collections nested too deeply)"]) from None
     return recipe_from_dict(data, str(path), overrides)
 
 

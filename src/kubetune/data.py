@@ -17,6 +17,9 @@ from kubetune.errors import DataError
 BUILTIN_PREFIX = "builtin:"
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 FIELDS = ("context", "question", "answer")
+# Longest context, question or answer a row may have, in characters: ~250k tokens, beyond any model's context
+# window. A longer field is a broken or hostile row; tokenizing one of tens of MB took GBs of memory and minutes.
+MAX_FIELD_CHARS = 1_000_000
 
 
 @dataclass
@@ -25,7 +28,7 @@ class Splits:
     eval: "datasets.Dataset"  # noqa: F821
 
 
-def _load_raw(data):
+def _load_raw(data, where: str = "data"):
     import datasets
 
     datasets.disable_progress_bars()
@@ -33,7 +36,7 @@ def _load_raw(data):
     if source.startswith(BUILTIN_PREFIX):
         name = source[len(BUILTIN_PREFIX):]
         if name != "text2sql":
-            raise DataError(f"data.source: unknown builtin data set '{name}' (have: builtin:text2sql)")
+            raise DataError(f"{where}.source: unknown builtin data set '{name}' (have: builtin:text2sql)")
         from kubetune.text2sql import generate
 
         return datasets.Dataset.from_list(generate(data.builtin_examples, seed=data.seed))
@@ -77,6 +80,16 @@ def as_example(row, mapping: dict[str, str]) -> dict[str, str]:
     return {field: "" if row.get(col) is None else str(row[col]) for field, col in mapping.items()}
 
 
+def checked_example(row, index: int, mapping: dict[str, str], source: str) -> dict[str, str]:
+    """:func:`as_example`, refusing a field longer than MAX_FIELD_CHARS (``index``: the row's place in the source)."""
+    example = as_example(row, mapping)
+    for field, text in example.items():
+        if len(text) > MAX_FIELD_CHARS:
+            raise DataError(f"{source}: row {index + 1}: {field} (column '{mapping[field]}') has {len(text):,} "
+                            f"characters; the limit is {MAX_FIELD_CHARS:,} (far beyond any model's context)")
+    return example
+
+
 def has_question_and_answer(example) -> bool:
     return bool(example["question"].strip()) and bool(example["answer"].strip())
 
@@ -94,19 +107,21 @@ def example_texts(example, prompt, eos_token: str | None) -> tuple[str, str]:
     return prompt.format(example["context"], example["question"]), example["answer"].strip() + (eos_token or "")
 
 
-def load_examples(data) -> "datasets.Dataset":  # noqa: F821
-    """All rows of the source as ``context``/``question``/``answer`` strings (empty rows dropped)."""
-    raw = _load_raw(data)
+def load_examples(data, where: str = "data", columns_hint: str | None = None) -> "datasets.Dataset":  # noqa: F821
+    """All rows of the source as ``context``/``question``/``answer`` strings (empty rows dropped); ``where`` is
+    the recipe section that names the source and ``columns_hint`` how to map columns, for the messages."""
+    raw = _load_raw(data, where)
     if len(raw) == 0:
         raise DataError(f"{data.source}: the data set has no rows")
     mapping = column_mapping(data)
     missing = [f"{field} → '{col}'" for field, col in mapping.items() if col not in raw.column_names]
     if missing:
         raise DataError(f"{data.source}: missing column(s) {', '.join(missing)}; the data has columns "
-                        f"{raw.column_names} (set data.columns.<field>)")
+                        f"{raw.column_names} (set {columns_hint or where + '.columns.<field>'})")
     raw = raw.select_columns(list(dict.fromkeys(mapping.values())))
     try:
-        ds = raw.map(lambda row: as_example(row, mapping), remove_columns=raw.column_names)
+        ds = raw.map(checked_example, with_indices=True, remove_columns=raw.column_names,
+                     fn_kwargs={"mapping": mapping, "source": data.source})
     except UnicodeDecodeError as exc:  # JSON readers pass invalid UTF-8 through; it breaks here, on first use
         raise DataError(f"{data.source}: not valid UTF-8 text ({exc.reason}: {exc.object[:40]!r})") from None
     ds = ds.filter(has_question_and_answer)
@@ -125,6 +140,18 @@ def load_splits(data) -> Splits:
     if data.max_eval_examples:
         eval_ds = eval_ds.select(range(min(n_eval, data.max_eval_examples)))
     return Splits(train=ds.select(range(n_eval, n_eval + n_train)), eval=eval_ds)
+
+
+def eval_rows(recipe, eval_set: str) -> "datasets.Dataset":  # noqa: F821
+    """The rows infer answers and evaluate scores for one evaluation set: the held-out split of data.source, or
+    every row of a named set (``evaluate.sets.<name>``) up to its ``max_examples``, in the source's order."""
+    from kubetune.config import HELDOUT_SET
+
+    if eval_set == HELDOUT_SET:
+        return load_splits(recipe.data).eval
+    spec = recipe.evaluate.sets[eval_set]
+    ds = load_examples(spec.as_data(), f"evaluate.sets.{eval_set}")
+    return ds.select(range(min(len(ds), spec.max_examples))) if spec.max_examples else ds
 
 
 def prompt_completion(ds, prompt, eos_token: str | None):

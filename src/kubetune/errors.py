@@ -7,6 +7,9 @@ The exit code is the contract with Kubernetes: a Job's ``podFailurePolicy`` fail
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 
 class KubetuneError(Exception):
     """Base class: a one-line message for the user, never a traceback."""
@@ -113,10 +116,18 @@ class DeviceError(KubetuneError):
     permanent = True
 
 
+class ImageError(KubetuneError):
+    """The recipe's kubernetes.image is kubetune's own by a tag that was never published; build and push your own."""
+
+    exit_code = 15
+    # Raised by `submit` before it creates anything, never in a pod: no podFailurePolicy acts on it.
+    permanent = False
+
+
 class HubError(KubetuneError):
     """The model or data set hub could not be reached or failed to answer (connection, proxy, 5xx): retried."""
 
-    exit_code = 15
+    exit_code = 17
 
 
 # errno values that mean "the volume cannot take this write", whatever the library that hit them.
@@ -125,24 +136,51 @@ STORAGE_ERRNOS = {28: "no space left on the volume", 122: "disk quota exceeded",
 # How libraries that do not raise OSError (safetensors' Rust writer, torch's zip writer) word the same errors.
 STORAGE_PHRASES = {"No space left on device": 28, "StorageFull": 28, "os error 28": 28, "Disk quota exceeded": 122,
                    "Read-only file system": 30, "ReadOnlyFilesystem": 30, "os error 30": 30}
+# torch.save to a path writes through a C++ stream that keeps no errno: a full volume reads as the first phrase,
+# then "unexpected pos" when the zip writer closes. Which refusal it was is read from the volume itself.
+TORCH_WRITER_FAILURES = ("basic_ios::clear: iostream error", "PytorchStreamWriter failed writing", "unexpected pos")
+FULL_BELOW_BYTES = 1 << 20  # a failed write fills a volume to its last blocks: less free than this is full
 
 
-def storage_error(exc: BaseException) -> StorageError | None:
-    """A StorageError for a failed write anywhere in ``exc``'s chain (ENOSPC, EDQUOT, EROFS, EACCES), else None."""
+def volume_refusal(path: str | Path) -> int | None:
+    """The errno a write under ``path`` meets, judged from its volume: EROFS if read-only, ENOSPC if full."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    if st.f_flag & os.ST_RDONLY:
+        return 30
+    return 28 if st.f_bavail * st.f_frsize < FULL_BELOW_BYTES else None
+
+
+def storage_error(exc: BaseException, volume: str | Path | None = None) -> StorageError | None:
+    """A StorageError for a failed write anywhere in ``exc``'s chain (ENOSPC, EDQUOT, EROFS, EACCES), else None.
+
+    ``volume``: the folder being written to, for writers that give no reason (torch.save to a path); their failure
+    is a storage error only if that volume is indeed full or read-only."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
         code = current.errno if isinstance(current, OSError) else None
+        where = getattr(current, "filename", None)
         if code is None:
             text = str(current)
             code = next((c for phrase, c in STORAGE_PHRASES.items() if phrase in text), None)
+            if code is None and volume is not None and any(phrase in text for phrase in TORCH_WRITER_FAILURES):
+                code, where = volume_refusal(volume), volume
         if code in STORAGE_ERRNOS:
-            where = getattr(current, "filename", None)
             return StorageError(f"{where or 'artifacts volume'}: {STORAGE_ERRNOS[code]}; nothing finished was lost "
                                 "(free space or fix the mount, then run again)")
         current = current.__cause__ or current.__context__
     return None
+
+
+class MissingProgramError(KubetuneError):
+    """A program the command runs is not installed (vLLM for kubetune serve)."""
+
+    exit_code = 16
+    permanent = False  # raised by `kubetune serve` on a workstation, never in a stage pod: no Job policy needs it
 
 
 EXIT_CODES: dict[int, str] = {
@@ -151,7 +189,8 @@ EXIT_CODES: dict[int, str] = {
     2: "command-line usage error (click)",
     **{cls.exit_code: (cls.__doc__ or "").strip().splitlines()[0] for cls in (
         RecipeError, DataError, ModelError, ArtifactError, VerificationError, GateError, StageBusyError,
-        ClusterError, PipelineError, WontFitError, StorageError, DeviceError, HubError)},
+        ClusterError, PipelineError, WontFitError, StorageError, DeviceError, ImageError, MissingProgramError,
+        HubError)},
 }
 PERMANENT_EXIT_CODES: tuple[int, ...] = tuple(sorted(
     cls.exit_code for cls in KubetuneError.__subclasses__() if cls.permanent))

@@ -4,7 +4,8 @@
     write_report(report, Path("report"))        # report.md, report.html, memory.png, estimate-<run>.json
 
 Everything comes from ``<run>/<stage>/report.json`` (read through :class:`kubetune.artifacts.RunLayout`) and
-``<run>/evaluate/metrics.json``; the estimate is recomputed from the recipe each stage report carries (or the
+``<run>/evaluate/metrics.json`` (and ``<run>/sets/<set>/evaluate/metrics.json`` for named evaluation sets); the
+estimate is recomputed from the recipe each stage report carries (or the
 ``--recipe`` given for runs made before reports carried it). Several runs side by side make the "GPU buying
 guide": the same stages on other models, precisions or cards.
 """
@@ -37,6 +38,9 @@ class RunData:
     reports: dict[str, dict]
     """stage → its report.json, for the stages that finished."""
     evaluation: dict | None = None
+    """The held-out split's metrics.json."""
+    set_evaluations: dict[str, dict] = field(default_factory=dict)
+    """Named evaluation set → its metrics.json (evaluate.sets)."""
     recipe: dict | None = None
     """The recipe as the stage reports recorded it (or as --recipe gave it)."""
     estimate: dict | None = None
@@ -52,15 +56,22 @@ def read_run(run_dir: Path) -> RunData:
     run_dir = Path(run_dir)
     layout = RunLayout(run_dir.parent, run_dir.name)
     reports = {stage: report for stage in STAGE_NAMES if (report := layout.read_report(stage)) is not None}
-    metrics_path = layout.stage_dir("evaluate") / "metrics.json"
-    evaluation = None
-    if metrics_path.is_file():
-        try:
-            evaluation = json.loads(metrics_path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            log.warning("%s: unreadable (%s)", metrics_path, exc)
+    sets = sorted(p.parent.parent.name for p in run_dir.glob("sets/*/evaluate/_SUCCESS"))
+    set_evaluations = {s: e for s in sets if (e := _read_metrics(layout.stage_dir("evaluate", s))) is not None}
     recipe = next((r["recipe"] for r in reports.values() if isinstance(r.get("recipe"), dict)), None)
-    return RunData(name=run_dir.name, path=run_dir, reports=reports, evaluation=evaluation, recipe=recipe)
+    return RunData(name=run_dir.name, path=run_dir, reports=reports, evaluation=_read_metrics(
+        layout.stage_dir("evaluate")), set_evaluations=set_evaluations, recipe=recipe)
+
+
+def _read_metrics(evaluate_dir: Path) -> dict | None:
+    path = evaluate_dir / "metrics.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        log.warning("%s: unreadable (%s)", path, exc)
+        return None
 
 
 def attach_estimates(runs: list[RunData], recipes: dict[str, Any] | None = None, model_config=None) -> None:
@@ -206,21 +217,28 @@ def stage_tables(runs: list[RunData]) -> list[Table]:
 
 
 def evaluation_table(runs: list[RunData]) -> Table | None:
+    """One row per run, evaluation set (the held-out split first) and model; a failed gate is marked."""
+    from kubetune.config import HELDOUT_SET
+
     rows = []
     for run in runs:
-        models = (run.evaluation or {}).get("models") or {}
-        base = models.get("base", {}).get("execution_accuracy")
-        for name, m in models.items():
-            ex = m.get("execution_accuracy")
-            delta = "" if name == "base" or base is None or ex is None else f"{ex - base:+.1f}"
-            rows.append([run.name, name, _pct(ex), delta, _pct(m.get("exact_match")), _pct(m.get("parse_rate")),
-                         str(m.get("examples", "—"))])
+        for eval_set, evaluation in {HELDOUT_SET: run.evaluation, **run.set_evaluations}.items():
+            models = (evaluation or {}).get("models") or {}
+            base = models.get("base", {}).get("execution_accuracy")
+            failed = [g["gate"] for g in (evaluation or {}).get("gates") or [] if not g.get("passed")]
+            for name, m in models.items():
+                ex = m.get("execution_accuracy")
+                delta = "" if name == "base" or base is None or ex is None else f"{ex - base:+.1f}"
+                rows.append([run.name, eval_set, name, _pct(ex), delta, _pct(m.get("exact_match")),
+                             _pct(m.get("parse_rate")), str(m.get("examples", "—")),
+                             ", ".join(failed) if name == next(iter(models)) else ""])
     if not rows:
         return None
-    return Table("evaluation", ["run", "model", "execution accuracy", "Δ vs base (points)", "exact match",
-                                "SQL parses", "examples"], rows,
+    return Table("evaluation", ["run", "set", "model", "execution accuracy", "Δ vs base (points)", "exact match",
+                                "SQL parses", "examples", "failed gates"], rows,
                  ["execution accuracy: the predicted SQL returns the same result as the gold SQL on generated "
-                  "SQLite databases (test-suite accuracy)"])
+                  "SQLite databases (test-suite accuracy)",
+                  f"set: {HELDOUT_SET} is the held-out split of data.source; the others are evaluate.sets"])
 
 
 def _pct(v) -> str:

@@ -13,10 +13,12 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from kubetune.artifacts import RunLayout
-from kubetune.config import Recipe
+from kubetune.config import HELDOUT_SET, Recipe
 from kubetune.stages import StageResult, run_stage
+from kubetune.terminal import literal, printable
 
 GIB = 2**30
 
@@ -26,7 +28,8 @@ def run_pipeline(recipe: Recipe, stages: list[str] | None = None, console: Conso
     console = console or Console(stderr=False)
     stages = stages or list(recipe.stages)
     results: list[StageResult] = []
-    console.print(f"[bold]run[/] {recipe.run.name}  [dim]{RunLayout.from_recipe(recipe).run_dir}[/]")
+    console.print(Text.assemble(("run", "bold"), f" {recipe.run.name}  ",
+                                (printable(RunLayout.from_recipe(recipe).run_dir), "dim")))
     with Progress(TextColumn("{task.fields[stage]:<9}"), BarColumn(), TextColumn("{task.description}"),
                   TimeElapsedColumn(), console=console, transient=False) as bars:
         tasks = {s: bars.add_task("waiting", stage=s, total=None, start=False) for s in stages}
@@ -54,7 +57,8 @@ def run_pipeline(recipe: Recipe, stages: list[str] | None = None, console: Conso
     if any(r.stage == "evaluate" for r in results):
         layout = RunLayout.from_recipe(recipe)
         console.print(answers_table(layout, recipe.infer.models, samples))
-        console.print(accuracy_table(layout))
+        for eval_set in recipe.eval_sets():
+            console.print(accuracy_table(layout, eval_set))
     return results
 
 
@@ -132,15 +136,17 @@ def answers_table(layout: RunLayout, models: list[str], samples: int) -> Table:
             rows = outcomes[m]
             o = rows[i] if i < len(rows) else {}
             mark = "✓" if o.get("execution_match") else "✗"
-            cells.append(f"{mark} {_short(o.get('prediction', ''))}")
-        table.add_row(f"{row.get('question', '')}\n[dim]{row.get('gold', '')}[/]", *cells)
+            cells.append(literal(f"{mark} {_short(o.get('prediction', ''))}"))  # model text: never markup
+        table.add_row(Text.assemble(printable(row.get("question", "")), "\n",
+                                    (printable(row.get("gold", "")), "dim")), *cells)
     return table
 
 
-def accuracy_table(layout: RunLayout) -> Table:
-    path = layout.stage_dir("evaluate") / "metrics.json"
+def accuracy_table(layout: RunLayout, eval_set: str = HELDOUT_SET) -> Table:
+    path = layout.stage_dir("evaluate", eval_set) / "metrics.json"
     data = json.loads(path.read_text()) if path.exists() else {}
-    table = Table(title="evaluation", title_justify="left")
+    title = "evaluation" if eval_set == HELDOUT_SET else f"evaluation on set {eval_set}"
+    table = Table(title=title, title_justify="left")
     for col in ("model", "execution accuracy", "exact match", "SQL parses", "examples"):
         table.add_column(col)
     for model, m in (data.get("models") or {}).items():

@@ -12,8 +12,12 @@ Three measures, from strictest to most meaningful:
   the gold query has a top-level ORDER BY), allowing the columns to come in another order. Every database must
   agree. More databases catch more wrong queries and cost more time.
 
-A prediction that fails in any way is simply not a match; nothing here raises for bad SQL. Runaway queries
-(a recursive CTE, a cross join of cross joins) stop after ``timeout_s`` through SQLite's progress handler.
+A prediction that fails in any way is simply not a match; nothing here raises for bad SQL. Every database is a
+:mod:`kubetune.sqlbounds` connection: runaway statements (a recursive CTE, a cross join of cross joins, in a
+query or in a context's ``CREATE TABLE … AS``) stop after a step budget or ``timeout_s``, values, statements and
+results are capped, and random() and 'now' are fixed, so a score does not change from run to run. What SQLite
+cannot bound (one long C call, Python work, memory) is bounded by running all this in a worker process:
+:mod:`kubetune.sqlsandbox`. This module runs SQL in the calling process: use it directly only for SQL you trust.
 """
 
 from __future__ import annotations
@@ -23,23 +27,27 @@ import math
 import random
 import re
 import sqlite3
-import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
+
+from kubetune.sqlbounds import MAX_RESULT_BYTES, MAX_SQL_CHARS, BoundedConnection, Deadline, connect
 
 # ---- tokens ------------------------------------------------------------------------------------------------
 _TOKEN = re.compile(r"""
     (?P<ws>\s+)
   | (?P<comment>--[^\n]*|/\*.*?(?:\*/|\Z))
-  | (?P<str>'(?:[^']|'')*(?:'|\Z))
-  | (?P<dq>"(?:[^"]|"")*(?:"|\Z))
-  | (?P<bq>`(?:[^`]|``)*(?:`|\Z))
-  | (?P<br>\[[^\]]*(?:\]|\Z))
+  | (?P<str>'[^']*+(?:''[^']*+)*+(?:'|\Z))
+  | (?P<dq>"[^"]*+(?:""[^"]*+)*+(?:"|\Z))
+  | (?P<bq>`[^`]*+(?:``[^`]*+)*+(?:`|\Z))
+  | (?P<br>\[[^\]]*+(?:\]|\Z))
   | (?P<num>(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)
   | (?P<ident>[^\W\d]\w*)
   | (?P<op><=|>=|<>|!=|==|\|\||<<|>>|[-+*/%<>=(),.;&|~])
   | (?P<other>\S)
 """, re.X | re.S)
+# The quoted tokens are written as "unrolled loops" with possessive repeats: (?:[^']|'')* kept a backtracking
+# frame per character (~190 bytes of memory per character of a literal); [^']*+ keeps none.
 
 
 @dataclass(frozen=True)
@@ -100,6 +108,8 @@ def normalize_sql(sql: str) -> str:
 
 
 def exact_match(gold: str, pred: str) -> bool:
+    if max(len(gold), len(pred)) > MAX_SQL_CHARS:  # a token object per word of megabytes of text: not for that
+        return gold.strip() == pred.strip()
     return normalize_sql(gold) == normalize_sql(pred)
 
 
@@ -115,6 +125,8 @@ def _authorize(action: int, arg1, arg2, db_name, source) -> int:
 
 def single_select(sql: str) -> tuple[str | None, str | None]:
     """(the statement without trailing semicolons, None) or (None, why it is not one SELECT)."""
+    if len(sql) > MAX_SQL_CHARS:
+        return None, f"query longer than {MAX_SQL_CHARS} characters"
     tokens = _strip_semicolons(tokenize(sql))
     if not tokens:
         return None, "empty query"
@@ -129,23 +141,30 @@ class ContextError(ValueError):
     """The context's CREATE TABLE statements do not build a database."""
 
 
-def _schema_db(context: str) -> sqlite3.Connection:
-    """An in-memory database with the context's tables (only its CREATE statements are run: a context is data)."""
-    conn = sqlite3.connect(":memory:")
+def _schema_db(context: str, timeout_s: float = 2.0) -> sqlite3.Connection:
+    """An in-memory database with the context's tables (only its CREATE statements are run: a context is data).
+    ``timeout_s`` bounds them all together (``CREATE TABLE t AS <recursive query>`` is a CREATE statement)."""
+    conn = connect()
     statement: list[Token] = []
     start = 0
-    for tok in [*tokenize(context), Token("op", ";", len(context))]:
-        if tok.text != ";":
-            statement.append(tok)
-            continue
-        if statement and statement[0].upper == "CREATE":
-            text = context[start:statement[-1].end].strip()
-            try:
-                conn.execute(text)
-            except sqlite3.Error as exc:
-                conn.close()
-                raise ContextError(f"context: {exc} in {text[:80]!r}") from None
-        statement, start = [], tok.end
+    problem = None
+    with Deadline(conn, timeout_s) as deadline:
+        for tok in [*tokenize(context), Token("op", ";", len(context))]:
+            if tok.text != ";":
+                statement.append(tok)
+                continue
+            if statement and statement[0].upper == "CREATE":
+                text = context[start:statement[-1].end].strip()
+                try:
+                    conn.execute(text)
+                except (sqlite3.Error, OverflowError, MemoryError) as exc:
+                    why = deadline.why or _why(exc)
+                    problem = f"context: {why} in {text[:80]!r}"
+                    break
+            statement, start = [], tok.end
+    if problem:
+        conn.close()
+        raise ContextError(problem)
     tables = conn.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table'").fetchone()[0]
     if not tables:
         conn.close()
@@ -161,8 +180,8 @@ def _prepare_error(conn: sqlite3.Connection, sql: str) -> str | None:
     conn.set_authorizer(_authorize)
     try:
         conn.execute("EXPLAIN " + statement).fetchall()
-    except (sqlite3.Error, sqlite3.Warning, ValueError, OverflowError) as exc:
-        return str(exc) or type(exc).__name__
+    except (sqlite3.Error, sqlite3.Warning, ValueError, OverflowError, MemoryError) as exc:
+        return _why(exc)
     finally:
         conn.set_authorizer(None)
     return None
@@ -457,11 +476,16 @@ def _storable(value: object) -> object:
     return float(value) if isinstance(value, int) and not -2**63 <= value < 2**63 else value
 
 
+DISTINCT_TRIES = 100  # redraws for a value already taken; past 1e16 a REAL range may hold a single float
+
+
 def _distinct(values: list[object], affinity: str, rng: random.Random, low: int, high: int) -> list[object]:
     seen: set[object] = set()
     out = []
     for v in values:
-        while v in seen:
+        for _ in range(DISTINCT_TRIES):
+            if v not in seen:
+                break
             v = f"{v}{rng.choice(_WORDS)}" if isinstance(v, str) else (
                 rng.randint(low, high + len(values) * 10) if affinity == "integer" else
                 round(rng.uniform(low, high + len(values)), 3))
@@ -493,38 +517,51 @@ class QueryTimeout(Exception):
     pass
 
 
+# What running a query may raise (ValueError: too many rows or bytes, a literal SQLite cannot bind; MemoryError:
+# SQLite or Python out of memory, which in a sandbox worker is its memory limit)
+_QUERY_ERRORS = (sqlite3.Error, sqlite3.Warning, QueryTimeout, ValueError, OverflowError, MemoryError)
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, MemoryError):
+        return "out of memory"
+    return str(exc) or type(exc).__name__
+
+
 def _execute(conn: sqlite3.Connection, sql: str, timeout_s: float, max_rows: int,
              names: list[str] | None = None) -> tuple[int, list[tuple]]:
     """(number of columns, rows); raises sqlite3.Error, QueryTimeout, or ValueError when there are too many rows.
     ``names``, if given, receives the column names (for showing a result, :meth:`QuerySuite.table`)."""
-    deadline = time.monotonic() + timeout_s
-    timed_out = False
-
-    def progress() -> int:
-        nonlocal timed_out
-        timed_out = time.monotonic() > deadline
-        return 1 if timed_out else 0  # non-zero aborts the statement with "interrupted"
-
     conn.set_authorizer(_authorize)
-    conn.set_progress_handler(progress, 1000)  # every 1000 VM instructions: ~µs of overhead each
+    if isinstance(conn, BoundedConnection):
+        conn.restart_random()
     try:
-        cur = conn.execute(sql)
-        width = len(cur.description or ())
-        if names is not None:
-            names.extend(d[0] for d in cur.description or ())
-        rows: list[tuple] = []
-        while chunk := cur.fetchmany(1000):
-            rows.extend(tuple(_canonical(v) for v in row) for row in chunk)
-            if len(rows) > max_rows:
-                raise ValueError(f"more than {max_rows} rows")
-        return width, rows
-    except sqlite3.OperationalError:
-        if timed_out:
-            raise QueryTimeout(f"stopped after {timeout_s:g} s") from None
-        raise
+        with Deadline(conn, timeout_s) as deadline:
+            try:
+                cur = conn.execute(sql)
+                width = len(cur.description or ())
+                if names is not None:
+                    names.extend(d[0] for d in cur.description or ())
+                rows: list[tuple] = []
+                size = 0
+                while chunk := cur.fetchmany(1000):
+                    rows.extend(tuple(_canonical(v) for v in row) for row in chunk)
+                    size += sum(_value_bytes(v) for row in chunk for v in row)
+                    if len(rows) > max_rows:
+                        raise ValueError(f"more than {max_rows} rows")
+                    if size > MAX_RESULT_BYTES:
+                        raise ValueError(f"result larger than {MAX_RESULT_BYTES // 2**20} MiB")
+                return width, rows
+            except sqlite3.OperationalError:
+                if deadline.expired:
+                    raise QueryTimeout(deadline.why) from None
+                raise
     finally:
-        conn.set_progress_handler(None, 0)
         conn.set_authorizer(None)
+
+
+def _value_bytes(value: object) -> int:
+    return len(value) if isinstance(value, str | bytes) else 8
 
 
 @dataclass
@@ -559,16 +596,22 @@ class QuerySuite:
         self._dbs: list[sqlite3.Connection] = []
         try:
             for d in range(databases):
-                conn = _schema_db(context)
+                conn = _schema_db(context, timeout_s)
                 self._dbs.append(conn)
                 # A str seed is hashed with SHA-512 by random.seed: the same databases on every run and machine
                 rng = random.Random(f"{seed}|{d}|{context}|{gold}")
-                _fill(conn, gold, rng, rows, self.SEED_RATES[d % len(self.SEED_RATES)], outliers_high=d % 2 == 0)
+                with Deadline(conn, timeout_s) as deadline:  # the context's triggers run as rows go in
+                    try:
+                        _fill(conn, gold, rng, rows, self.SEED_RATES[d % len(self.SEED_RATES)],
+                              outliers_high=d % 2 == 0)
+                    except sqlite3.OperationalError as exc:
+                        raise QueryTimeout(deadline.why) if deadline.expired else exc
         except ContextError as exc:
             self.gold_error = str(exc)
             return
-        except (sqlite3.Error, OverflowError) as exc:  # OverflowError: a literal beyond SQLite's 64-bit integers
-            self.gold_error = f"context: cannot fill the tables ({exc})"
+        # OverflowError: a literal beyond SQLite's 64-bit integers
+        except (sqlite3.Error, OverflowError, MemoryError, QueryTimeout) as exc:
+            self.gold_error = f"context: cannot fill the tables ({_why(exc)})"
             return
         problem = _prepare_error(self._dbs[0], gold)
         if problem:
@@ -577,23 +620,27 @@ class QuerySuite:
         statement = single_select(gold)[0]
         try:
             self.gold_results = [_execute(c, statement, timeout_s, max_rows) for c in self._dbs]
-        except (sqlite3.Error, sqlite3.Warning, QueryTimeout, ValueError, OverflowError) as exc:
-            self.gold_error = f"gold: {exc}"
+        except _QUERY_ERRORS as exc:
+            self.gold_error = f"gold: {_why(exc)}"
 
-    def check(self, pred: str) -> Outcome:
+    def check(self, pred: str, on_parsed: Callable[[], None] | None = None) -> Outcome:
+        """``pred`` judged against the gold; ``on_parsed`` is called once it is known to compile, before it runs
+        (a sandbox that kills a runaway query still knows that it parsed)."""
         if self.gold_error:
             parsed = bool(self._dbs) and _prepare_error(self._dbs[0], pred) is None
             return Outcome(parsed=parsed, executed=False, match=False, error=self.gold_error)
         problem = _prepare_error(self._dbs[0], pred)
         if problem:
             return Outcome(parsed=False, executed=False, match=False, error=problem)
+        if on_parsed is not None:
+            on_parsed()
         statement = single_select(pred)[0]
         results = []
         for conn in self._dbs:
             try:
                 results.append(_execute(conn, statement, self.timeout_s, self.max_rows))
-            except (sqlite3.Error, sqlite3.Warning, QueryTimeout, ValueError, OverflowError) as exc:
-                return Outcome(parsed=True, executed=False, match=False, error=str(exc) or type(exc).__name__)
+            except _QUERY_ERRORS as exc:
+                return Outcome(parsed=True, executed=False, match=False, error=_why(exc))
         return Outcome(parsed=True, executed=True, match=self._same(results))
 
     def table(self, sql: str, database: int = 0) -> tuple[list[str], list[tuple]]:
@@ -609,14 +656,16 @@ class QuerySuite:
         names: list[str] = []
         try:
             _, rows = _execute(conn, single_select(sql)[0], self.timeout_s, self.max_rows, names)
-        except (sqlite3.Error, sqlite3.Warning, QueryTimeout, OverflowError) as exc:
-            raise ValueError(str(exc) or type(exc).__name__) from None
+        except _QUERY_ERRORS as exc:
+            raise ValueError(_why(exc)) from None
         return names, rows
 
     def _same(self, results: list[tuple[int, list[tuple]]]) -> bool:
         width = self.gold_results[0][0]
         if any(w != width for w, _ in results):
             return False
+        if any(len(gold) != len(pred) for (_, gold), (_, pred) in zip(self.gold_results, results)):
+            return False  # before trying column orders: each would build and compare the rows
         # The columns may come in another order (SELECT b, a for SELECT a, b); 6 columns = 720 orders at most
         orders = itertools.permutations(range(width)) if width <= 6 else [tuple(range(width))]
         for order in orders:

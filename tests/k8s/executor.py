@@ -31,6 +31,7 @@ class Mount:
     target: str
     read_only: bool = False
     tmpfs_bytes: int | None = None
+    image_part: bool = False  # stands for a folder the image has (HOME, /workspace): only the host executor mounts it
 
 
 @dataclass
@@ -44,6 +45,9 @@ class ContainerSpec:
     workdir: str = "/"
     log: Path = Path("/dev/null")
     termination_log: Path | None = None
+    image: str = ""
+    name: str = ""
+    memory_limit_bytes: int | None = None  # resources.limits.memory: enforced by the podman executor only
 
 
 class Running:
@@ -51,6 +55,7 @@ class Running:
 
     def __init__(self, proc: subprocess.Popen):
         self.proc = proc
+        self.killed = False
 
     def _init_pid(self) -> int | None:
         """The container's PID 1 as this machine sees it: unshare's forked child."""
@@ -71,17 +76,26 @@ class Running:
         self._signal(signal.SIGTERM)
 
     def kill(self) -> None:
+        self.killed = True
         self._signal(signal.SIGKILL)  # PID 1 of the namespace: the kernel kills every process in it
 
     def poll(self) -> int | None:
         code = self.proc.poll()
         if code is None:
             return None
+        if self.killed and code not in (0, 143):  # unshare reports its SIGKILLed child as 1; the kubelet says 137
+            return 128 + signal.SIGKILL
         return 128 - code if code < 0 else code
+
+
+# What images/Dockerfile sets (ENV, USER's home): the host executor gives the same to its processes.
+IMAGE_ENV = {"HOME": "/home/kubetune", "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"}
 
 
 class HostExecutor:
     """Containers as namespaced processes on this machine (root needed for unshare and mount, as in CI)."""
+
+    kind = "host processes (unshare + setpriv; this checkout's venv as the image)"
 
     def __init__(self, bin_dir: str | Path | None = None):
         self.bin_dir = str(bin_dir or Path(sys.executable).parent)
@@ -150,8 +164,67 @@ class HostExecutor:
         groups = ",".join(str(g) for g in spec.groups)
         user = [f"--reuid={spec.uid}", f"--regid={spec.gid}",
                 f"--groups={groups}" if groups else "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"]
-        env = [f"{k}={v}" for k, v in spec.env.items()]
+        image_env = dict(IMAGE_ENV, PATH=f"{self.bin_dir}:/usr/local/bin:/usr/bin:/bin")
+        env = [f"{k}={v}" for k, v in {**image_env, **spec.env}.items()]
         lines.append(f"cd {q(spec.workdir)}")
         lines.append("exec setpriv " + " ".join(user) + " -- env -i " + " ".join(q(e) for e in env) + " "
                      + " ".join(q(a) for a in spec.argv))
         return "\n".join(lines)
+
+
+class PodmanRunning(Running):
+    """A container started by `podman run`: signals go through podman, which reports 128 + signal as the kubelet."""
+
+    def __init__(self, proc: subprocess.Popen, name: str, env: dict[str, str]):
+        super().__init__(proc)
+        self.name, self.env = name, env
+
+    def _signal(self, sig: int) -> None:
+        subprocess.run(["podman", "kill", "--signal", str(int(sig)), self.name], env=self.env,
+                       capture_output=True, timeout=60)
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+
+class PodmanExecutor:
+    """The pod's container in its image (the Job's ``image``, built by `make test-image`) through podman and runc
+    (tests/containers.py has the set-up): the pod's user and groups, all capabilities dropped, no privilege
+    escalation, the volumes at their mountPaths, the termination log file, and the host's network so that the
+    driver reaches the fake API server on 127.0.0.1. The image's own HOME and /workspace are used as they are."""
+
+    kind = "containers (podman + runc, the CPU image)"
+
+    def __init__(self):
+        from containers import podman_env
+
+        self.env = podman_env()
+
+    def start(self, spec: ContainerSpec) -> PodmanRunning:
+        args = ["podman", "run", "--rm", "--name", spec.name, "--pull", "never", "--user", f"{spec.uid}:{spec.gid}",
+                "--network", "host", "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
+                "--workdir", spec.workdir, "--entrypoint", spec.argv[0]]
+        for gid in spec.groups:
+            args += ["--group-add", str(gid)]
+        if spec.memory_limit_bytes:  # the cgroup limit the kubelet sets: past it the OOM killer ends it, 137
+            args += ["--memory", f"{spec.memory_limit_bytes}b", "--memory-swap", f"{spec.memory_limit_bytes}b"]
+        for m in spec.mounts:
+            if m.image_part:
+                continue
+            if m.tmpfs_bytes:
+                args += ["--tmpfs", f"{m.target}:rw,size={m.tmpfs_bytes},mode=1777"]
+            else:
+                args += ["--volume", f"{m.source}:{m.target}:{'ro' if m.read_only else 'rw'}"]
+        if spec.termination_log:
+            args += ["--volume", f"{spec.termination_log}:/dev/termination-log:rw"]
+        for key, value in spec.env.items():
+            args += ["--env", f"{key}={value}"]
+        args += [spec.image, *spec.argv[1:]]
+        log = open(spec.log, "ab")
+        try:
+            # conmon drops a file named 'oom' in its working folder when a container is OOM-killed: not the checkout
+            proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                    cwd=spec.log.parent)
+        finally:
+            log.close()
+        return PodmanRunning(proc, spec.name, self.env)

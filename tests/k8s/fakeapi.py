@@ -26,7 +26,9 @@ from kmock._internal import enums
 RESOURCES = {"Job": "batch/v1/jobs", "Pod": "v1/pods", "ConfigMap": "v1/configmaps", "Secret": "v1/secrets",
              "Event": "v1/events",
              "PersistentVolumeClaim": "v1/persistentvolumeclaims", "ServiceAccount": "v1/serviceaccounts",
-             "Role": "rbac.authorization.k8s.io/v1/roles", "RoleBinding": "rbac.authorization.k8s.io/v1/rolebindings"}
+             "Role": "rbac.authorization.k8s.io/v1/roles", "RoleBinding": "rbac.authorization.k8s.io/v1/rolebindings",
+             "Deployment": "apps/v1/deployments", "Service": "v1/services",
+             "InferenceService": "serving.kserve.io/v1beta1/inferenceservices"}
 _counter = itertools.count(1000)
 
 

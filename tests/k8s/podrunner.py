@@ -295,7 +295,7 @@ class PodRunner:
         home = run.folder / "home"  # the image's HOME: writable, but gone with the pod (not on the claim)
         home.mkdir()
         shutil.chown(home, uid, 0)
-        mounts.append(Mount(home, IMAGE_HOME))
+        mounts.append(Mount(home, IMAGE_HOME, image_part=True))
         if spec.get("automountServiceAccountToken", True) and spec.get("serviceAccountName"):
             sa = run.folder / "serviceaccount"
             sa.mkdir()
@@ -309,20 +309,20 @@ class PodRunner:
             own.mkdir()
             shutil.chown(own, 1001, 0)
             own.chmod(0o775)
-            mounts.append(Mount(own, IMAGE_WORKDIR))
+            mounts.append(Mount(own, IMAGE_WORKDIR, image_part=True))
         run.termination.touch()
         run.termination.chmod(0o666)
-        env = {"PATH": f"{self.executor.bin_dir}:/usr/local/bin:/usr/bin:/bin", "HOME": IMAGE_HOME,
-               "HOSTNAME": pod_name, "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1",
-               # the kubelet sets these whatever enableServiceLinks says; nothing listens there in the runner
-               "KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "443"}
+        # the kubelet sets these whatever enableServiceLinks says; nothing listens there in the runner
+        env = {"HOSTNAME": pod_name, "KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "443"}
         if any(m.target == SA_DIR for m in mounts):
             env["KUBECONFIG"] = f"{SA_DIR}/kubeconfig"
         for item in container.get("env") or []:
             env[item["name"]] = self._env_value(pod_name, item)
         argv = list(container.get("command") or IMAGE_ENTRYPOINT) + list(container.get("args") or [])
         return ContainerSpec(argv=argv, env=env, mounts=mounts, uid=uid, gid=gid, groups=groups, workdir=workdir,
-                             log=run.log, termination_log=run.termination)
+                             log=run.log, termination_log=run.termination, image=container.get("image", ""),
+                             name=pod_name, memory_limit_bytes=_quantity_bytes(
+                                 ((container.get("resources") or {}).get("limits") or {}).get("memory")))
 
     def _mount(self, pod_name: str, volume: dict[str, Any], vm: dict[str, Any], fs_group: int | None,
                change_policy: str) -> Mount:

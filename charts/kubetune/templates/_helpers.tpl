@@ -69,9 +69,11 @@ pod_labels) is the user's whole. Returns JSON; use with fromJson.
 {{- end -}}
 
 {{/*
-Quoting: every value that comes from the recipe or the values reaches the output through `quote` or `toYaml`,
+Quoting: every value that comes from the recipe or the values reaches the output through `quote` or `toJson`,
 never bare, so that no string (a newline, " #", ": ", a YAML indicator) can end a scalar early or add keys
-(tests/test_k8s_chart_hostile.py feeds hostile strings through the chart and `kubetune render`).
+(tests/test_k8s_chart_hostile.py feeds hostile strings through the chart and `kubetune render`). Not `toYaml`:
+it writes a string holding U+2028 as a block scalar that go-yaml reads with a line break inside, which the
+block's indentation (nindent) does not survive; Go's JSON escapes U+2028. toYaml is kept for generated values.
 */}}
 
 {{/* Labels: call with (dict "ctx" $ "component" "driver"). */}}
@@ -98,8 +100,7 @@ Call with (dict "ctx" $ "component" "driver"). */}}
 labels:
   {{- merge (include "kubetune.labels" . | fromYaml) ($k.pod_labels | default dict) | toYaml | nindent 2 }}
 {{- with $k.pod_annotations }}
-annotations:
-  {{- toYaml . | nindent 2 }}
+annotations: {{ toJson . }}
 {{- end }}
 {{- end -}}
 
@@ -130,4 +131,34 @@ labels:
 {{- if and (isAbs $root) (not (hasPrefix (printf "%s/" (trimSuffix "/" (clean $k.pvc.mount_path))) (printf "%s/" (clean $root)))) -}}
 {{- fail (printf "recipe.run.artifacts_root: %s is outside recipe.kubernetes.pvc.mount_path (%s)" $root $k.pvc.mount_path) -}}
 {{- end -}}
+{{- end -}}
+
+{{/* recipe.<name> with the model's defaults, as JSON: call with (dict "ctx" $ "name" "serve"). */}}
+{{- define "kubetune.section" -}}
+{{- $gen := include "kubetune.generated" .ctx | fromJson -}}
+{{- include "kubetune.merge" (dict "defaults" (get $gen.defaults .name) "user" (get .ctx.Values.recipe .name | default dict)) -}}
+{{- end -}}
+
+{{/*
+The prompt template as vLLM's one-line Jinja chat template (system message = schema, user message = question):
+kubetune.serving.chat_template, which writes its strings the way toJson does so that the two are equal.
+*/}}
+{{- define "kubetune.chatTemplate" -}}
+{{- $parts := list "{%- set ns = namespace(context='', question='') -%}" "{%- for m in messages -%}{%- if m['role'] == 'system' -%}{%- set ns.context = m['content'] -%}" "{%- elif m['role'] == 'user' -%}{%- set ns.question = m['content'] -%}{%- endif -%}{%- endfor -%}" -}}
+{{- $literal := "" -}}
+{{- range regexFindAll "\\{\\{|\\}\\}|\\{(context|question)\\}|[^{}]+" . -1 -}}
+{{- if eq . "{{" -}}
+{{- $literal = print $literal "{" -}}
+{{- else if eq . "}}" -}}
+{{- $literal = print $literal "}" -}}
+{{- else if or (eq . "{context}") (eq . "{question}") -}}
+{{- if $literal }}{{ $parts = append $parts (printf "{{ %s }}" (toJson $literal)) }}{{ end -}}
+{{- $literal = "" -}}
+{{- $parts = append $parts (printf "{{ ns.%s | trim }}" (trimAll "{}" .)) -}}
+{{- else -}}
+{{- $literal = print $literal . -}}
+{{- end -}}
+{{- end -}}
+{{- if $literal }}{{ $parts = append $parts (printf "{{ %s }}" (toJson $literal)) }}{{ end -}}
+{{- join "" $parts -}}
 {{- end -}}

@@ -13,6 +13,7 @@ import click
 
 from kubetune import __version__
 from kubetune.errors import KubetuneError, storage_error
+from kubetune.terminal import printable
 
 
 class KubetuneGroup(click.Group):
@@ -20,13 +21,13 @@ class KubetuneGroup(click.Group):
         try:
             return super().invoke(ctx)
         except KubetuneError as exc:
-            click.secho(f"error: {exc}", fg="red", err=True)
+            click.secho(f"error: {printable(exc)}", fg="red", err=True)  # names user text: file names, values
             sys.exit(exc.exit_code)
         except Exception as exc:  # a full or read-only volume, met by whatever library was writing
             storage = storage_error(exc)
             if storage is None:
                 raise
-            click.secho(f"error: {storage}", fg="red", err=True)
+            click.secho(f"error: {printable(storage)}", fg="red", err=True)
             sys.exit(storage.exit_code)
 
 
@@ -74,7 +75,24 @@ from kubetune.cli import cluster  # noqa: E402,F401
 from kubetune.cli import demo  # noqa: E402,F401
 
 
+def _name_an_unnamed_user() -> None:
+    """OpenShift runs a container as an arbitrary UID that /etc/passwd does not name (the image's 1001 is named
+    only in kubetune's own image). Libraries that ask for the user's name (getpass.getuser, e.g. for torch's and
+    triton's cache folders on the GPU) then fail with "getpwuid(): uid not found", which stopped the GPU stages
+    of the pod path at the model load. getpass reads $USER first: give it one where the passwd database has none."""
+    import os
+    import pwd
+
+    if any(os.environ.get(v) for v in ("LOGNAME", "USER", "LNAME", "USERNAME")):
+        return
+    try:
+        pwd.getpwuid(os.getuid())
+    except KeyError:
+        os.environ["USER"] = f"uid-{os.getuid()}"
+
+
 def main() -> None:
+    _name_an_unnamed_user()
     try:
         cli(prog_name="kubetune")
     except SystemExit as done:

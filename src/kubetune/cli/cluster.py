@@ -40,8 +40,15 @@ def _connect(namespace, context, kubeconfig, recipe=None):
 
 def _load(recipe_path: str, overrides: tuple[str, ...]):
     from kubetune.config import load_recipe
+    from kubetune.k8s.embedded import check_embedded
 
-    return load_recipe(recipe_path, list(overrides))
+    return check_embedded(load_recipe(recipe_path, list(overrides)), recipe_path)
+
+
+serve_option = click.option(
+    "--serve", "serve", type=click.Choice(["merged", "quantized"]), default=None,
+    help="Instead of the pipeline: what serves this model of the finished run (serve.platform: a KServe "
+         "InferenceService or a Deployment + Service; docs/serving.md).")
 
 
 @cli.command()
@@ -52,15 +59,21 @@ def _load(recipe_path: str, overrides: tuple[str, ...]):
               help="Only what `submit` creates (claim, recipe, driver and its RBAC), e.g. for a kustomize base.")
 @click.option("-n", "--namespace", envvar="KUBETUNE_NAMESPACE",
               help="Namespace written into the objects (default: the recipe's, else 'default').")
+@serve_option
 @set_option
-def render(recipe_path: str, stage: str | None, no_stage_jobs: bool, namespace: str | None,
+def render(recipe_path: str, stage: str | None, no_stage_jobs: bool, namespace: str | None, serve: str | None,
            overrides: tuple[str, ...]) -> None:
     """Print every Kubernetes object of RECIPE as YAML (what `submit` creates and the driver starts)."""
     from kubetune.k8s import render as r
 
     recipe = _load(recipe_path, overrides)
-    objects = (r.base_objects(recipe, r.namespace_of(recipe, namespace)) if no_stage_jobs
-               else r.render(recipe, namespace, stage))
+    if serve:
+        from kubetune.k8s.serving import serving_objects
+
+        objects = serving_objects(recipe, namespace, serve)
+    else:
+        objects = (r.base_objects(recipe, r.namespace_of(recipe, namespace)) if no_stage_jobs
+                   else r.render(recipe, namespace, stage))
     click.echo(r.to_yaml(objects), nl=False)
 
 
@@ -80,20 +93,36 @@ def render(recipe_path: str, stage: str | None, no_stage_jobs: bool, namespace: 
 @click.option("--force", is_flag=True,
               help="Submit even when the memory estimate says a stage does not fit its resources.gpu_type.")
 @model_config_option
+@serve_option
 @_cluster_options
 @set_option
-def submit(recipe_path, stage, mode, dry_run, poll_s, force, model_config, namespace, context, kubeconfig,
+def submit(recipe_path, stage, mode, dry_run, poll_s, force, model_config, serve, namespace, context, kubeconfig,
            overrides) -> None:
     """Run RECIPE on Kubernetes: the recipe ConfigMap, the claim, and one GPU Job per stage in turn.
 
     First estimates each stage's GPU memory (`kubetune estimate`) and refuses, exit 12, a stage that cannot fit
-    the card its resources.gpu_type names, unless --force.
+    the card its resources.gpu_type names, unless --force. Refuses, exit 15, kubetune's own image by a tag that
+    was never published (the default until the first release): build and push your own (images/README.md).
+    With --serve, creates what serves the finished run's model instead (the claim must hold it).
     """
     from kubetune.k8s import launcher
+    from kubetune.k8s.image import require_published
     from kubetune.k8s.render import claim_paths_check, namespace_of, render as render_objects, to_yaml
 
     recipe = _load(recipe_path, overrides)
     claim_paths_check(recipe)
+    if dry_run != "client":  # what --dry-run client prints is a template to edit, like `render`
+        require_published(recipe.kubernetes.image)
+    if serve:
+        from kubetune.k8s.serving import serving_objects
+
+        if dry_run == "client":
+            click.echo(to_yaml(serving_objects(recipe, namespace, serve)), nl=False)
+            return
+        cluster = _connect(namespace, context, kubeconfig, recipe)
+        launcher.apply(cluster, serving_objects(recipe, cluster.namespace, serve), recipe, _echo,
+                       dry_run=dry_run == "server")
+        return
     _check_fits(recipe, recipe_path, model_config, force)
     one = None if stage == "all" else stage
     if dry_run == "client":

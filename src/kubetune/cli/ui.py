@@ -20,8 +20,11 @@ from kubetune.cli import cli
               help="Ask for this login (HTTP form). Prefer the variable KUBETUNE_UI_AUTH: a flag shows in `ps`.")
 @click.option("--examples", default=200, show_default=True, type=click.IntRange(0),
               help="Evaluation rows offered in the example picker.")
+@click.option("--endpoint", default=None, metavar="URL",
+              help="Also compare the model served there (kubetune serve, a KServe InferenceService: "
+                   "http://HOST:PORT), as the model 'served' (docs/serving.md).")
 def ui_command(run: str | None, artifacts_root: str, host: str | None, port: int | None, auth: str | None,
-               examples: int) -> None:
+               examples: int, endpoint: str | None) -> None:
     """Compare RUN's models side by side in a browser: greedy answers, their SQL executed and judged, latency,
     tokens/s and GPU memory.
 
@@ -34,7 +37,7 @@ def ui_command(run: str | None, artifacts_root: str, host: str | None, port: int
     except ImportError:
         raise click.ClickException("the UI needs Gradio: pip install 'kubetune[ui]'") from None
     from kubetune.ui.app import launch
-    from kubetune.ui.backend import ModelPool, eval_examples, open_run
+    from kubetune.ui.backend import ModelPool, eval_examples, open_run, with_endpoint
     from kubetune.ui.settings import parse_auth, resolve_bind
 
     try:
@@ -43,6 +46,8 @@ def ui_command(run: str | None, artifacts_root: str, host: str | None, port: int
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
     info = open_run(run, artifacts_root)
+    if endpoint:
+        info = with_endpoint(info, endpoint)
     rows = eval_examples(info, examples) if examples else []
     pool = ModelPool(info)
     click.echo(f"run {info.name} ({info.layout.run_dir}): models {', '.join(info.models)}; "

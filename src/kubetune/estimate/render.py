@@ -7,6 +7,7 @@ from rich.table import Table
 from rich.text import Text
 
 from kubetune.gpus import GPUS
+from kubetune.terminal import literal, printable
 
 GIB = 2**30
 
@@ -20,7 +21,8 @@ def stage_table(stage, target=None) -> Table:
 
     # lora_params is for --json; the table shows it in the LoRA rows already
     settings = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in stage.settings.items() if k != "lora_params")
-    table = Table(title=f"{stage.stage}  [dim]{settings}[/]", title_justify="left", show_footer=True)
+    title = Text.assemble(f"{stage.stage}  ", (printable(settings), "dim"))  # settings hold recipe strings
+    table = Table(title=title, title_justify="left", show_footer=True)
     table.add_column("component", footer="peak (nvidia-smi)")
     table.add_column("GiB", justify="right", footer=gib(stage.total_bytes))
     footer = (f"allocated {gib(stage.allocated_bytes)} + {stage.slack:.0%} allocator slack + "
@@ -29,7 +31,7 @@ def stage_table(stage, target=None) -> Table:
         footer += f"; {target.name} has {gib(target.memory_bytes)}"
     table.add_column("how", footer=footer, style="dim")
     for c in stage.components:
-        table.add_row(c.name, gib(c.bytes), c.note)
+        table.add_row(literal(c.name), gib(c.bytes), literal(c.note))
     return table
 
 
@@ -67,18 +69,18 @@ def suggestions_table(estimate) -> Table | None:
 
 
 def render(estimate) -> Group:
-    head = Text.assemble(("estimate ", "bold"), f"{estimate.model}  ",
+    head = Text.assemble(("estimate ", "bold"), f"{printable(estimate.model)}  ",
                          (f"{estimate.architecture}, {estimate.params / 1e9:.2f}B parameters, "
                           f"{estimate.seconds:.1f} s", "dim"))
     parts = [head]
     for s in estimate.stages:
         parts.append(stage_table(s, estimate.target.get(s.stage)))
         for note in s.notes:
-            parts.append(Text(f"  {note}", style="dim"))
+            parts.append(literal(f"  {note}", style="dim"))
     parts.append(fits_table(estimate))
     sug = suggestions_table(estimate)
     if sug is not None:
         parts.append(sug)
     for note in estimate.notes:
-        parts.append(Text(note, style="yellow"))
+        parts.append(literal(note, style="yellow"))
     return Group(*parts)

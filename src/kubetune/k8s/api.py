@@ -40,6 +40,12 @@ KINDS: dict[str, tuple[str, str, str, str]] = {
     "Job": ("batch", "jobs", "batch", "job"),
     "Role": ("rbac", "roles", "rbac.authorization.k8s.io", "role"),
     "RoleBinding": ("rbac", "rolebindings", "rbac.authorization.k8s.io", "role_binding"),
+    "Deployment": ("apps", "deployments", "apps", "deployment"),
+    "Service": ("core", "services", "", "service"),
+}
+# kind -> (group, version, plural) of the custom resources kubetune creates (kubetune.k8s.serving)
+CUSTOM_KINDS: dict[str, tuple[str, str, str]] = {
+    "InferenceService": ("serving.kserve.io", "v1beta1", "inferenceservices"),
 }
 
 
@@ -65,6 +71,9 @@ class Cluster(Protocol):
 
 
 def _resource(kind: str) -> str:
+    if kind in CUSTOM_KINDS:
+        group, _, plural = CUSTOM_KINDS[kind]
+        return f"{plural} ({group})"
     _, plural, group, _ = KINDS[kind]
     return f"{plural} ({group})" if group else plural
 
@@ -100,6 +109,14 @@ def api_error(exc: Exception, verb: str, kind: str, namespace: str, name: str | 
 def _short(exc: Exception) -> str:
     reason = getattr(exc, "reason", None)  # urllib3's MaxRetryError hides the cause in .reason
     return str(reason or exc).splitlines()[0][:300]
+
+
+def object_model(name: str):
+    """The kubernetes client's pydantic model of an API object type (``V1Toleration``): offline checks of the
+    objects a recipe embeds (kubetune.k8s.embedded). Importing the models takes ~2 s."""
+    from kubernetes.client import models
+
+    return getattr(models, name)
 
 
 def load_client(context: str | None = None, kubeconfig: str | None = None):
@@ -140,13 +157,14 @@ class KubeCluster:
 
         self.namespace = namespace
         self._apis = {"core": client.CoreV1Api(api_client), "batch": client.BatchV1Api(api_client),
-                      "rbac": client.RbacAuthorizationV1Api(api_client)}
+                      "rbac": client.RbacAuthorizationV1Api(api_client), "apps": client.AppsV1Api(api_client),
+                      "custom": client.CustomObjectsApi(api_client)}
 
     def _call(self, verb: str, kind: str, name: str | None, method: str, *args, **kwargs) -> Any:
         from kubernetes.client.exceptions import ApiException, OpenApiException
         from urllib3.exceptions import HTTPError
 
-        api = self._apis[KINDS[kind][0]]
+        api = self._apis["custom" if kind in CUSTOM_KINDS else KINDS[kind][0]]
         try:
             response = getattr(api, method)(*args, _preload_content=False, **kwargs)
         except ApiException as exc:
@@ -164,11 +182,18 @@ class KubeCluster:
     def create(self, obj: dict[str, Any], dry_run: bool = False) -> dict[str, Any]:
         kind, name = obj["kind"], obj["metadata"]["name"]
         extra = {"dry_run": "All"} if dry_run else {}
+        if kind in CUSTOM_KINDS:
+            return self._json(self._call("create", kind, name, "create_namespaced_custom_object",
+                                         *CUSTOM_KINDS[kind][:2], self.namespace, CUSTOM_KINDS[kind][2], obj, **extra))
         method = f"create_namespaced_{KINDS[kind][3]}"
         return self._json(self._call("create", kind, name, method, self.namespace, obj, **extra))
 
     def get(self, kind: str, name: str) -> dict[str, Any] | None:
         try:
+            if kind in CUSTOM_KINDS:
+                group, version, plural = CUSTOM_KINDS[kind]
+                return self._json(self._call("get", kind, name, "get_namespaced_custom_object", group, version,
+                                             self.namespace, plural, name))
             return self._json(self._call("get", kind, name, f"read_namespaced_{KINDS[kind][3]}", name,
                                          self.namespace))
         except NotFoundError:

@@ -67,10 +67,10 @@ class Driver:
         """One reconciliation pass."""
         jobs = self._jobs()
         for stage in self.stages:
-            fingerprint = self.recipe.fingerprint(stage)
+            fingerprint = self.recipe.job_fingerprint(stage)  # infer/evaluate: every evaluation set's
             job = jobs.get(stage)
             if job is None:
-                marker = self.layout.state(stage, fingerprint) if self.layout else "missing"
+                marker = self.layout.recipe_state(self.recipe, stage) if self.layout else "missing"
                 if marker == "done":
                     self._say(stage, "already done (its _SUCCESS marker is on the claim)")
                     continue

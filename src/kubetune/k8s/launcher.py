@@ -245,7 +245,9 @@ def status_rows(cluster: Cluster, run: str) -> list[StageRow]:
             gpu=_gpu(job) if stage != render.DRIVER else "none", start=st.get("startTime") or "—",
             duration=human_seconds(elapsed(st.get("startTime"), st.get("completionTime"))),
             peak_vram=human_bytes(summary.get("peak_vram_bytes")) if summary else "—",
-            reason=reason or (view.reason if view and state == "failed" else "")))
+            # A failed Job's own reason ("…failed with exit code 5 matching FailJob rule…") says that, not why:
+            # the pod's last line does ("error: model.name_or_path: folder … not found").
+            reason=(view.reason if view and state == "failed" and view.reason else reason)))
     return rows
 
 

@@ -18,6 +18,7 @@ from kubetune import __version__
 from kubetune.config import FETCH_STAGE, Recipe
 from kubetune.errors import PERMANENT_EXIT_CODES, RecipeError
 from kubetune.k8s import gojson
+from kubetune.metrics.exporter import IN_POD_ENV
 from kubetune.sources import local_paths, on_claim, pod_stages
 
 RECIPE_DIR = "/etc/kubetune"
@@ -279,7 +280,7 @@ def stage_job(recipe: Recipe, stage: str, namespace: str, owner: dict[str, Any] 
     limits: dict[str, str] = {"memory": res.memory}  # no CPU limit: throttling a data loader only slows the GPU
     if res.gpus:
         requests[k.gpu_resource] = limits[k.gpu_resource] = str(res.gpus)
-    env = _cache_env(k.pvc.mount_path)
+    env = _cache_env(k.pvc.mount_path) + [{"name": IN_POD_ENV, "value": "1"}]  # /metrics on all interfaces
     if stage != FETCH_STAGE and FETCH_STAGE in stages:
         env += [dict(e) for e in OFFLINE_ENV]
     if k.hf_token_secret:
@@ -317,7 +318,7 @@ def stage_job(recipe: Recipe, stage: str, namespace: str, owner: dict[str, Any] 
     if k.ttl_after_finished_s is not None and not driven:
         spec["ttlSecondsAfterFinished"] = k.ttl_after_finished_s
     meta = _meta(recipe, Names(recipe.run.name).job(stage), namespace, "stage", stage,
-                 annotations={ANN_FINGERPRINT: recipe.fingerprint(stage), ANN_RECIPE_SHA: recipe_sha256(recipe)})
+                 annotations={ANN_FINGERPRINT: recipe.job_fingerprint(stage), ANN_RECIPE_SHA: recipe_sha256(recipe)})
     if owner is not None:
         # Not a controller reference: Kueue treats a Job whose controller is another Kueue-managed Job as part of
         # that Job's workload and would never admit it. Nor blockOwnerDeletion (it needs jobs/finalizers rights).

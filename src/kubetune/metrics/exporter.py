@@ -1,9 +1,9 @@
 """One stage's metrics around :func:`kubetune.stages.run_stage`: a ``/metrics`` server while the stage runs, and
 pushes to a Pushgateway (status ``running`` at the start, the final values at the end).
 
-Which of the two happen is the recipe's ``metrics`` section: a stage pod serves on ``metrics.port`` (all
-interfaces, for the PodMonitor), a workstation only with ``metrics.local`` (on 127.0.0.1); a push happens when
-``metrics.pushgateway`` is set. Neither: the monitor does nothing and prometheus_client is not even imported.
+Which of the two happen is the recipe's ``metrics`` section: a stage pod that kubetune rendered serves on
+``metrics.port`` (all interfaces, for the PodMonitor), any other process only with ``metrics.local`` (on
+127.0.0.1); a push happens when ``metrics.pushgateway`` is set. Neither: the monitor does nothing and prometheus_client is not even imported.
 
 Monitoring never fails a stage: a port in use or an unreachable Pushgateway is a warning in the log.
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -27,6 +28,7 @@ from kubetune.metrics.state import StageState
 log = logging.getLogger(__name__)
 
 PUSH_JOB = "kubetune"  # the Pushgateway's "job" grouping label; run and stage complete the grouping key
+IN_POD_ENV = "KUBETUNE_IN_POD"  # set to "1" by kubetune.k8s.render in the stage pods it renders
 
 
 def default_nvml() -> Any:
@@ -35,8 +37,10 @@ def default_nvml() -> Any:
 
 
 def in_pod(env: dict[str, str] | None = None) -> bool:
-    """The kubelet sets KUBERNETES_SERVICE_HOST in every container (enableServiceLinks: false keeps it)."""
-    return bool((os.environ if env is None else env).get("KUBERNETES_SERVICE_HOST"))
+    """A stage pod that kubetune rendered (its env has KUBETUNE_IN_POD=1). KUBERNETES_SERVICE_HOST does not tell:
+    the kubelet sets it in every container, a notebook or a CML session too, where listening on all interfaces
+    would publish the metrics to whoever shares the pod network."""
+    return (os.environ if env is None else env).get(IN_POD_ENV) == "1"
 
 
 def stage_labels(recipe, stage: str) -> dict[str, str]:
@@ -138,10 +142,26 @@ class StageMonitor:
         final = CollectorRegistry(auto_describe=False)
         final.register(StageCollector(self.state, nvml=self.collector.nvml, torch=self.collector.torch,
                                       processes=self.collector.processes, final_only=True, env=self._env))
-        try:
-            push_to_gateway(self.push_url, job=PUSH_JOB, registry=final, timeout=self.settings.push_timeout_s,
-                            grouping_key={"run": self.recipe.run.name, "stage": self.stage})
-        except Exception as exc:  # URLError, timeout, HTTP 4xx/5xx: never the stage's problem
-            log.warning("metrics: push to %s failed: %s", self.push_url, exc)
+        deadline_s = self.settings.push_timeout_s
+        failures: list[Exception] = []
+
+        def send() -> None:
+            try:  # the socket timeout bounds each read, not the push: a server that trickles bytes never trips it
+                push_to_gateway(self.push_url, job=PUSH_JOB, registry=final, timeout=deadline_s,
+                                grouping_key={"run": self.recipe.run.name, "stage": self.stage})
+            except Exception as exc:  # URLError, timeout, HTTP 4xx/5xx: never the stage's problem
+                failures.append(exc)
+
+        # A daemon thread: the stage waits push_timeout_s at most for the whole push, and a push still hanging
+        # when the process ends does not keep it alive.
+        sender = threading.Thread(target=send, name=f"kubetune-push-{self.stage}", daemon=True)
+        sender.start()
+        sender.join(deadline_s)
+        if sender.is_alive():
+            log.warning("metrics: push to %s did not finish within metrics.push_timeout_s=%g s; given up",
+                        self.push_url, deadline_s)
+            return False
+        if failures:
+            log.warning("metrics: push to %s failed: %s", self.push_url, failures[0])
             return False
         return True

@@ -17,6 +17,7 @@ from typing import Any
 from kubetune.k8s import render
 from kubetune.k8s.state import human_bytes, human_seconds, job_state, newest_pod_of
 from kubetune.sources import pod_stages
+from kubetune.terminal import literal, printable
 
 ScrapeFn = Callable[[str, int], str]  # (pod name, port) -> exposition text; raises on failure
 
@@ -175,7 +176,7 @@ def table(run: str, views: list[StageView]):
         bar = ProgressBar(total=1.0, completed=ratio or 0.0, width=24) if ratio is not None else ""
         pct = f"{100 * ratio:.0f}%" if ratio is not None else ""
         detail = " ".join(x for x in (pct, _detail(v.figures), v.note) if x)
-        t.add_row(v.stage, v.state, bar, detail, _vram(v.figures))
+        t.add_row(v.stage, literal(v.state), bar, literal(detail), _vram(v.figures))  # pod reasons: cluster text
     return t
 
 
@@ -201,5 +202,5 @@ def watch(cluster, run: str, scrape: ScrapeFn, console, interval_s: float = 5.0,
     if ended:
         console.print("stage reports:")
         for line in format_rows(status_rows(cluster, run)):
-            console.print(line, highlight=False, markup=False, soft_wrap=True)
+            console.print(printable(line), highlight=False, markup=False, soft_wrap=True)
     return views

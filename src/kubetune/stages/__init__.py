@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.artifacts import RunLayout
-from kubetune.config import POD_STAGES, Recipe
-from kubetune.errors import ArtifactError
+from kubetune.config import HELDOUT_SET, POD_STAGES, Recipe
+from kubetune.errors import ArtifactError, GateError, KubetuneError, storage_error
 
 log = logging.getLogger("kubetune")
 
@@ -42,9 +42,11 @@ class StageContext:
     """Temporary output folder; renamed to the stage's artifact folder when ``run`` returns."""
     progress: ProgressFn = _no_progress
     extras: dict[str, Any] = field(default_factory=dict)
+    eval_set: str = HELDOUT_SET
+    """Infer and evaluate: the evaluation set this run of the stage scores (see :func:`eval_rows`)."""
 
     def input(self, stage: str) -> Path:
-        return self.layout.require(stage)
+        return self.layout.require(stage, self.eval_set if stage == "infer" else HELDOUT_SET)
 
     @property
     def work(self) -> Path:
@@ -60,6 +62,9 @@ class StageResult:
     status: str  # "done" (ran now) or "skipped" (already done with the same fingerprint)
     path: Path
     report: dict[str, Any]
+    eval_set: str = HELDOUT_SET
+    sets: dict[str, "StageResult"] = field(default_factory=dict)
+    """Infer and evaluate: the result of each evaluation set, the held-out split first."""
 
 
 def stage_module(stage: str):
@@ -74,42 +79,64 @@ def stage_module(stage: str):
 def _checked(recipe: Recipe, result: StageResult) -> StageResult:
     check = getattr(stage_module(result.stage), "check", None)
     if check is not None:
-        check(recipe, result.report)
+        check(recipe, result.report, result.eval_set)
     return result
 
 
 def run_stage(recipe: Recipe, stage: str, progress: ProgressFn = _no_progress) -> StageResult:
     """Run ``stage`` unless its artifact already exists with this recipe's fingerprint.
 
+    Infer and evaluate run once per evaluation set (the held-out split, then each of ``evaluate.sets``), each
+    set with its own folder and fingerprint, so a set added to a finished run is the only work done. The result
+    is the held-out split's, with every set's in ``sets``; it is "skipped" when no set had anything to do.
+
     Safe to start twice: the second process either sees ``_SUCCESS`` and skips, or finds the lock held and
     stops with a retryable error. A finished artifact from a *different* recipe is never overwritten.
     """
+    sets = recipe.eval_sets() if stage in ("infer", "evaluate") else [HELDOUT_SET]
+    results, failed_gates = {}, []
+    for eval_set in sets:
+        try:
+            results[eval_set] = _run_unit(recipe, stage, eval_set, progress)
+        except GateError as exc:  # the set's results are committed; the other sets are still scored
+            failed_gates.append(str(exc))
+    if failed_gates:
+        raise GateError("; ".join(failed_gates))
+    first = results[HELDOUT_SET]
+    status = "done" if any(r.status == "done" for r in results.values()) else "skipped"
+    return StageResult(stage, status, first.path, first.report, sets=results)
+
+
+def _run_unit(recipe: Recipe, stage: str, eval_set: str, progress: ProgressFn) -> StageResult:
     from kubetune.measure import Stopwatch, library_versions, track_peak_memory
     from kubetune.metrics.exporter import StageMonitor
 
     layout = RunLayout.from_recipe(recipe)
-    fingerprint = recipe.fingerprint(stage)
-    state = layout.state(stage, fingerprint)
+    fingerprint = recipe.fingerprint(stage, eval_set)
+    state = layout.state(stage, fingerprint, eval_set)
+    where = layout.stage_dir(stage, eval_set)
     if state == "done":
-        return _checked(recipe, StageResult(stage, "skipped", layout.stage_dir(stage), layout.read_report(stage) or {}))
+        return _checked(recipe, StageResult(stage, "skipped", where, layout.read_report(stage, eval_set) or {},
+                                            eval_set))
     if state == "stale":
         raise ArtifactError(
-            f"{layout.stage_dir(stage)}: finished by a different recipe (fingerprint "
-            f"{layout.marker(stage).get('fingerprint')} ≠ {fingerprint}); it is never overwritten: choose another "
-            "run.name, or move that folder away")
+            f"{where}: finished by a different recipe (fingerprint "
+            f"{layout.marker(stage, eval_set).get('fingerprint')} ≠ {fingerprint}); it is never overwritten: "
+            "choose another run.name, or move that folder away")
     for up in recipe.upstream(stage):
-        if layout.state(up, recipe.fingerprint(up)) != "done":
-            what = "has not finished" if layout.marker(up) is None else "was made by a different recipe"
-            raise ArtifactError(f"{layout.stage_dir(up)}: stage '{up}' (needed by '{stage}') {what}")
+        up_set = eval_set if up == "infer" else HELDOUT_SET
+        if layout.state(up, recipe.fingerprint(up, up_set), up_set) != "done":
+            what = "has not finished" if layout.marker(up, up_set) is None else "was made by a different recipe"
+            raise ArtifactError(f"{layout.stage_dir(up, up_set)}: stage '{up}' (needed by '{stage}') {what}")
 
-    with layout.lock(stage):
-        if layout.state(stage, fingerprint) == "done":  # another process finished while we waited
-            return _checked(recipe, StageResult(stage, "skipped", layout.stage_dir(stage),
-                                                layout.read_report(stage) or {}))
+    with layout.lock(stage, eval_set):
+        if layout.state(stage, fingerprint, eval_set) == "done":  # another process finished while we waited
+            return _checked(recipe, StageResult(stage, "skipped", where, layout.read_report(stage, eval_set) or {},
+                                                eval_set))
         with StageMonitor(recipe, stage) as monitor:  # /metrics and Pushgateway, per recipe.metrics
-            out = layout.new_temp_dir(stage)
+            out = layout.new_temp_dir(stage, eval_set)
             ctx = StageContext(recipe=recipe, layout=layout, stage=stage, out=out,
-                               progress=monitor.progress(progress))
+                               progress=monitor.progress(progress), eval_set=eval_set)
             if monitor.state is not None:
                 ctx.extras["metrics"] = monitor.state  # the fine-tune's Trainer callback feeds it
             started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -117,9 +144,13 @@ def run_stage(recipe: Recipe, stage: str, progress: ProgressFn = _no_progress) -
             try:
                 with track_peak_memory() as peak:
                     extras = stage_module(stage).run(ctx) or {}
-            except BaseException:
+            except BaseException as exc:
+                # Judged before the cleanup below frees space: torch.save gives no reason, the volume does.
+                storage = None if isinstance(exc, KubetuneError) else storage_error(exc, volume=layout.run_dir)
                 # This attempt's partial output is worthless; finished artifacts and .work/ (checkpoints) stay.
                 shutil.rmtree(out, ignore_errors=True)
+                if storage is not None:
+                    raise storage from exc
                 raise
             report = {
                 "stage": stage,
@@ -132,10 +163,12 @@ def run_stage(recipe: Recipe, stage: str, progress: ProgressFn = _no_progress) -
                 "peak_memory": peak.as_dict(),
                 "versions": library_versions(),
                 "recipe": recipe.model_dump(mode="json"),  # the whole recipe: reports, estimates need no other file
+                **({"eval_set": eval_set} if stage in ("infer", "evaluate") else {}),
                 **extras,
             }
-            path = layout.commit(stage, out, fingerprint, report)
+            path = layout.commit(stage, out, fingerprint, report, eval_set)
             log.info("stage %s done in %.1f s -> %s", stage, report["duration_s"], path)
-            result = _checked(recipe, StageResult(stage, "done", path, report))  # a failed gate fails the stage
+            # a failed gate fails the stage
+            result = _checked(recipe, StageResult(stage, "done", path, report, eval_set))
             monitor.finish("done", report["peak_memory"])
             return result

@@ -1,7 +1,8 @@
 """Evaluate stage: score each inferred model's SQL against the gold answers, then apply the recipe's gates.
 
 Input: ``<run>/infer/predictions-<model>.jsonl`` for each model in ``infer.models`` (see the infer stage).
-Output (``<run>/evaluate/``):
+Output (``<run>/evaluate/``; for a named evaluation set, ``<run>/sets/<set>/evaluate/`` from its own
+``sets/<set>/infer/``, with the set's own gates):
 
 * ``metrics.json`` — ``{"models": {m: {...}}, "gates": [...], "scoring": {...}}``. Per model, in percent of the
   evaluation rows (0–100, 2 decimals): ``execution_accuracy`` (test-suite execution match, see
@@ -30,9 +31,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from kubetune.config import gate_models, gate_problems
+from kubetune.config import HELDOUT_SET, gate_models, gate_problems
 from kubetune.errors import ArtifactError, GateError, RecipeError
-from kubetune.sqlcheck import QuerySuite, exact_match
+from kubetune.sqlcheck import exact_match
+from kubetune.sqlsandbox import SandboxedSuite, SandboxPool
 
 log = logging.getLogger("kubetune")
 
@@ -72,17 +74,24 @@ def evaluate_gates(gates: dict[str, float], metrics: dict[str, dict[str, Any]]) 
     return results
 
 
-def check(recipe, report: dict[str, Any]) -> None:
+def set_gates(recipe, eval_set: str = HELDOUT_SET) -> dict[str, float]:
+    """The gates of one evaluation set: evaluate.gates for the held-out split, else the set's own."""
+    return recipe.evaluate.gates if eval_set == HELDOUT_SET else recipe.evaluate.sets[eval_set].gates
+
+
+def check(recipe, report: dict[str, Any], eval_set: str = HELDOUT_SET) -> None:
     """Raise GateError naming every failed gate; run after the artifact is committed (and when skipped)."""
-    if not recipe.evaluate.gates:
+    gates = set_gates(recipe, eval_set)
+    if not gates:
         return
     metrics = report.get("metrics")
     if not isinstance(metrics, dict):
         raise ArtifactError("evaluate report.json: no metrics to check the gates against (move the evaluate "
                             "folder away and run the stage again)")
-    failed = [g for g in evaluate_gates(recipe.evaluate.gates, metrics) if not g["passed"]]
+    failed = [g for g in evaluate_gates(gates, metrics) if not g["passed"]]
     if failed:
-        raise GateError("; ".join(f"gate {g['gate']}: {g['detail']}" for g in failed))
+        on = "" if eval_set == HELDOUT_SET else f" on set {eval_set}"
+        raise GateError("; ".join(f"gate {g['gate']}{on}: {g['detail']}" for g in failed))
 
 
 # ---- scoring -------------------------------------------------------------------------------------------------
@@ -113,13 +122,40 @@ def _pct(count: int, total: int) -> float:
     return round(100.0 * count / total, 2) if total else 0.0
 
 
+def _score_row(pool: SandboxPool, recipe, models: list[str], by_id: dict, i, outcomes: dict) -> int:
+    """Judge every model's prediction for row ``i`` (appended to ``outcomes``); 1 if its gold cannot be scored."""
+    first = by_id[models[0]][i]
+    # One suite per row, shared by the models: the databases are built once, and every model is judged on the
+    # same ones.
+    with SandboxedSuite(pool, str(first["context"]), str(first["gold"]), databases=recipe.evaluate.databases,
+                        timeout_s=recipe.evaluate.timeout_s, seed=recipe.data.seed) as suite:
+        if suite.gold_error:
+            log.warning("evaluation row %s: the gold query cannot be scored (%s)", i, suite.gold_error)
+        predictions = [str(by_id[m][i].get("prediction") or "") for m in models]
+        for m, prediction, outcome in zip(models, predictions, suite.check_many(predictions)):
+            row = by_id[m][i]
+            outcomes[m].append({
+                "id": i, "question": row.get("question"), "gold": row["gold"], "prediction": prediction,
+                "parsed": outcome.parsed, "exact": exact_match(str(row["gold"]), prediction),
+                "execution_match": outcome.match, "error": outcome.error,
+                "new_tokens": row.get("new_tokens")})
+    return 1 if suite.gold_error else 0
+
+
 def run(ctx) -> dict:
     recipe = ctx.recipe
-    models = list(recipe.infer.models)
-    problems = gate_problems(recipe.evaluate.gates, models)
+    gates = set_gates(recipe, ctx.eval_set)
+    problems = gate_problems(gates, list(recipe.infer.models))
     if problems:  # before any work: the recipe cannot pass these gates whatever the scores
         raise RecipeError("recipe", problems)
-    infer_dir = ctx.input("infer")
+    return score(recipe, list(recipe.infer.models), ctx.input("infer"), ctx.out, gates, ctx.eval_set,
+                 lambda done, total: ctx.progress("evaluate", done, total, "scoring"))
+
+
+def score(recipe, models: list[str], infer_dir: Path, out: Path, gates: dict[str, float], eval_set: str,
+          progress=lambda done, total: None) -> dict:
+    """Score ``predictions-<model>.jsonl`` in ``infer_dir`` and write ``metrics.json`` and the outcomes into
+    ``out``; the stage and ``kubetune evaluate MODEL_DIR`` (:mod:`kubetune.score`) both come here."""
     predictions = {m: read_predictions(infer_dir / f"predictions-{m}.jsonl") for m in models}
     by_id = {m: {row["id"]: row for row in rows} for m, rows in predictions.items()}
     for m in models:
@@ -133,25 +169,12 @@ def run(ctx) -> dict:
 
     outcomes: dict[str, list[dict[str, Any]]] = {m: [] for m in models}
     gold_errors = 0
-    for done, i in enumerate(ids):
-        first = by_id[models[0]][i]
-        # One suite per row, shared by the models: the databases are built once, and every model is judged on
-        # the same ones.
-        with QuerySuite(str(first["context"]), str(first["gold"]), databases=recipe.evaluate.databases,
-                        timeout_s=recipe.evaluate.timeout_s, seed=recipe.data.seed) as suite:
-            if suite.gold_error:
-                gold_errors += 1
-                log.warning("evaluation row %s: the gold query cannot be scored (%s)", i, suite.gold_error)
-            for m in models:
-                row = by_id[m][i]
-                prediction = str(row.get("prediction") or "")
-                outcome = suite.check(prediction)
-                outcomes[m].append({
-                    "id": i, "question": row.get("question"), "gold": row["gold"], "prediction": prediction,
-                    "parsed": outcome.parsed, "exact": exact_match(str(row["gold"]), prediction),
-                    "execution_match": outcome.match, "error": outcome.error,
-                    "new_tokens": row.get("new_tokens")})
-        ctx.progress("evaluate", done + 1, len(ids), "scoring")
+    # The SQL (model output, and the data's contexts and gold queries) runs in a worker process with a memory
+    # limit, killed at a hard deadline: see kubetune.sqlsandbox.
+    with SandboxPool(workers=1) as pool:
+        for done, i in enumerate(ids):
+            gold_errors += _score_row(pool, recipe, models, by_id, i, outcomes)
+            progress(done + 1, len(ids))
 
     metrics: dict[str, dict[str, Any]] = {}
     for m in models:
@@ -171,21 +194,22 @@ def run(ctx) -> dict:
             if m != "base":
                 metrics[m]["delta_vs_base"] = {k: round(metrics[m][k] - metrics["base"][k], 2)
                                                for k in ("execution_accuracy", "exact_match", "parse_rate")}
-    gates = evaluate_gates(recipe.evaluate.gates, metrics)
+    gate_results = evaluate_gates(gates, metrics)
 
     for m in models:
-        with open(ctx.out / f"outcomes-{m}.jsonl", "w", encoding="utf-8") as fh:
+        with open(out / f"outcomes-{m}.jsonl", "w", encoding="utf-8") as fh:
             for r in outcomes[m]:
                 r = {k: v for k, v in r.items() if k != "new_tokens"}
                 fh.write(json.dumps(r, ensure_ascii=False) + "\n")
     scoring = {"method": "test-suite execution match (Zhong, Yu & Klein 2020) on generated SQLite databases",
                "databases": recipe.evaluate.databases, "timeout_s": recipe.evaluate.timeout_s}
-    (ctx.out / METRICS_FILE).write_text(
-        json.dumps({"models": metrics, "gates": gates, "scoring": scoring}, indent=2) + "\n", encoding="utf-8")
+    (out / METRICS_FILE).write_text(
+        json.dumps({"models": metrics, "gates": gate_results, "scoring": scoring, "eval_set": eval_set},
+                   indent=2) + "\n", encoding="utf-8")
     for m in models:
         log.info("%s: execution accuracy %.2f%%, exact match %.2f%%, parses %.2f%% (%d rows)", m,
                  metrics[m]["execution_accuracy"], metrics[m]["exact_match"], metrics[m]["parse_rate"], len(ids))
-    return {"metrics": metrics, "gates": gates}
+    return {"metrics": metrics, "gates": gate_results}
 
 
 # ---- reading back --------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from kubetune import modelio
 from kubetune.data import load_splits, prompt_completion
 from kubetune.errors import DataError, ModelError, RecipeError
 from kubetune.measure import Stopwatch, count_parameters, memory_footprint_bytes
-from kubetune.metrics.callbacks import metrics_callback
+from kubetune.metrics.callbacks import StepTimes, metrics_callback
 from kubetune.prompt import PromptTemplate
 from kubetune.stages import packing
 
@@ -111,6 +111,8 @@ def run(ctx) -> dict[str, Any]:
             "padding_fraction": round(1 - trainer.tokens_seen / trainer.positions_seen, 4)
             if trainer.positions_seen else None,
         },
+        # Per optimizer step of this process: time, real tokens, Σ s² (attention work), rows, padded positions.
+        "step_times": trainer.step_times.columns(),
         "parameters": count_parameters(trainer.model),
         "memory_footprint_bytes": memory_footprint_bytes(trainer.model),
         "precision": precision,
@@ -224,9 +226,11 @@ def build_trainer(recipe, model, tokenizer, train, evaluation, checkpoints: Path
     if dev == "cpu":
         _score_only_labelled_positions()
     trainer_class = _counting_trainer_class()
+    step_times = StepTimes(cuda=dev == "cuda")
     trainer = trainer_class(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
                             processing_class=tokenizer, peft_config=lora_config(ft.lora),
-                            callbacks=[_progress_callback(ctx)])
+                            callbacks=[_progress_callback(ctx), step_times.callback()])
+    trainer.step_times = step_times
     if ft.packing and packing.packing_layout(model) == packing.ROWS:
         packing.use_row_packing(trainer)
     trainer.remove_callback(PrinterCallback)  # it prints raw dicts; the progress callback logs the same figures
@@ -427,26 +431,36 @@ def _score_only_labelled_positions() -> None:
 
 
 
+def example_lengths(inputs) -> list[int]:
+    """Token count of each training example in a micro-batch: a padded batch has one row per example (its
+    ``attention_mask``); a packed one restarts ``position_ids`` at 0 for each example (stages/packing.py). Each
+    is also the span its tokens attend over."""
+    if "attention_mask" in inputs:
+        return [int(n) for n in inputs["attention_mask"].sum(dim=1).tolist()]
+    return [int(n) for n in packing.packed_example_lengths(inputs["position_ids"]).tolist()]
+
+
 # Built inside functions: importing trl takes ~10 s, and run_stage imports this module even for a skipped stage.
 def _counting_trainer_class():
     from trl import SFTTrainer
 
     class CountingSFTTrainer(SFTTrainer):
-        """SFTTrainer that counts the real (non-padding) tokens and the examples it trains on, for throughput."""
+        """SFTTrainer that counts the real (non-padding) tokens and the examples it trains on, for throughput,
+        and hands each micro-batch's example lengths to ``step_times`` (StepTimes, set by build_trainer)."""
 
         tokens_seen = 0
         examples_seen = 0
         positions_seen = 0  # tokens + padding: what the GPU computed on
+        step_times: StepTimes | None = None
 
         def training_step(self, model, inputs, *args, **kwargs):
-            self.positions_seen += int(inputs["input_ids"].numel())
-            if "attention_mask" in inputs:  # padded batch: one row per example
-                self.tokens_seen += int(inputs["attention_mask"].sum())
-                self.examples_seen += int(inputs["input_ids"].shape[0])
-            else:  # packed: each example restarts position_ids at 0 (stages/packing.py)
-                tokens, examples = packing.count_packed_batch(inputs["position_ids"])
-                self.tokens_seen += tokens
-                self.examples_seen += examples
+            lengths = example_lengths(inputs)
+            positions = int(inputs["input_ids"].numel())
+            self.positions_seen += positions
+            self.tokens_seen += sum(lengths)
+            self.examples_seen += len(lengths)
+            if self.step_times is not None:
+                self.step_times.note_batch(lengths, int(inputs["input_ids"].shape[0]), positions)
             return super().training_step(model, inputs, *args, **kwargs)
 
     return CountingSFTTrainer

@@ -16,7 +16,10 @@ A fine-tuned model emits eos right after the SQL; a base model rambles on, so th
 generation early (:class:`StopAtEndOfSql`), and cuts the text afterwards. ``new_tokens`` counts the tokens
 generated up to and including the one that ended the answer (eos included), not the padding after it.
 
-Artifact (``<run>/infer/``): ``predictions-<model>.jsonl``, one line per evaluation row:
+Each evaluation set (the held-out split, then each of ``evaluate.sets``) is one run of this stage with its own
+folder; ``infer.prompts`` are answered with the held-out split only.
+
+Artifact (``<run>/infer/``, ``<run>/sets/<set>/infer/``): ``predictions-<model>.jsonl``, one line per evaluation row:
 ``{"id", "context", "question", "gold", "prompt", "prediction", "new_tokens"}`` (``id`` = index in the evaluation
 split), and ``prompts-<model>.jsonl`` (``{"prompt", "output", "new_tokens"}``) when ``infer.prompts`` is set.
 """
@@ -28,6 +31,7 @@ import logging
 import re
 import time
 
+from kubetune.config import HELDOUT_SET
 from kubetune.measure import count_parameters, memory_footprint_bytes
 from kubetune.stages import StageContext
 from kubetune.variants import load_variant, release
@@ -104,15 +108,37 @@ def generate(model, tokenizer, prompts: list[str], recipe) -> list[tuple[str, in
     return results
 
 
+def answer_rows(model, tokenizer, template, rows, recipe, path, progress=lambda rows_done: None) -> tuple[int, float]:
+    """Answer every row (``context``/``question``/``answer``) in batches of ``infer.batch_size`` and write
+    ``path`` (one prediction a line, as in the module docstring); returns (new tokens, generation seconds)."""
+    n_rows, batch_size = len(rows), recipe.infer.batch_size
+    generated_tokens, gen_seconds = 0, 0.0
+    with open(path, "w", encoding="utf-8") as fh:
+        for first in range(0, n_rows, batch_size):
+            chunk = rows.select(range(first, min(first + batch_size, n_rows)))
+            prompts = [template.format(r["context"], r["question"]) for r in chunk]
+            t0 = time.perf_counter()
+            answers = generate(model, tokenizer, prompts, recipe)
+            gen_seconds += time.perf_counter() - t0
+            for i, (r, prompt, (prediction, n_new)) in enumerate(zip(chunk, prompts, answers)):
+                generated_tokens += n_new
+                fh.write(json.dumps({"id": first + i, "context": r["context"], "question": r["question"],
+                                     "gold": r["answer"], "prompt": prompt, "prediction": prediction,
+                                     "new_tokens": n_new}, ensure_ascii=False) + "\n")
+            progress(first + len(chunk))
+    return generated_tokens, gen_seconds
+
+
 def run(ctx: StageContext) -> dict:
     import torch
 
-    from kubetune.data import load_splits
+    from kubetune.data import eval_rows
 
     recipe, infer = ctx.recipe, ctx.recipe.infer
     layout = ctx.layout
-    rows = load_splits(recipe.data).eval
-    n_rows, n_prompts = len(rows), len(infer.prompts)
+    rows = eval_rows(recipe, ctx.eval_set)
+    extra_prompts = infer.prompts if ctx.eval_set == HELDOUT_SET else []
+    n_rows, n_prompts = len(rows), len(extra_prompts)
     total = len(infer.models) * (n_rows + n_prompts)
     done = 0
     throughput, parameters, footprint = {}, {}, {}
@@ -125,25 +151,16 @@ def run(ctx: StageContext) -> dict:
         footprint[name] = memory_footprint_bytes(model)
         torch.manual_seed(recipe.data.seed)  # sampled answers (infer.greedy false) repeat from run to run
 
-        generated_tokens, gen_seconds = 0, 0.0
-        with open(ctx.out / f"predictions-{name}.jsonl", "w", encoding="utf-8") as fh:
-            for first in range(0, n_rows, infer.batch_size):
-                chunk = rows.select(range(first, min(first + infer.batch_size, n_rows)))
-                prompts = [template.format(r["context"], r["question"]) for r in chunk]
-                t0 = time.perf_counter()
-                answers = generate(model, tokenizer, prompts, recipe)
-                gen_seconds += time.perf_counter() - t0
-                for i, (r, prompt, (prediction, n_new)) in enumerate(zip(chunk, prompts, answers)):
-                    generated_tokens += n_new
-                    fh.write(json.dumps({"id": first + i, "context": r["context"], "question": r["question"],
-                                         "gold": r["answer"], "prompt": prompt, "prediction": prediction,
-                                         "new_tokens": n_new}, ensure_ascii=False) + "\n")
-                done += len(chunk)
-                ctx.progress("infer", done, total, f"{name}: {first + len(chunk)}/{n_rows}")
-        if infer.prompts:
+        def progress(rows_done: int, name=name, start=done) -> None:
+            ctx.progress("infer", start + rows_done, total, f"{name}: {rows_done}/{n_rows}")
+
+        generated_tokens, gen_seconds = answer_rows(model, tokenizer, template, rows, recipe,
+                                                    ctx.out / f"predictions-{name}.jsonl", progress)
+        done += n_rows
+        if extra_prompts:
             with open(ctx.out / f"prompts-{name}.jsonl", "w", encoding="utf-8") as fh:
                 for first in range(0, n_prompts, infer.batch_size):
-                    prompts = infer.prompts[first:first + infer.batch_size]
+                    prompts = extra_prompts[first:first + infer.batch_size]
                     for prompt, (output, n_new) in zip(prompts, generate(model, tokenizer, prompts, recipe)):
                         fh.write(json.dumps({"prompt": prompt, "output": output, "new_tokens": n_new},
                                             ensure_ascii=False) + "\n")

@@ -80,9 +80,3 @@ def packed_example_lengths(position_ids):
     ends[:, :-1] = position_ids[:, 1:] == 0
     last = position_ids[ends]
     return last[last > 0] + 1
-
-
-def count_packed_batch(position_ids) -> tuple[int, int]:
-    """(tokens, examples) in a packed batch (``packed_example_lengths``)."""
-    lengths = packed_example_lengths(position_ids)
-    return int(lengths.sum()), int(lengths.numel())

@@ -2,8 +2,10 @@
 ``pip install kubetune[ui]``), and only when the page is built.
 
 Layout: model checkboxes (ticking loads, unticking frees), an example picker filling schema, question and gold,
-the "Ask" button, the answers side by side, and a memory panel that refreshes on a timer. Loading and asking
-share one queue slot, so a question never runs against a half-loaded pool.
+the "Ask" button, the answers side by side, and a memory panel that refreshes on a timer. Loading runs in one
+queue slot; asking has SHARED_WORKERS slots of its own: the model pool's lock makes a question wait for a load
+(never a half-loaded pool) and questions take turns to generate, but judging the answers' SQL runs in sandbox
+workers outside the lock, so one user's hostile schema or gold query never holds up another user.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from kubetune.sqlsandbox import SHARED_WORKERS
 from kubetune.ui import views
 from kubetune.ui.backend import Example, ModelPool, ask
 from kubetune.ui.memory import gpu_memory, process_rss_bytes
@@ -19,7 +22,8 @@ from kubetune.ui.settings import Bind
 log = logging.getLogger(__name__)
 
 REFRESH_S = 2.0  # memory panel refresh: often enough to watch a load, cheap (NVML reads, no torch call)
-_MODELS_SLOT = "models"  # concurrency id shared by loading and asking
+_MODELS_SLOT = "models"  # concurrency id of loading: one load at a time
+_ASK_SLOTS = "ask"  # concurrency id of asking: as many at once as the sandbox pool has workers
 
 
 def memory_panel(pool: ModelPool) -> str:
@@ -83,8 +87,8 @@ def build(pool: ModelPool, examples: list[Example], refresh_s: float = REFRESH_S
 
         models.input(select, models, [models, status, memory], concurrency_id=_MODELS_SLOT, concurrency_limit=1)
         example.input(pick, example, [context, question, gold])
-        go.click(run, [context, question, gold], [answers, memory], concurrency_id=_MODELS_SLOT,
-                 concurrency_limit=1)
+        go.click(run, [context, question, gold], [answers, memory], concurrency_id=_ASK_SLOTS,
+                 concurrency_limit=SHARED_WORKERS, api_name="ask")
         timer = gr.Timer(refresh_s)
         timer.tick(lambda: memory_panel(pool), None, memory, show_progress="hidden")
     return app

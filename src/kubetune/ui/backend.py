@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kubetune.artifacts import SUCCESS_MARKER, RunLayout
-from kubetune.config import MODEL_PRODUCERS, STAGE_NAMES, Recipe, load_recipe, recipe_from_dict
+from kubetune.config import HELDOUT_SET, MODEL_PRODUCERS, STAGE_NAMES, Recipe, load_recipe, recipe_from_dict
 from kubetune.errors import ArtifactError, KubetuneError
 from kubetune.measure import memory_footprint_bytes
-from kubetune.sqlcheck import QuerySuite
+from kubetune.sqlsandbox import SandboxedSuite, shared_pool
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,8 @@ class RunInfo:
     """Variants that can be loaded: base, and each one whose producing stage has finished (pipeline order)."""
     labels: dict[str, str]
     """Variant → what it is, for people: "quantized: GPTQ 4-bit"."""
+    served: object | None = None
+    """A :class:`~kubetune.serving.ServedModel` (``kubetune ui --endpoint``), offered as the model "served"."""
 
     @property
     def name(self) -> str:
@@ -53,7 +55,9 @@ def _recipe_of_run(run_dir: Path) -> Recipe:
     if not stages:
         raise ArtifactError(f"{run_dir}: no finished stage (no {SUCCESS_MARKER}); run the fine-tune first, or pass "
                             "the recipe file to compare the base model alone")
-    report_path = run_dir / stages[-1] / "report.json"
+    # an evaluation set added later (sets/<set>/<stage>/) finished after the stages and knows of every set
+    markers = [run_dir / s / SUCCESS_MARKER for s in stages] + list(run_dir.glob(f"sets/*/*/{SUCCESS_MARKER}"))
+    report_path = max(markers, key=lambda p: p.stat().st_mtime_ns).parent / "report.json"
     try:
         data = json.loads(report_path.read_text(encoding="utf-8"))["recipe"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -91,6 +95,23 @@ def open_run(run: str | None, artifacts_root: str | Path = "artifacts") -> RunIn
     return RunInfo(recipe, layout, models, {m: model_label(recipe, layout, m) for m in models})
 
 
+SERVED = "served"
+
+
+def with_endpoint(info: RunInfo, url: str) -> RunInfo:
+    """``info`` with the model served at ``url`` (OpenAI-compatible) offered beside the run's own."""
+    from dataclasses import replace
+
+    from kubetune.serving import ServedModel
+
+    try:
+        served = ServedModel(url)
+    except (ConnectionError, KeyError, IndexError, TypeError) as exc:
+        raise ArtifactError(f"--endpoint {url}: no OpenAI-compatible server with a model there ({exc})") from None
+    return replace(info, models=(*info.models, SERVED), served=served,
+                   labels={**info.labels, SERVED: f"served: {served.name} at {served.url}"})
+
+
 def model_label(recipe: Recipe, layout: RunLayout, name: str) -> str:
     if name == "base":
         return f"base: {Path(recipe.model.name_or_path).name or recipe.model.name_or_path}"
@@ -114,34 +135,38 @@ class Example:
     context: str
     question: str
     gold: str
+    eval_set: str = HELDOUT_SET
 
     @property
     def title(self) -> str:
-        return f"#{self.id}: {self.question.strip()[:90]}"
+        where = "" if self.eval_set == HELDOUT_SET else f"[{self.eval_set}] "
+        return f"{where}#{self.id}: {self.question.strip()[:90]}"
 
 
 def eval_examples(info: RunInfo, limit: int = 200) -> list[Example]:
-    """The evaluation split: read from the infer stage's predictions when it ran (no data loading), else split
-    the data set the way every stage does. An unloadable data set gives no examples, not an error: questions
-    can still be typed."""
-    infer_dir = info.layout.stage_dir("infer")
-    files = sorted(infer_dir.glob("predictions-*.jsonl")) if info.layout.marker("infer") else []
-    if files:
-        rows = []
-        with open(files[0], encoding="utf-8") as fh:
-            for line in fh:
-                if line.strip() and len(rows) < limit:
-                    r = json.loads(line)
-                    rows.append(Example(int(r["id"]), str(r["context"]), str(r["question"]), str(r["gold"])))
-        return rows
-    from kubetune.data import load_splits
+    """Up to ``limit`` rows of each evaluation set, the held-out split first: read from the infer stage's
+    predictions when it ran (no data loading), else loaded the way every stage does. An unloadable data set gives
+    no examples, not an error: questions can still be typed."""
+    from kubetune.data import eval_rows
 
-    try:
-        split = load_splits(info.recipe.data).eval
-    except KubetuneError as exc:
-        log.warning("no evaluation examples: %s", exc)
-        return []
-    return [Example(i, r["context"], r["question"], r["answer"]) for i, r in enumerate(split) if i < limit]
+    examples = []
+    for eval_set in info.recipe.eval_sets():
+        infer_dir = info.layout.stage_dir("infer", eval_set)
+        files = sorted(infer_dir.glob("predictions-*.jsonl")) if info.layout.marker("infer", eval_set) else []
+        if files:
+            with open(files[0], encoding="utf-8") as fh:
+                rows = [json.loads(line) for line in fh if line.strip()][:limit]
+            examples += [Example(int(r["id"]), str(r["context"]), str(r["question"]), str(r["gold"]), eval_set)
+                         for r in rows]
+            continue
+        try:
+            split = eval_rows(info.recipe, eval_set)
+        except KubetuneError as exc:
+            log.warning("no examples of evaluation set %s: %s", eval_set, exc)
+            continue
+        examples += [Example(i, r["context"], r["question"], r["answer"], eval_set)
+                     for i, r in enumerate(split) if i < limit]
+    return examples
 
 
 # ---- loaded models ----------------------------------------------------------------------------------------------
@@ -196,6 +221,9 @@ class ModelPool:
                 self._free(name)
             for name in [n for n in self.info.models if n in names and n not in self._loaded]:
                 started = time.perf_counter()
+                if name == SERVED:  # answered by a server: nothing in this process's memory
+                    self._loaded[name] = Loaded(name, self.info.served, None, None, 0, time.perf_counter() - started)
+                    continue
                 model, tokenizer, template = self._loader(self.info.recipe, self.info.layout, name)
                 self._loaded[name] = Loaded(name, model, tokenizer, template, memory_footprint_bytes(model),
                                             time.perf_counter() - started)
@@ -205,6 +233,9 @@ class ModelPool:
         from kubetune.ui.memory import trim_heap
         from kubetune.variants import release
 
+        if name == SERVED:
+            self._loaded.pop(name)
+            return
         entry = self._loaded.pop(name)
         model, entry.model, entry.tokenizer = entry.model, None, None
         release(model)  # empties the weights even if a reference survives (a traceback, a Gradio cache)
@@ -251,21 +282,23 @@ class Comparison:
     answers: list[Answer]
 
 
-def _run(suite: QuerySuite, sql: str) -> Execution:
+def _run(suite: SandboxedSuite, sql: str) -> Execution:
     try:
-        columns, rows = suite.table(sql)
+        shown = suite.table(sql, MAX_TABLE_ROWS)
     except ValueError as exc:
         return Execution(error=str(exc))
-    return Execution(columns, rows[:MAX_TABLE_ROWS], len(rows))
+    return Execution(shown.columns, shown.rows, shown.total_rows)
 
 
 def judge(recipe: Recipe, context: str, gold: str, predictions: dict[str, str]) -> tuple[Execution | None,
                                                                                           dict[str, Execution]]:
     """Execute the gold query and each prediction on the context's test-suite databases (built once, as the
-    evaluate stage builds them for a row) and say which predictions match the gold."""
+    evaluate stage builds them for a row) and say which predictions match the gold. The SQL and the schema run
+    in a worker of the process's sandbox pool (:func:`kubetune.sqlsandbox.shared_pool`): bounded in time and
+    memory, and up to SHARED_WORKERS requests at once, so one user's hostile schema does not hold another's."""
     gold = gold.strip()
-    with QuerySuite(context, gold, databases=recipe.evaluate.databases, timeout_s=recipe.evaluate.timeout_s,
-                    seed=recipe.data.seed) as suite:
+    with SandboxedSuite(shared_pool(), context, gold, databases=recipe.evaluate.databases,
+                        timeout_s=recipe.evaluate.timeout_s, seed=recipe.data.seed) as suite:
         gold_exec = None
         if gold:
             gold_exec = _run(suite, gold)
@@ -296,9 +329,18 @@ def ask(pool: ModelPool, context: str, question: str, gold: str = "",
         if not loaded:
             raise ValueError("pick at least one model first")
         for entry in loaded:
-            prompt = entry.template.format(context, question)
             started = time.perf_counter()
-            [(sql, new_tokens)] = generate(entry.model, entry.tokenizer, [prompt], greedy)
+            if entry.name == SERVED:
+                from kubetune.stages.infer import cut_sql
+
+                try:
+                    text, new_tokens = entry.model.answer(context, question, infer.max_new_tokens)
+                except ConnectionError as exc:  # shown on the page like the user's own mistakes
+                    raise ValueError(f"the served model did not answer: {exc}") from None
+                sql = cut_sql(text)
+            else:
+                prompt = entry.template.format(context, question)
+                [(sql, new_tokens)] = generate(entry.model, entry.tokenizer, [prompt], greedy)
             answered.append((entry.name, sql, new_tokens, time.perf_counter() - started))
     gold_exec, executions = judge(recipe, context, gold, {name: sql for name, sql, _, _ in answered})
     answers = [Answer(name, pool.info.labels[name], sql, n, s, executions[name]) for name, sql, n, s in answered]
