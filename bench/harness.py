@@ -482,7 +482,7 @@ def installed_versions() -> dict[str, str]:
 
 
 def environment() -> dict:
-    lock = ROOT / "images" / "requirements.lock"
+    lock = ROOT / "images" / "requirements-cuda.lock"  # the CUDA image's set, what the GPU runs approximate
     env: dict = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                  "host": platform.node(), "python": platform.python_version(), "command": " ".join(sys.argv),
                  "git_commit": git_commit(), "source_sha256": source_sha256(),

@@ -42,7 +42,7 @@ def environment(commit: str | None) -> dict:
 
     env = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "host": platform.node(),
            "python": platform.python_version(), "command": " ".join(sys.argv), "commit": commit,
-           "lock_sha256": hashlib.sha256((ROOT / "images" / "requirements.lock").read_bytes()).hexdigest(),
+           "lock_sha256": hashlib.sha256((ROOT / "images" / "requirements-cuda.lock").read_bytes()).hexdigest(),
            "versions": library_versions()}
     try:  # nvidia-smi, not torch: this process must hold no CUDA context beside the pods'
         env["nvidia_smi"] = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",

@@ -126,7 +126,7 @@ def test_environment_records_commit_source_lock_and_every_version():
     env = harness.environment()
     assert env["git_commit"] and len(env["git_commit"].split("-")[0]) == 40  # this checkout has .git
     assert len(env["source_sha256"]) == 64 and len(env["lock"]["sha256"]) == 64
-    assert env["lock"]["file"] == "images/requirements.lock"
+    assert env["lock"]["file"] == "images/requirements-cuda.lock"
     import torch
     import transformers
 

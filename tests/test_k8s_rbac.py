@@ -20,7 +20,7 @@ RECIPE = """
 run: {name: rb1}
 model: {name_or_path: org/model}
 stages: [finetune, merge]
-kubernetes: {ttl_after_finished_s: 60}
+kubernetes: {ttl_after_finished_s: 60, image: registry.example/kubetune:1}
 """
 VERBS = {"post": "create", "delete": "delete", "patch": "patch", "put": "update"}
 

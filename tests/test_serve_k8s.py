@@ -33,7 +33,8 @@ from kubetune.serving import chat_template
 SCHEMA_FILE = Path(__file__).parent / "schemas" / "kserve-inferenceservice-v1beta1.json"
 RECIPE = {"run": {"name": "sql", "artifacts_root": "/workspace/artifacts"}, "model": {"name_or_path": "org/m"},
           "prompt": {"template": "Q: {question}\nS: {context}\nA:"},
-          "kubernetes": {"pvc": {"claim_name": "shared"}, "runtime_class_name": "nvidia"},
+          "kubernetes": {"pvc": {"claim_name": "shared"}, "runtime_class_name": "nvidia",
+                         "image": "registry.example/kubetune:1"},
           "serve": {"resources": {"gpus": 2, "gpu_type": "NVIDIA-H100-80GB-HBM3", "cpu": "8", "memory": "40Gi"}}}
 
 
