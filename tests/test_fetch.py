@@ -18,6 +18,7 @@ from hubfake import FakeHub
 from k8s.fakeapi import FakeCluster
 from kubetune.cli import cli
 from kubetune.config import recipe_from_dict
+from kubetune.errors import PERMANENT_EXIT_CODES, HubError
 from kubetune.k8s import render
 from kubetune.sources import hub_dataset, hub_model, on_claim, pod_stages
 from tiny import build_tiny_model
@@ -95,7 +96,8 @@ def test_a_revision_the_hub_lacks_fails_for_good_and_an_unreachable_hub_is_retri
     assert "model.name_or_path: org/tiny-llama: the hub has no such revision" in missing.stderr
     assert "Traceback" not in missing.stderr
     gone = stage(tmp_path, "fetch", "--recipe", str(recipe_file(tmp_path)), env={"HF_ENDPOINT": hub.url})
-    assert gone.returncode == 15 and "the hub could not be read" in gone.stderr, gone.stderr  # retried by the Job
+    assert gone.returncode == HubError.exit_code and "the hub could not be read" in gone.stderr, gone.stderr
+    assert HubError.exit_code not in PERMANENT_EXIT_CODES  # the Job retries it
     assert "Traceback" not in gone.stderr
 
 
