@@ -302,11 +302,10 @@ def check_kill(fault: Fault, rc: int, run_dir: Path, proc: StageProcess, files: 
     allowed = {0} if done else set()
     if fault.signal == "SIGKILL":
         allowed.add(-signal.SIGKILL)
-    elif fault.stage == "finetune":
-        # during training: checkpoint, then 143; before it or once the final checkpoint exists, the default action
-        allowed |= {143, -signal.SIGTERM}
     else:
-        allowed.add(-signal.SIGTERM)
+        # `kubetune stage` ends with 143 on SIGTERM, as the default action would, also as a container's PID 1 (which
+        # ignores signals it has no handler for); during training the fine-tune checkpoints first, then 143
+        allowed.add(143)
     if rc not in allowed:
         fault.problems.append(f"exit code {rc}, expected one of {sorted(allowed)}: {proc.tail(5)}")
     if fault.stage == "finetune" and rc == 143:

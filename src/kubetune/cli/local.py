@@ -48,7 +48,12 @@ def exit_on_sigterm() -> None:
     import signal
 
     def handle(signum, frame):
-        raise SystemExit(128 + signum)
+        # What the default action does, and no more: end now, without unwinding into library code (an exception
+        # raised here can be caught and outlived by a library's cleanup, GPTQModel's for one). Nothing a stage
+        # writes is final before its rename, so nothing is lost; the retry starts the stage again.
+        import os
+
+        os._exit(128 + signum)
 
     try:
         signal.signal(signal.SIGTERM, handle)
