@@ -304,8 +304,10 @@ def check_kill(fault: Fault, rc: int, run_dir: Path, proc: StageProcess, files: 
         allowed.add(-signal.SIGKILL)
     else:
         # `kubetune stage` ends with 143 on SIGTERM, as the default action would, also as a container's PID 1 (which
-        # ignores signals it has no handler for); during training the fine-tune checkpoints first, then 143
-        allowed.add(143)
+        # ignores signals it has no handler for); during training the fine-tune checkpoints first, then 143. A
+        # library that puts SIGTERM back to its default (seen once in quantize) gives the default action's -15,
+        # which the kubelet also reports as 143.
+        allowed |= {143, -signal.SIGTERM}
     if rc not in allowed:
         fault.problems.append(f"exit code {rc}, expected one of {sorted(allowed)}: {proc.tail(5)}")
     if fault.stage == "finetune" and rc == 143:
