@@ -266,6 +266,24 @@ def _cache_env(mount: str) -> list[dict[str, Any]]:
 OFFLINE_ENV = [{"name": "HF_HUB_OFFLINE", "value": "1"}, {"name": "HF_DATASETS_OFFLINE", "value": "1"}]
 
 
+def placement(recipe: Recipe, res) -> dict[str, Any]:
+    """Where a pod with resources ``res`` may run: nodeSelector (with the GPU product label for res.gpu_type),
+    tolerations (the GPU ones only for a pod that asks for GPUs) and affinity; empty fields left out."""
+    k = recipe.kubernetes
+    out: dict[str, Any] = {}
+    node_selector = dict(k.node_selector)
+    if res.gpu_type:
+        node_selector[k.gpu_product_label] = res.gpu_type
+    if node_selector:
+        out["nodeSelector"] = node_selector
+    tolerations = [dict(t) for t in k.tolerations] + ([dict(t) for t in k.gpu_tolerations] if res.gpus else [])
+    if tolerations:
+        out["tolerations"] = tolerations
+    if k.affinity:
+        out["affinity"] = dict(k.affinity)
+    return out
+
+
 def stage_job(recipe: Recipe, stage: str, namespace: str, owner: dict[str, Any] | None = None,
               driven: bool = True) -> dict[str, Any]:
     """One stage's Job. ``driven``: made by a driver, which keeps the run's TTL for the end of the run (a stage
@@ -301,16 +319,7 @@ def stage_job(recipe: Recipe, stage: str, namespace: str, owner: dict[str, Any] 
     pod = _pod_common(recipe, res.gpus)
     pod.update({"automountServiceAccountToken": False, "terminationGracePeriodSeconds": k.termination_grace_s,
                 "containers": [container], "volumes": volumes})
-    node_selector = dict(k.node_selector)
-    if res.gpu_type:
-        node_selector[k.gpu_product_label] = res.gpu_type
-    if node_selector:
-        pod["nodeSelector"] = node_selector
-    tolerations = [dict(t) for t in k.tolerations] + ([dict(t) for t in k.gpu_tolerations] if res.gpus else [])
-    if tolerations:
-        pod["tolerations"] = tolerations
-    if k.affinity:
-        pod["affinity"] = dict(k.affinity)
+    pod.update(placement(recipe, res))
     spec: dict[str, Any] = {"backoffLimit": k.backoff_limit, "podFailurePolicy": _failure_policy(STAGE_CONTAINER),
                             "template": {"metadata": _pod_metadata(recipe, "stage", stage), "spec": pod}}
     if k.active_deadline_s is not None:

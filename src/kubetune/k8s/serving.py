@@ -17,7 +17,7 @@ from typing import Any
 
 from kubetune.config import MODEL_PRODUCERS, Recipe
 from kubetune.k8s.render import (CONTAINER_SECURITY, LABEL_RUN, _artifacts_check, _meta, _pod_common, _pod_metadata,
-                                 claim_name, labels, namespace_of)
+                                 claim_name, labels, namespace_of, placement)
 from kubetune.serve import engine_args, served_name
 
 COMPONENT = "serve"
@@ -56,20 +56,11 @@ def _probes(port: int | str) -> dict[str, Any]:
 
 def _placement(recipe: Recipe) -> dict[str, Any]:
     """Pod-level fields: security, pull secrets, priority, runtime class, node selector, tolerations, affinity."""
-    k, res = recipe.kubernetes, recipe.serve.resources
+    res = recipe.serve.resources
     pod = _pod_common(recipe, res.gpus)
     pod.pop("restartPolicy")  # a server restarts (Always, the default of both kinds)
     pod["automountServiceAccountToken"] = False
-    node_selector = dict(k.node_selector)
-    if res.gpu_type:
-        node_selector[k.gpu_product_label] = res.gpu_type
-    if node_selector:
-        pod["nodeSelector"] = node_selector
-    tolerations = [dict(t) for t in k.tolerations] + ([dict(t) for t in k.gpu_tolerations] if res.gpus else [])
-    if tolerations:
-        pod["tolerations"] = tolerations
-    if k.affinity:
-        pod["affinity"] = dict(k.affinity)
+    pod.update(placement(recipe, res))
     return pod
 
 
