@@ -87,21 +87,13 @@ def memory_bytes(quantity: str | int) -> int:
     return int(parse_quantity(quantity))
 
 
-def run_in_image(image: str, argv: Sequence[str], *, command: Sequence[str] | None = None,
-                 env: Mapping[str, str] | None = None, mounts: Iterable[tuple[Path | str, str, bool]] = (),
-                 user: str = "1001:0", group_add: Iterable[int] = (), workdir: str | None = None,
-                 read_only: bool = True, memory: str | int | None = None, shm_size: str | int | None = None,
-                 network: str = "none", timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run one container of IMAGE to completion and return its exit code and output (text).
-
-    argv: the container's args (a pod's `args`), given to the image's entrypoint (`kubetune`) unless command
-    (a pod's `command`) replaces it. mounts: (host path, container path, read-only) like a pod's volumeMounts.
-    user "UID:GID" as runAsUser/runAsGroup; group_add as the pod's fsGroup and supplementalGroups. memory: the
-    container's memory limit (a Kubernetes quantity or bytes; the OOM killer ends it with 137 past it).
-    read_only: the root filesystem (/tmp, /var/tmp and /run stay writable tmpfs, as podman gives them).
-    network "none" (default: nothing is reached), or "host" for a container that talks to a server on loopback.
-    A container still running after timeout is killed and subprocess.TimeoutExpired raised.
-    """
+def podman_run_args(image: str, argv: Sequence[str], *, name: str, command: Sequence[str] | None = None,
+                    env: Mapping[str, str] | None = None, mounts: Iterable[tuple[Path | str, str, bool]] = (),
+                    tmpfs: Iterable[tuple[str, int]] = (), user: str = "1001:0", group_add: Iterable[int] = (),
+                    workdir: str | None = None, read_only: bool = True, memory: str | int | None = None,
+                    shm_size: str | int | None = None, network: str = "none") -> list[str]:
+    """`podman run` arguments (without "podman") for one container as a kubelet would start it: see run_in_image.
+    tmpfs: (container path, size in bytes) for `emptyDir: {medium: Memory}` volumes."""
     args = ["run", "--rm", "--user", user, "--network", network, "--cap-drop", "ALL",
             "--security-opt", "no-new-privileges", "--pull", "never"]
     if read_only:
@@ -114,15 +106,31 @@ def run_in_image(image: str, argv: Sequence[str], *, command: Sequence[str] | No
         args += ["--shm-size", f"{memory_bytes(shm_size)}b"]
     if workdir:
         args += ["--workdir", workdir]
-    for name, value in (env or {}).items():
-        args += ["--env", f"{name}={value}"]
+    for key, value in (env or {}).items():
+        args += ["--env", f"{key}={value}"]
     for host, container, ro in mounts:
         args += ["--volume", f"{Path(host).resolve()}:{container}:{'ro' if ro else 'rw'}"]
+    for container, size in tmpfs:
+        args += ["--tmpfs", f"{container}:rw,size={size},mode=1777"]
     if command:
         args += ["--entrypoint", command[0]]
         argv = [*command[1:], *argv]
+    return [*args, "--name", name, image, *argv]
+
+
+def run_in_image(image: str, argv: Sequence[str], *, timeout: float = 600, **options) -> subprocess.CompletedProcess:
+    """Run one container of IMAGE to completion and return its exit code and output (text).
+
+    argv: the container's args (a pod's `args`), given to the image's entrypoint (`kubetune`) unless command
+    (a pod's `command`) replaces it. mounts: (host path, container path, read-only) like a pod's volumeMounts.
+    user "UID:GID" as runAsUser/runAsGroup; group_add as the pod's fsGroup and supplementalGroups. memory: the
+    container's memory limit (a Kubernetes quantity or bytes; the OOM killer ends it with 137 past it).
+    read_only: the root filesystem (/tmp, /var/tmp and /run stay writable tmpfs, as podman gives them).
+    network "none" (default: nothing is reached), or "host" for a container that talks to a server on loopback.
+    A container still running after timeout is killed and subprocess.TimeoutExpired raised.
+    """
     name = f"kubetune-test-{os.getpid()}-{next(_counter)}"
-    args += ["--name", name, image, *argv]
+    args = podman_run_args(image, argv, name=name, **options)
     try:  # cwd: conmon drops an empty file named "oom" in its working directory when the container is OOM-killed
         return subprocess.run(["podman", *args], env=podman_env(), capture_output=True, text=True, timeout=timeout,
                               cwd=CONTAINERS_CONF.parent)

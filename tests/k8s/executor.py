@@ -201,25 +201,18 @@ class PodmanExecutor:
         self.env = podman_env()
 
     def start(self, spec: ContainerSpec) -> PodmanRunning:
-        args = ["podman", "run", "--rm", "--name", spec.name, "--pull", "never", "--user", f"{spec.uid}:{spec.gid}",
-                "--network", "host", "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
-                "--workdir", spec.workdir, "--entrypoint", spec.argv[0]]
-        for gid in spec.groups:
-            args += ["--group-add", str(gid)]
-        if spec.memory_limit_bytes:  # the cgroup limit the kubelet sets: past it the OOM killer ends it, 137
-            args += ["--memory", f"{spec.memory_limit_bytes}b", "--memory-swap", f"{spec.memory_limit_bytes}b"]
-        for m in spec.mounts:
-            if m.image_part:
-                continue
-            if m.tmpfs_bytes:
-                args += ["--tmpfs", f"{m.target}:rw,size={m.tmpfs_bytes},mode=1777"]
-            else:
-                args += ["--volume", f"{m.source}:{m.target}:{'ro' if m.read_only else 'rw'}"]
+        from containers import podman_run_args
+
+        mounts = [(m.source, m.target, m.read_only) for m in spec.mounts if not m.image_part and not m.tmpfs_bytes]
         if spec.termination_log:
-            args += ["--volume", f"{spec.termination_log}:/dev/termination-log:rw"]
-        for key, value in spec.env.items():
-            args += ["--env", f"{key}={value}"]
-        args += [spec.image, *spec.argv[1:]]
+            mounts.append((spec.termination_log, "/dev/termination-log", False))
+        args = ["podman", *podman_run_args(
+            spec.image, spec.argv[1:], name=spec.name, command=spec.argv[:1], env=spec.env, mounts=mounts,
+            tmpfs=[(m.target, m.tmpfs_bytes) for m in spec.mounts if m.tmpfs_bytes],
+            user=f"{spec.uid}:{spec.gid}", group_add=spec.groups, workdir=spec.workdir,
+            read_only=False,  # the rendered pods do not set readOnlyRootFilesystem
+            memory=spec.memory_limit_bytes,  # the cgroup limit the kubelet sets: past it the OOM killer ends it, 137
+            network="host")]  # the driver reaches the fake API server on 127.0.0.1
         log = open(spec.log, "ab")
         try:
             # conmon drops a file named 'oom' in its working folder when a container is OOM-killed: not the checkout

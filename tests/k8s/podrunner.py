@@ -47,13 +47,9 @@ def _now() -> str:
 
 
 def _quantity_bytes(text: str | None) -> int | None:
-    if not text:
-        return None
-    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9}
-    for suffix, scale in units.items():
-        if text.endswith(suffix):
-            return int(float(text[: -len(suffix)]) * scale)
-    return int(float(text))
+    from containers import memory_bytes  # the kubernetes client's own quantity parser
+
+    return memory_bytes(text) if text else None
 
 
 @dataclass
