@@ -481,7 +481,9 @@ def installed_versions() -> dict[str, str]:
                        if d.metadata["Name"]))
 
 
-def environment() -> dict:
+def environment(cuda: bool = True) -> dict:
+    """Where and with what a run ran. cuda=False leaves torch's CUDA alone (the card comes from nvidia-smi), for a
+    process that must hold no CUDA context beside the ones it measures (bench/pod_path.py)."""
     lock = ROOT / "images" / "requirements-cuda.lock"  # the CUDA image's set, what the GPU runs approximate
     env: dict = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                  "host": platform.node(), "python": platform.python_version(), "command": " ".join(sys.argv),
@@ -495,7 +497,7 @@ def environment() -> dict:
 
         env["versions"] = library_versions()
         env["cuda"] = torch.version.cuda
-        if torch.cuda.is_available():
+        if cuda and torch.cuda.is_available():
             env["card"] = torch.cuda.get_device_name(0)
             env["card_memory_bytes"] = torch.cuda.get_device_properties(0).total_memory
     except Exception as exc:  # noqa: BLE001 - the run goes on; the JSON says what is missing

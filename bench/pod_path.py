@@ -19,11 +19,8 @@ Run both in one device call, pods first, so the figures come from one card in on
 from __future__ import annotations
 
 import argparse
-import datetime
-import hashlib
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -38,19 +35,13 @@ DATA_ON_CLAIM = "data/wikisql_train.jsonl"
 
 
 def environment(commit: str | None) -> dict:
-    from kubetune.measure import library_versions
+    """bench/harness.py's record, without initialising CUDA here: this process must hold no context beside the pods'.
+    --commit stands for git's answer on a machine that got the tree without .git."""
+    from harness import environment as harness_environment
 
-    env = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "host": platform.node(),
-           "python": platform.python_version(), "command": " ".join(sys.argv), "commit": commit,
-           "lock_sha256": hashlib.sha256((ROOT / "images" / "requirements-cuda.lock").read_bytes()).hexdigest(),
-           "versions": library_versions()}
-    try:  # nvidia-smi, not torch: this process must hold no CUDA context beside the pods'
-        env["nvidia_smi"] = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
-                                            "--format=csv,noheader"], capture_output=True, text=True,
-                                           timeout=20).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        env["nvidia_smi"] = None
-    return env
+    if commit:
+        os.environ.setdefault("BENCH_COMMIT", commit)
+    return harness_environment(cuda=False)
 
 
 def kubetune_launcher(folder: Path) -> Path:
@@ -185,8 +176,11 @@ def cmd_table(args) -> None:
     rows += ["", "| model | execution accuracy, pods | execution accuracy, `kubetune run` |", "|---|---|---|"]
     rows += [f"| {m} | {acc_p.get(m)} | {acc_r.get(m)} |" for m in sorted(set(acc_p) | set(acc_r))]
     env = pods["environment"]
+    # the 2026-12-06 record predates this script's use of bench/harness.py's environment (commit, lock_sha256)
+    commit = env.get("git_commit") or env.get("commit")
+    lock = (env.get("lock") or {}).get("sha256") or env.get("lock_sha256", "")
     head = [f"# Pod path on the GPU: {env.get('nvidia_smi')}, {env['date']}", "",
-            f"Commit {env.get('commit')}, lock sha256 {env['lock_sha256'][:12]}; driver Job: {pods['driver']}, "
+            f"Commit {commit}, lock sha256 {lock[:12]}; driver Job: {pods['driver']}, "
             f"pods total {pods['total_s']} s, `kubetune run` total {run['total_s']} s (exit {run['exit_code']}).",
             f"Command: `{args.command}`", ""]
     out = ROOT / "bench" / "results"
