@@ -135,7 +135,7 @@ class PodRunner:
             if run.job not in jobs and run.deleted_at is None:  # Job deleted: its pods go with it
                 self._delete_pod(run, pods)
             elif run.name not in pods and run.deleted_at is None:
-                self._terminate(run, (jobs.get(run.job) or {}).get("spec", {}).get("template", {}))
+                self._terminate(run)
             if run.process is None and run.deleted_at is not None:
                 run.finished = True
             self._follow(run)
@@ -252,7 +252,7 @@ class PodRunner:
                     return
         self._set_job(run.job, {"active": 0, "failed": failed})  # the next reconcile retries or gives up
 
-    def _terminate(self, run: PodRun, template: dict[str, Any]) -> None:
+    def _terminate(self, run: PodRun) -> None:
         run.deleted_at = time.monotonic()
         if run.process is not None:
             run.process.terminate()  # SIGTERM to the container's PID 1
@@ -260,7 +260,7 @@ class PodRunner:
     def _delete_pod(self, run: PodRun, pods: dict[str, Any]) -> None:
         if run.name in pods:
             self.fake.delete("Pod", run.name)
-        self._terminate(run, {})
+        self._terminate(run)
 
     def _publish_log(self, run: PodRun) -> None:
         text = run.log.read_text(errors="replace") if run.log.exists() else ""
