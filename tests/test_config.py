@@ -94,3 +94,12 @@ def test_json_schema_rejects_unknown_keys():
     schema = Recipe.model_json_schema()
     assert schema["additionalProperties"] is False
     assert "model" in schema["required"]
+
+
+def test_every_recipe_field_has_a_description():
+    """Docstrings are the one place a setting is explained: the chart's values.schema.json (and its README table)
+    take them from this schema, so a field without one reaches users unexplained."""
+    schema = Recipe.model_json_schema()
+    undocumented = [f"{where}.{name}" for where, model in [("Recipe", schema), *schema["$defs"].items()]
+                    for name, spec in model.get("properties", {}).items() if not spec.get("description")]
+    assert undocumented == []

@@ -130,8 +130,11 @@ class ModelSection(Section):
 
 class ColumnMap(Section):
     context: str = "context"
+    """Source column holding the schema (CREATE TABLE statements) the question is asked against."""
     question: str = "question"
+    """Source column holding the natural-language question."""
     answer: str = "answer"
+    """Source column holding the reference SQL: the training target, and what evaluate compares results with."""
 
 
 class DataSection(Section):
@@ -140,6 +143,7 @@ class DataSection(Section):
     split: str = "train"
     """Split of a hub data set or folder to read."""
     columns: ColumnMap = ColumnMap()
+    """Which source columns hold context, question and answer (renamed to those on load)."""
     builtin_examples: Annotated[int, Field(ge=10, le=1_000_000)] = 2000
     """Number of examples the builtin generator makes (ignored for other sources)."""
     eval_size: Annotated[float, Field(gt=0)] = 0.1
@@ -149,6 +153,8 @@ class DataSection(Section):
     max_eval_examples: Annotated[int, Field(ge=1)] | None = None
     """Cap on evaluation examples used by infer/evaluate (generation is the slow part)."""
     seed: Seed = 42
+    """Seed of the shuffle that splits train from eval, and of the builtin generator: the same seed gives
+    the same rows."""
 
 
 class PromptSection(Section):
@@ -184,32 +190,54 @@ class PromptSection(Section):
 
 class LoraSection(Section):
     r: Annotated[int, Field(ge=1, le=1024)] = 16  # higher: more capacity, more memory
+    """Rank of the LoRA update matrices: higher adds capacity and adapter size (linear in r); 16 suits
+    one task on a ≥1B model."""
     alpha: Annotated[float, Field(gt=0)] = 32
+    """Scale of the update (applied as alpha / r); 2 × r is the common choice and needs no new learning rate
+    when r changes."""
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.05
+    """Dropout on the LoRA input during training (0 to <1); a little regularizes small data sets."""
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """Module names to adapt (e.g. [q_proj, v_proj]), or all-linear: every linear layer but the output
+    head, more capacity for some more memory. A name the model lacks is refused before training."""
 
 
 class BitsAndBytesSection(Section):
     quant_type: Literal["nf4", "fp4"] = "nf4"
+    """4-bit data type: nf4 (normal float, fits normally distributed weights; QLoRA's choice) or fp4."""
     double_quant: bool = True
     """Quantize the quantization constants too: about 0.4 bits/parameter saved."""
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """Dtype the 4-bit weights are dequantized to for each matmul; auto = the model's load dtype
+    (model.dtype)."""
 
 
 class FinetuneSection(Section):
     lora: LoraSection = LoraSection()
+    """Shape of the LoRA adapter that is trained (the base stays frozen)."""
     base_precision: Literal["none", "8bit", "4bit"] = "none"
     """Load the frozen base in 8 or 4 bits with bitsandbytes (QLoRA); none = the model dtype."""
     bnb: BitsAndBytesSection = BitsAndBytesSection()
+    """bitsandbytes settings of the 4-bit base (base_precision: 4bit only)."""
     epochs: Annotated[float, Field(gt=0)] = 1.0
+    """Passes over the training split (fractions allowed, 0.5 = half); ignored when max_steps is set."""
     max_steps: Annotated[int, Field(ge=1)] | None = None
     """Stop after this many optimizer steps (overrides epochs); the schedule is planned for them."""
     batch_size: Annotated[int, Field(ge=1)] = 8
+    """Sequences per device per forward/backward. Activation memory grows linearly with it; the
+    effective batch per optimizer step is batch_size × grad_accum (× GPUs)."""
     grad_accum: Annotated[int, Field(ge=1)] = 1
+    """Forward/backward passes summed before each optimizer step: a large effective batch without the
+    memory of a large batch_size, at the same tokens/s."""
     learning_rate: Annotated[float, Field(gt=0, le=1)] = 2e-4
+    """Peak learning rate of the adapter (AdamW); 2e-4 is usual for LoRA, lower it for large r or
+    full-size batches."""
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    """How the learning rate falls after warm-up (transformers' scheduler names)."""
     warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.03
+    """Share of the planned optimizer steps over which the learning rate rises from 0 to its peak."""
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    """AdamW decoupled weight decay on the adapter weights; 0 = none (LoRA rarely needs it)."""
     max_length: Annotated[int, Field(ge=16)] = 512
     """Tokens per sequence (prompt + answer); longer rows are truncated."""
     packing: bool = False
@@ -229,9 +257,15 @@ class FinetuneSection(Section):
     save_steps: Annotated[int, Field(ge=1)] = 100
     """Checkpoint every N steps; a restarted fine-tune resumes from the latest complete one."""
     save_total_limit: Annotated[int, Field(ge=1)] = 2
+    """Checkpoints kept on the claim (older ones are deleted); each holds the adapter and optimizer
+    state, so more cost disk, not memory."""
     eval_steps: Annotated[int, Field(ge=1)] | None = None
+    """Compute the loss on the evaluation split every N optimizer steps; null = never (each evaluation
+    costs a pass over that split)."""
     logging_steps: Annotated[int, Field(ge=1)] = 10
+    """Log loss and learning rate every N optimizer steps."""
     seed: Seed = 42
+    """Seed of the adapter's initialization, the data order and dropout."""
 
 
 class VerifySection(Section):
@@ -251,26 +285,40 @@ class MergeSection(Section):
     max_shard_size: Annotated[str, Field(pattern=r"^[1-9][0-9]{0,6}[KkMmGg]([Ii]?[Bb])$")] = "2GB"
     """Largest safetensors file of the merged model, as transformers reads it: 500MB, 2GB, 4GiB."""
     verify: VerifySection = VerifySection()
+    """Check the merged model against the adapter on its base before it is written."""
 
 
 class CalibrationSection(Section):
     source: Literal["train", "eval"] = "train"
     """Calibrate on the recipe's own training prompts (not c4): the model is quantized for the task it does."""
     samples: Annotated[int, Field(ge=1)] = 128
+    """Calibration prompts GPTQ sees: more give a steadier Hessian estimate and take longer (time and
+    activation memory grow linearly); 128 is GPTQ's usual number."""
     max_length: Annotated[int, Field(ge=8)] = 512
+    """Tokens per calibration sample; longer ones are truncated."""
 
 
 class QuantizeSection(Section):
     method: Literal["gptq"] = "gptq"
+    """Quantization algorithm; GPTQ (through GPTQModel) is the only one so far."""
     bits: Literal[4, 8] = 8
+    """Bits per weight: 8 keeps accuracy within a point or so; 4 halves the size again and usually costs
+    more accuracy."""
     group_size: Annotated[int, Field(ge=-1)] = 128
     """Columns sharing one scale; -1 = one per row. Must divide the layers' input size."""
     desc_act: bool = False
     """Quantize columns in order of activation size: slightly better accuracy, slower kernels."""
     sym: bool = True
+    """Symmetric quantization (zero point fixed at the middle): what most fast kernels (marlin, exllama)
+    need; asymmetric fits skewed weights slightly better."""
     damp_percent: Annotated[float, Field(gt=0, lt=1)] = 0.05
+    """Share of the Hessian's mean diagonal added to it before it is inverted (0 to 1): higher is more
+    stable, lower fits the calibration data more closely."""
     calibration: CalibrationSection = CalibrationSection()
+    """The prompts that GPTQ measures activations on."""
     batch_size: Annotated[int, Field(ge=1)] = 8
+    """Calibration samples per forward pass while quantizing: faster, with activation memory that grows
+    linearly with it."""
     backend: Literal["auto", "torch", "triton", "exllama_v2", "marlin"] = "auto"
     """Kernel used when the quantized model is loaded (auto = torch on CPU, triton on GPU: no JIT download)."""
 
@@ -288,10 +336,15 @@ class InferSection(Section):
     prompts: list[str] = []
     """Extra free-form prompts (already in template form) to answer, besides the evaluation split."""
     max_new_tokens: Annotated[int, Field(ge=1, le=4096)] = 128
+    """Longest generated answer in tokens; an answer cut off here is usually invalid SQL."""
     greedy: bool = True
+    """Take the most likely token at each step (deterministic, what evaluation compares); false samples
+    with temperature."""
     temperature: Annotated[float, Field(gt=0)] = 0.7
     """Used only when greedy is false."""
     batch_size: Annotated[int, Field(ge=1)] = 8
+    """Prompts generated together: higher is faster until the GPU is full; the KV cache grows linearly
+    with it."""
 
 
 # Gates a recipe can set, on the held-out split (evaluate.gates) or on a named set (evaluate.sets.<name>.gates).
@@ -326,6 +379,7 @@ class EvalSetSection(Section):
     split: str = "train"
     """Split of a hub data set or folder to read (a single file has only ``train``)."""
     columns: ColumnMap = ColumnMap()
+    """Which source columns hold context, question and answer."""
     max_examples: Annotated[int, Field(ge=1)] | None = None
     """Use the first N rows (in the source's order) only; generation is the slow part."""
     builtin_examples: Annotated[int, Field(ge=10, le=1_000_000)] = 200
@@ -363,20 +417,28 @@ class EvaluateSection(Section):
 
 class Resources(Section):
     gpus: Annotated[int, Field(ge=0, le=16)] = 1
+    """GPUs the stage's pod requests (as kubernetes.gpu_resource); 0 = a CPU pod."""
     gpu_type: Annotated[LabelValue, Field(min_length=1)] | None = None
     """Node label value of ``nvidia.com/gpu.product`` to schedule on, e.g. NVIDIA-H100-80GB-HBM3."""
     cpu: Quantity = "4"
+    """CPU request (Kubernetes quantity: 4, 500m); no limit is set, so a data loader is never throttled."""
     memory: Quantity = "32Gi"
+    """Host memory request and limit (Kubernetes quantity: 32Gi); over it the pod is OOM-killed and retried."""
 
 
 class ResourcesSection(Section):
     fetch: Resources = Resources(gpus=0, cpu="1", memory="2Gi")
     """The download stage on Kubernetes (first when the recipe names a hub model or data set): CPU only."""
     finetune: Resources = Resources()
+    """The fine-tune's pod."""
     merge: Resources = Resources()
+    """The merge's pod (the merge itself runs in host memory: give it the 16-bit model's size and more)."""
     quantize: Resources = Resources()
+    """The quantize stage's pod."""
     infer: Resources = Resources()
+    """The infer stage's pod."""
     evaluate: Resources = Resources(gpus=0, cpu="2", memory="4Gi")
+    """The evaluate stage's pod: SQLite only, no GPU by default."""
 
 
 class PvcSection(Section):
@@ -385,6 +447,8 @@ class PvcSection(Section):
     create: bool = True
     """Create the claim (false: use an existing one, e.g. shared by several runs)."""
     size: Quantity = "200Gi"
+    """Capacity requested when kubetune creates the claim (Kubernetes quantity): the base model, merged and
+    quantized copies, checkpoints and the hub cache: several times the model's 16-bit size."""
     storage_class: DnsSubdomain | None = None
     """None = the cluster's default StorageClass."""
     access_modes: list[Literal["ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod"]] = ["ReadWriteOnce"]
@@ -395,12 +459,16 @@ class PvcSection(Section):
 
 class SecretKeyRef(Section):
     name: DnsSubdomain
+    """Name of the Secret, in the run's namespace."""
     key: Annotated[str, Field(pattern=r"^[-._a-zA-Z0-9]{1,253}$")] = "token"
+    """Key inside the Secret that holds the value."""
 
 
 class DriverResources(Section):
     cpu: Quantity = "100m"
+    """CPU request of the driver pod: it only polls the API server."""
     memory: Quantity = "256Mi"
+    """Memory request and limit of the driver pod."""
     poll_s: Annotated[float, Field(gt=0)] = 15
     """Seconds between two looks at the stage Jobs."""
 
@@ -409,16 +477,23 @@ class KubernetesSection(Section):
     """How the stages run as Jobs (``kubetune submit``, the Helm chart); ignored by ``kubetune run``."""
 
     image: Annotated[str, Field(pattern=r"^[^\s\x00-\x1f\x7f]+$")] = "ghcr.io/kubetune/kubetune:0.1.0"
+    """Image of every stage pod and the driver (``make images`` builds it); pin a tag or digest."""
     image_pull_policy: Literal["IfNotPresent", "Always", "Never"] = "IfNotPresent"
+    """When the kubelet pulls the image: IfNotPresent (a moving tag may then be stale on a node),
+    Always, or Never."""
     image_pull_secrets: list[DnsSubdomain] = []
+    """Secrets (docker-registry type, in the run's namespace) for pulling the image from a private
+    registry."""
     namespace: Annotated[str, Field(pattern=DNS_LABEL)] | None = None
     """Namespace to submit to when --namespace is not given (else the kubeconfig context's)."""
     pvc: PvcSection = PvcSection()
+    """The PersistentVolumeClaim that holds the run's artifacts and caches."""
     gpu_resource: QualifiedName = "nvidia.com/gpu"
     """Extended resource requested for ``resources.<stage>.gpus`` (e.g. amd.com/gpu, nvidia.com/mig-1g.10gb)."""
     gpu_product_label: QualifiedName = "nvidia.com/gpu.product"
     """Node label that ``resources.<stage>.gpu_type`` selects on (set by NVIDIA GPU feature discovery)."""
     node_selector: dict[LabelKey, LabelValue] = {}
+    """Node labels every stage pod must match (e.g. a node pool); GPU stages add gpu_type's label."""
     tolerations: list[dict[str, JsonValue]] = []
     """Kubernetes Toleration objects for the stage pods (and the chart's UI), e.g. {key: dedicated, value: ml,
     effect: NoSchedule}."""
@@ -465,6 +540,8 @@ class KubernetesSection(Section):
     backoff_limit: Annotated[int, Field(ge=0, le=INT32_MAX)] = 3
     """Retries of a stage pod after a transient failure (permanent exit codes fail the Job at once)."""
     active_deadline_s: Annotated[int, Field(ge=1, le=INT32_MAX)] | None = 86400
+    """Seconds a stage Job may run in all (retries included) before Kubernetes stops it; null = no
+    limit. The default (a day) stops a hung stage from holding GPUs for ever."""
     ttl_after_finished_s: Annotated[int, Field(ge=0, le=INT32_MAX)] | None = 604800
     """Seconds after the run ends (its driver Job finishes) until its Jobs and pods are deleted; the artifacts stay
     on the claim. Never counted per stage while the run goes on. null: kept until ``kubetune cancel``."""
@@ -473,6 +550,7 @@ class KubernetesSection(Section):
     shm_size: Quantity = "16Gi"
     """Memory-backed /dev/shm (data loader workers, NCCL)."""
     driver: DriverResources = DriverResources()
+    """The in-cluster driver's pod (CPU only; it creates the stage Jobs in order)."""
 
     @field_validator("pod_labels")
     @classmethod
@@ -566,6 +644,7 @@ class ServeSection(Section):
     port: Annotated[int, Field(ge=1024, le=65535)] = 8080
     """Port of the OpenAI-compatible API (and of /health)."""
     replicas: Annotated[int, Field(ge=0)] = 1
+    """Server pods (0 scales the server down and keeps its objects)."""
     gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = 0.9
     """Share of the GPU's memory vLLM takes for weights and KV cache."""
     max_model_len: Annotated[int, Field(ge=16)] | None = None
@@ -580,18 +659,31 @@ class Recipe(Section):
     """A whole experiment: what model, what data, which stages and how."""
 
     run: RunSection = RunSection()
+    """Run name and where its artifacts go."""
     model: ModelSection
+    """The base model to fine-tune."""
     data: DataSection = DataSection()
+    """Training and held-out data."""
     prompt: PromptSection = PromptSection()
+    """How a row becomes a prompt; saved with every model the run writes."""
     finetune: FinetuneSection = FinetuneSection()
+    """LoRA/QLoRA fine-tune settings."""
     merge: MergeSection = MergeSection()
+    """How the adapter is merged into the 16-bit base."""
     quantize: QuantizeSection = QuantizeSection()
+    """GPTQ quantization of the merged model."""
     infer: InferSection = InferSection()
+    """Generation of answers on the evaluation sets."""
     evaluate: EvaluateSection = EvaluateSection()
+    """Scoring of the answers by executing their SQL, and the gates that fail the run."""
     resources: ResourcesSection = ResourcesSection()
+    """Each stage pod's GPUs, CPU and memory on Kubernetes."""
     kubernetes: KubernetesSection = KubernetesSection()
+    """How the stages run as Jobs."""
     metrics: MetricsSection = MetricsSection()
+    """Prometheus metrics of the stages."""
     serve: ServeSection = ServeSection()
+    """How the finished model is served with vLLM."""
     stages: list[Literal["finetune", "merge", "quantize", "infer", "evaluate"]] = list(STAGE_NAMES)
     """Stages this recipe runs, in pipeline order."""
 
