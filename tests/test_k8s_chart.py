@@ -1,6 +1,6 @@
 """The Helm chart: lint and template every ci/ scenario, validate what it renders, and hold it equal to
-`kubetune render` for the same recipe. The generated files (values.schema.json, files/generated.json) must be
-what `make schema` writes."""
+`kubetune render` for the same recipe: the driver Job and the name/label helpers are generated from render.py
+(kubetune.k8s.chartgen), so this guards the generator. The generated files must be what `make schema` writes."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from k8s import tools
 from k8s.checks import all_problems
 from kubetune import __version__
 from kubetune.config import recipe_from_dict
-from kubetune.k8s import generate, render
+from kubetune.k8s import chartgen, generate, render
 
 pytestmark = pytest.mark.server
 CHART = tools.ROOT / "charts" / "kubetune"
@@ -64,6 +64,23 @@ def test_scenario_lints_renders_valid_and_equals_kubetune_render(values: Path):
     assert set(got) == set(expected)
     for key in expected:
         assert got[key] == expected[key], f"{key} differs between the chart and kubetune render"
+
+
+def test_scenarios_render_each_switch_of_the_generated_templates_both_ways():
+    """The equality test above guards the generated templates (kubetune.k8s.chartgen) only where the scenarios take
+    each of their conditions both ways."""
+    def value(recipe, path: str):
+        for part in path.split("."):
+            recipe = getattr(recipe, part)
+        return recipe
+
+    recipes = [recipe_from_dict(yaml.safe_load(p.read_text())["recipe"]) for p in SCENARIOS]
+    switches = {s for unit in (*chartgen.HELPERS, chartgen.DRIVER_JOB) for s in unit.switches}
+    for switch in switches:
+        on = [(value(r, switch.path) is not None) if switch.off is None else value(r, switch.path) != switch.off
+              for r in recipes]
+        assert any(on) and not all(on), f"{switch.path}: no scenario in {CHART / 'ci'} renders it " + (
+            "off" if all(on) else "on")
 
 
 def test_values_schema_rejects_typos_and_a_missing_model():

@@ -50,22 +50,13 @@ pod_labels) is the user's whole. Returns JSON; use with fromJson.
 {{- (include "kubetune.runSection" . | fromJson).name -}}
 {{- end -}}
 
-{{/* The recipe as the pods read it: Go's pretty JSON, byte-equal to kubetune.k8s.gojson. */}}
+{{/* The recipe as the pods read it: Go's pretty JSON, byte-equal to kubetune.k8s.gojson (render.recipe_text). */}}
 {{- define "kubetune.recipeText" -}}
 {{- toPrettyJson .Values.recipe -}}
 {{- end -}}
 
 {{- define "kubetune.recipeSha" -}}
 {{- include "kubetune.recipeText" . | sha256sum -}}
-{{- end -}}
-
-{{- define "kubetune.claimName" -}}
-{{- $k := include "kubetune.k" . | fromJson -}}
-{{- $k.pvc.claim_name | default (printf "%s-data" (include "kubetune.run" .)) -}}
-{{- end -}}
-
-{{- define "kubetune.serviceAccountName" -}}
-{{- printf "%s-driver" (include "kubetune.run" .) -}}
 {{- end -}}
 
 {{/*
@@ -76,52 +67,16 @@ it writes a string holding U+2028 as a block scalar that go-yaml reads with a li
 block's indentation (nindent) does not survive; Go's JSON escapes U+2028. toYaml is kept for generated values.
 */}}
 
-{{/* Labels: call with (dict "ctx" $ "component" "driver"). */}}
-{{- define "kubetune.labels" -}}
-{{- $run := include "kubetune.run" .ctx -}}
-app.kubernetes.io/name: kubetune
-app.kubernetes.io/instance: {{ $run | quote }}
-app.kubernetes.io/component: {{ .component | quote }}
-app.kubernetes.io/part-of: kubetune
-app.kubernetes.io/version: {{ .ctx.Chart.AppVersion | quote }}
-app.kubernetes.io/managed-by: kubetune
-kubetune.io/run: {{ $run | quote }}
-{{- end -}}
+{{/* Names, labels, pod metadata and security: _render.tpl, generated from kubetune.k8s.render (make schema). */}}
 
-{{/* A pod template's metadata: recipe.kubernetes.pod_labels/pod_annotations under kubetune's labels (which win).
-Call with (dict "ctx" $ "component" "driver"). */}}
-{{- define "kubetune.podMetadata" -}}
-{{- $k := include "kubetune.k" .ctx | fromJson -}}
+{{/* The recipe's own-label rule (config.KubernetesSection.pod_labels), which its schema cannot express. */}}
+{{- define "kubetune.checkPodLabels" -}}
+{{- $k := include "kubetune.k" . | fromJson -}}
 {{- range $key, $_ := $k.pod_labels -}}
 {{- if or (hasPrefix "app.kubernetes.io/" $key) (hasPrefix "kubetune.io/" $key) -}}
 {{- fail (printf "recipe.kubernetes.pod_labels: %s: kubetune sets the app.kubernetes.io/ and kubetune.io/ labels itself" $key) -}}
 {{- end -}}
 {{- end -}}
-labels:
-  {{- merge (include "kubetune.labels" . | fromYaml) ($k.pod_labels | default dict) | toYaml | nindent 2 }}
-{{- with $k.pod_annotations }}
-annotations: {{ toJson . }}
-{{- end }}
-{{- end -}}
-
-{{/* A pod's securityContext: restricted, with recipe.kubernetes.fs_group (none on OpenShift) and its policy. */}}
-{{- define "kubetune.podSecurity" -}}
-{{- $gen := include "kubetune.generated" . | fromJson -}}
-{{- $k := include "kubetune.k" . | fromJson -}}
-{{- $context := deepCopy $gen.pod_security -}}
-{{- if not (kindIs "invalid" $k.fs_group) -}}
-{{- $_ := set $context "fsGroup" ($k.fs_group | int) -}}
-{{- end -}}
-{{- $_ := set $context "fsGroupChangePolicy" $k.fs_group_change_policy -}}
-{{- toYaml $context -}}
-{{- end -}}
-
-{{/* Metadata of every object: call with (dict "ctx" $ "name" "x" "component" "driver"). */}}
-{{- define "kubetune.metadata" -}}
-name: {{ .name | quote }}
-namespace: {{ .ctx.Release.Namespace | quote }}
-labels:
-  {{- include "kubetune.labels" . | nindent 2 }}
 {{- end -}}
 
 {{/* Refuse artifacts outside the claim (they would vanish with the pod), as kubetune render does. */}}
