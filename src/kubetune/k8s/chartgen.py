@@ -168,7 +168,8 @@ class Writer:
         pad, lines = " " * indent, []
         keys = list(dict.fromkeys([*off, *(k for on in ons.values() if isinstance(on, dict) for k in on)]))
         for key in keys:
-            changed = {s: on.get(key, _ABSENT) for s, on in ons.items() if on.get(key, _ABSENT) != off.get(key, _ABSENT)}
+            changed = {s: on.get(key, _ABSENT) for s, on in ons.items()
+                       if on.get(key, _ABSENT) != off.get(key, _ABSENT)}
             splat = MARK.fullmatch(key)
             if splat and splat.group(1).startswith(SPLAT):
                 source = splat.group(1).removeprefix(SPLAT)

@@ -24,7 +24,7 @@ from typing import Any
 from kubetune import __version__
 from kubetune.config import (FinetuneSection, InferSection, KubernetesSection, MergeSection, PromptSection,
                              RunSection, ServeSection, load_recipe, recipe_json_schema)
-from kubetune.k8s import chartgen, render
+from kubetune.k8s import chartgen, render, valuestable
 from kubetune.metrics.assets import monitoring_values_schema
 from kubetune.ui.chart import ui_values_schema
 from kubetune.generated import write_or_check
@@ -41,11 +41,16 @@ def values_schema() -> dict[str, Any]:
                            "ui": ui_values_schema(),
                            "serving": {"type": "object", "additionalProperties": False,
                                        "description": "Serve the run's model (docs/serving.md).",
-                                       "properties": {"enabled": {"type": "boolean"},
-                                                      "model": {"enum": ["", "merged", "quantized"]}}},
+                                       "properties": {
+                                           "enabled": {"type": "boolean", "description": (
+                                               "Make what `kubetune render --serve` makes from recipe.serve; "
+                                               "enable it once the model's stage (merge or quantize) has run.")},
+                                           "model": {"enum": ["", "merged", "quantized"], "description": (
+                                               "The model to serve; empty: recipe.serve.model.")}}},
                            # Helm gives every subchart the parent's `global` values: allowed, unused, so that
                            # the chart also works as a dependency (tests/test_k8s_chart_hostile.py uses it so)
-                           "global": {"type": "object"}}, "$defs": defs}
+                           "global": {"type": "object", "description": "Helm's values shared with "
+                                      "subcharts; unused by this chart."}}, "$defs": defs}
 
 
 def generated() -> dict[str, Any]:
@@ -74,9 +79,25 @@ def kustomize_base(root: Path) -> str:
     return header + render.to_yaml(render.base_objects(recipe, render.namespace_of(recipe)))
 
 
+CHART = Path("charts/kubetune")
+
+
+def chart_readme(root: Path) -> str:
+    """The chart README with its values table written from the values schema (prose around it kept)."""
+    import yaml
+
+    path = root / CHART / "README.md"
+    values = yaml.safe_load((root / CHART / "values.yaml").read_text())
+    try:
+        return valuestable.readme(path.read_text(), values_schema(), values)
+    except valuestable.MarkersMissing as exc:
+        raise SystemExit(f"{path}: {exc}") from None
+
+
 def files(root: Path = Path(".")) -> dict[str, str]:
     """Repository-relative path -> the text it must hold."""
     return {"charts/kubetune/values.schema.json": json.dumps(values_schema(), indent=2) + "\n",
+            str(CHART / "README.md"): chart_readme(root),
             "charts/kubetune/files/generated.json": json.dumps(generated(), indent=2) + "\n",
             **chartgen.files(),
             str(KUSTOMIZE_BASE / "kubetune.yaml"): kustomize_base(root)}

@@ -189,23 +189,37 @@ def alert_rules(values: dict[str, Any] | None = None) -> dict[str, Any]:
 
 def monitoring_values_schema() -> dict[str, Any]:
     """JSON schema of the chart's ``monitoring`` values (kubetune.k8s.generate puts it in values.schema.json)."""
-    labels = {"type": "object", "additionalProperties": {"type": "string"}}
+    def labels(what: str) -> dict[str, Any]:
+        return {"type": "object", "additionalProperties": {"type": "string"}, "description": what}
 
-    def part(doc: str, **extra: Any) -> dict[str, Any]:
+    def part(doc: str, selected_by: str, **extra: Any) -> dict[str, Any]:
         return {"type": "object", "additionalProperties": False, "description": doc,
-                "properties": {"enabled": {"type": "boolean"}, "labels": labels, **extra}}
+                "properties": {"enabled": {"type": "boolean", "description": "Render it (with monitoring.enabled)."},
+                               "labels": labels(f"Labels on it, e.g. what {selected_by} selects by."), **extra}}
 
-    duration = {"type": "string", "pattern": "^([0-9]+(ms|s|m|h|d|w|y))+$"}
+    def duration(what: str) -> dict[str, Any]:
+        return {"type": "string", "pattern": "^([0-9]+(ms|s|m|h|d|w|y))+$", "description": what}
+
     return {"type": "object", "additionalProperties": False,
             "description": "PodMonitor, Grafana dashboard and alert rules (docs/monitoring.md).",
             "properties": {
                 "enabled": {"type": "boolean", "description": "Needs the Prometheus Operator's CRDs."},
-                "podMonitor": part("Scrape the stage pods' metrics port.", interval=duration),
-                "dashboard": part("Grafana dashboard ConfigMap for the sidecar.", annotations=labels),
-                "alerts": part("PrometheusRule with kubetune's alerts.",
-                               gpuMemoryRatio={"type": "number", "exclusiveMinimum": 0, "maximum": 1},
-                               gpuMemoryFor=duration,
-                               stalledMinutes={"type": "number", "exclusiveMinimum": 0})}}
+                "podMonitor": part("Scrape the stage pods' metrics port.", "Prometheus",
+                                   interval=duration("Scrape interval: shorter shows short stages better and "
+                                                     "costs more samples.")),
+                "dashboard": part("Grafana dashboard ConfigMap for the sidecar; it covers every run, so enable it "
+                                  "in one release per Grafana.", "Grafana's sidecar",
+                                  annotations=labels("Annotations on the ConfigMap, e.g. grafana_folder.")),
+                "alerts": part("PrometheusRule with kubetune's alerts; they cover every run, so enable them in one "
+                               "release per Prometheus.", "Prometheus",
+                               gpuMemoryRatio={"type": "number", "exclusiveMinimum": 0, "maximum": 1,
+                                               "description": "KubetuneGpuMemoryNearlyFull fires above this share "
+                                                              "of device memory used…"},
+                               gpuMemoryFor=duration("…for this long."),
+                               stalledMinutes={"type": "number", "exclusiveMinimum": 0,
+                                               "description": "KubetuneTrainingStalled fires after this many "
+                                                              "minutes without an optimizer step (model loading "
+                                                              "counts)."})}}
 
 
 # ---- files -----------------------------------------------------------------------------------------------------
