@@ -38,6 +38,27 @@ def validate(recipes: tuple[str, ...], overrides: tuple[str, ...]) -> None:
         sys.exit(RecipeError.exit_code)
 
 
+@cli.command()
+@click.argument("key", required=False, default="")
+def explain(key: str) -> None:
+    """What recipe setting KEY (e.g. finetune.batch_size) means, its type and default, and the settings under it;
+    every setting without KEY. The text is the setting's docstring in the recipe model, as in the chart's README."""
+    import textwrap
+
+    from kubetune.config import recipe_json_schema
+    from kubetune.k8s.valuestable import rows
+
+    found = [row for row in rows(recipe_json_schema(), {}) if not key or row[0] == key or row[0].startswith(key + ".")]
+    if not found:
+        raise click.BadParameter(f"{key}: no such recipe setting (`kubetune explain` lists them all)",
+                                 param_hint="KEY")
+    for name, kind, default, text in found:
+        click.echo(f"{name}: {kind}" + (f", default {default.strip('`')}" if default else ""))
+        if text:
+            click.echo(textwrap.fill(" ".join(text.replace("``", "`").split()), 100, initial_indent="    ",
+                                     subsequent_indent="    "))
+
+
 def exit_on_sigterm() -> None:
     """End with 143 on SIGTERM, as a process with the default action would, also as a container's PID 1.
 

@@ -35,7 +35,7 @@ def type_of(node: dict[str, Any], defs: dict[str, Any]) -> str:
     if "$ref" in node:
         node = _resolve(node, defs)
     if "enum" in node:
-        return " \\| ".join(json.dumps(v) for v in node["enum"])
+        return " | ".join(json.dumps(v) for v in node["enum"])
     if "const" in node:
         return json.dumps(node["const"])
     if "anyOf" in node:
@@ -71,7 +71,7 @@ def rows(schema: dict[str, Any], values: dict[str, Any]) -> list[tuple[str, str,
                 walk(child, f"{key}.<name>", _NONE)
 
     for name, child in schema.get("properties", {}).items():
-        walk(child, name, values.get(name, _NONE))
+        walk(child, name, values.get(name, child.get("default", _NONE)))
     return out
 
 
@@ -85,7 +85,7 @@ def _cell(text: str) -> str:
 
 def table(schema: dict[str, Any], values: dict[str, Any]) -> str:
     lines = ["| Key | Type | Default | Description |", "|---|---|---|---|"]
-    lines += [f"| `{key}` | {kind} | {_cell(default)} | {_cell(text)} |"
+    lines += [f"| `{key}` | {_cell(kind)} | {_cell(default)} | {_cell(text)} |"
               for key, kind, default, text in rows(schema, values)]
     return "\n".join(lines)
 
