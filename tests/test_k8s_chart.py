@@ -1,6 +1,7 @@
 """The Helm chart: lint and template every ci/ scenario, validate what it renders, and hold it equal to
-`kubetune render` for the same recipe: the driver Job and the name/label helpers are generated from render.py
-(kubetune.k8s.chartgen), so this guards the generator. The generated files must be what `make schema` writes."""
+`kubetune render` for the same recipe: those objects' templates and the name/label helpers are generated from
+render.py (kubetune.k8s.chartgen), so this guards the generator. The generated files must be what `make schema`
+writes."""
 
 from __future__ import annotations
 
@@ -75,7 +76,8 @@ def test_scenarios_render_each_switch_of_the_generated_templates_both_ways():
         return recipe
 
     recipes = [recipe_from_dict(yaml.safe_load(p.read_text())["recipe"]) for p in SCENARIOS]
-    switches = {s for unit in (*chartgen.HELPERS, chartgen.DRIVER_JOB) for s in unit.switches}
+    units = (*chartgen.HELPERS, chartgen.DRIVER_JOB, *chartgen.OBJECTS.values())
+    switches = {s for unit in units for s in (*unit.switches, unit.when) if s is not None}
     for switch in switches:
         on = [(value(r, switch.path) is not None) if switch.off is None else value(r, switch.path) != switch.off
               for r in recipes]

@@ -19,6 +19,7 @@ import json
 import re
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from pydantic import BaseModel
@@ -71,12 +72,14 @@ class Unit:
     """One generated template: a render function applied to the symbolic recipe, and how its Helm text starts."""
 
     name: str  # the helper's name (a `define`), or "" for a whole template file
+    source: str  # the render function(s) it is written from, named in the file's header
     build: Callable[[Recipe], Any]
     root: str  # the Helm expression of the chart's top context: $ in a file, $.ctx in most helpers
     switches: tuple[Switch, ...] = ()
     overrides: dict[str, Any] = field(default_factory=dict)  # recipe path -> value (a marker, usually)
     raw: bool = False  # a helper that returns text (a name) rather than YAML
     prelude: str = ""  # hand-written checks included first
+    when: Switch | None = None  # the object exists only with this on (render returns None with it off)
 
 
 # ---- the symbolic recipe -------------------------------------------------------------------------------------
@@ -132,10 +135,14 @@ def symbolic_recipe(values: dict[str, Any]) -> Recipe:
 
 def variants(unit: Unit) -> tuple[Any, dict[Switch, Any]]:
     """The unit's object with every switch off, and with each switch alone on."""
-    def build(on: Switch | None) -> Any:
+    def build(on: Switch | None, exists: bool = True) -> Any:
         values = dict(unit.overrides)
         values.update({s.path: s.on if s is on else s.off for s in unit.switches})
+        if unit.when is not None:
+            values[unit.when.path] = unit.when.on if exists else unit.when.off
         return unit.build(symbolic_recipe(values))
+    if unit.when is not None and build(None, exists=False) is not None:
+        raise GeneratorError(f"{unit.when.path}: declared to remove the object, but it is rendered without it too")
     return build(None), {s: build(s) for s in unit.switches}
 
 
@@ -276,11 +283,18 @@ def _text(writer: Writer, off: Any, ons: dict[Switch, Any]) -> str:
 def template(unit: Unit) -> str:
     """The unit as Helm template text (a `define` block for a helper)."""
     off, ons = variants(unit)
-    writer = Writer({render.recipe_sha256(symbolic_recipe({})): f'include "kubetune.recipeSha" {unit.root}'})
+    symbolic = symbolic_recipe({})
+    writer = Writer({render.recipe_sha256(symbolic): f'include "kubetune.recipeSha" {unit.root}',
+                     render.recipe_text(symbolic): f'include "kubetune.recipeText" {unit.root}'})
     if unit.raw:
         body = _text(writer, off, ons)
+    elif isinstance(off, list):  # several objects: one YAML document each
+        body = "\n---\n".join("\n".join(writer.mapping(obj, {s: on[i] for s, on in ons.items()}, 0))
+                               for i, obj in enumerate(off))
     else:
         body = "\n".join(writer.mapping(off, ons, 0))
+    if unit.when is not None:
+        body = f"{{{{- if {unit.when.condition} }}}}\n{body}\n{{{{- end }}}}"
     preamble = [unit.prelude] if unit.prelude else []
     if "$k." in body or "$k " in body:
         preamble.append(f'{{{{- $k := include "kubetune.k" {unit.root} | fromJson -}}}}')
@@ -308,20 +322,32 @@ POD_LABELS = {"kubernetes.pod_labels": {mark(SPLAT + "$k.pod_labels"): ""}}
 CHECK_POD_LABELS = '{{- include "kubetune.checkPodLabels" %s -}}'  # config's own-label rule (_helpers.tpl)
 
 HELPERS = (
-    Unit("kubetune.labels", lambda r: render.labels(r, mark("$.component")), root="$.ctx"),
-    Unit("kubetune.metadata", lambda r: render._meta(r, mark("$.name"), mark("$.ctx.Release.Namespace"),
+    Unit("kubetune.labels", "labels", lambda r: render.labels(r, mark("$.component")), root="$.ctx"),
+    Unit("kubetune.metadata", "_meta", lambda r: render._meta(r, mark("$.name"), mark("$.ctx.Release.Namespace"),
                                                      mark("$.component")), root="$.ctx"),
-    Unit("kubetune.podMetadata", lambda r: render._pod_metadata(r, mark("$.component")), root="$.ctx",
+    Unit("kubetune.podMetadata", "_pod_metadata", lambda r: render._pod_metadata(r, mark("$.component")), root="$.ctx",
          switches=(POD_ANNOTATIONS,), overrides=POD_LABELS, prelude=CHECK_POD_LABELS % "$.ctx"),
-    Unit("kubetune.podSecurity", render.pod_security, root="$", switches=(FS_GROUP,)),
-    Unit("kubetune.claimName", render.claim_name, root="$", switches=(CLAIM_NAME,), raw=True),
-    Unit("kubetune.serviceAccountName", lambda r: render.Names(r.run.name).driver, root="$", raw=True),
+    Unit("kubetune.podSecurity", "pod_security", render.pod_security, root="$", switches=(FS_GROUP,)),
+    Unit("kubetune.claimName", "claim_name", render.claim_name, root="$", switches=(CLAIM_NAME,), raw=True),
+    Unit("kubetune.serviceAccountName", "Names.driver", lambda r: render.Names(r.run.name).driver, root="$", raw=True),
 )
 DRIVER_JOB = Unit(
-    "", lambda r: render.driver_job(r, mark("$.Release.Namespace")), root="$",
+    "", "driver_job", lambda r: render.driver_job(r, mark("$.Release.Namespace")), root="$",
     switches=(READS_CLAIM, QUEUE, TTL, PULL_SECRETS, PRIORITY_CLASS, FS_GROUP, POD_ANNOTATIONS),
     overrides={**POD_LABELS, "kubernetes.pvc.claim_name": mark('include "kubetune.claimName" $')},
     prelude='{{- include "kubetune.checkArtifacts" $ -}}\n' + CHECK_POD_LABELS % "$")
+
+CREATE_CLAIM = Switch("kubernetes.pvc.create", False, True, "$k.pvc.create")
+STORAGE_CLASS = Switch("kubernetes.pvc.storage_class", None, mark("$k.pvc.storage_class"), "$k.pvc.storage_class")
+NAMESPACE = mark("$.Release.Namespace")
+OBJECTS = {  # template file -> the render function it is written from
+    "configmap.yaml": Unit("", "recipe_configmap", lambda r: render.recipe_configmap(r, NAMESPACE), root="$"),
+    "pvc.yaml": Unit("", "claim", lambda r: render.claim(r, NAMESPACE), root="$", when=CREATE_CLAIM,
+                     switches=(STORAGE_CLASS,),
+                     overrides={"kubernetes.pvc.access_modes": [mark(EACH + "$k.pvc.access_modes")],
+                                "kubernetes.pvc.claim_name": mark('include "kubetune.claimName" $')}),
+    "rbac.yaml": Unit("", "driver_rbac", lambda r: render.driver_rbac(r, NAMESPACE), root="$"),
+}
 
 HEADER = ("{{- /* Generated by `make schema` (python -m kubetune.k8s.generate) from kubetune.k8s.render.%s; "
           "do not edit. */ -}}\n")
@@ -329,10 +355,9 @@ HEADER = ("{{- /* Generated by `make schema` (python -m kubetune.k8s.generate) f
 
 def files() -> dict[str, str]:
     """Chart path -> the text it must hold."""
+    templates = Path("charts/kubetune/templates")
     helpers = "\n\n".join(template(unit) for unit in HELPERS)
-    names = ", ".join(getattr(unit.build, "__name__", "") for unit in HELPERS)
-    return {
-        "charts/kubetune/templates/_render.tpl": HEADER % "labels, _meta, _pod_metadata, pod_security, claim_name, "
-                                                         "Names" + helpers + "\n",
-        "charts/kubetune/templates/driver-job.yaml": HEADER % "driver_job" + template(DRIVER_JOB) + "\n",
-    }
+    out = {str(templates / "_render.tpl"): HEADER % ", ".join(unit.source for unit in HELPERS) + helpers + "\n"}
+    for name, unit in {"driver-job.yaml": DRIVER_JOB, **OBJECTS}.items():
+        out[str(templates / name)] = HEADER % unit.source + template(unit) + "\n"
+    return out

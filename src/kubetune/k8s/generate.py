@@ -3,8 +3,9 @@
 - ``charts/kubetune/values.schema.json``: its recipe part is the recipe model's JSON schema;
 - ``charts/kubetune/files/generated.json``: the model's defaults and the rendering constants that the chart's
   templates read, so that the chart and ``kubetune render`` share them;
-- ``charts/kubetune/templates/driver-job.yaml`` and ``_render.tpl`` (names, labels, pod metadata and security):
-  written from the render functions themselves (:mod:`kubetune.k8s.chartgen`);
+- ``charts/kubetune/templates/``: ``configmap.yaml``, ``pvc.yaml``, ``rbac.yaml``, ``driver-job.yaml`` and
+  ``_render.tpl`` (names, labels, pod metadata and security), written from the render functions themselves
+  (:mod:`kubetune.k8s.chartgen`);
 - ``charts/kubetune/README.md``'s values table, from the values schema;
 - ``k8s/base/kubetune.yaml``: the kustomize base, rendered from ``k8s/base/recipe.yaml``.
 
@@ -63,7 +64,6 @@ def generated() -> dict[str, Any]:
                      **{name: section().model_dump() for name, section in (
                          ("serve", ServeSection), ("prompt", PromptSection), ("finetune", FinetuneSection),
                          ("infer", InferSection), ("merge", MergeSection))}},
-        "driver_rules": render.DRIVER_RULES,
         "container_security": render.CONTAINER_SECURITY,
     }
 
