@@ -17,6 +17,12 @@ def test_a_setting_read_in_a_condition_but_not_declared_stops_the_generator():
         template(reads_optional)
 
 
+def test_a_section_the_chart_does_not_map_stops_the_generator():
+    reads_metrics = Unit("x", "test", lambda r: {"port": r.metrics.port}, root="$")
+    with pytest.raises(GeneratorError, match=r"recipe\.metrics\.port"):
+        template(reads_metrics)
+
+
 def test_a_plain_value_becomes_its_helm_expression_and_a_switch_its_condition():
     queue = Switch("kubernetes.queue", None, mark("$k.queue"), "$k.queue")
     unit = Unit("x", "test", lambda r: {"image": r.kubernetes.image, "name": f"{r.run.name}-x",

@@ -55,6 +55,11 @@ class Unmapped:
     __bool__ = __iter__ = __len__ = __contains__ = __getitem__ = __str__ = __eq__ = __int__ = _refuse
     __hash__ = None  # type: ignore[assignment]
 
+    def __getattr__(self, name: str) -> Any:  # a section that is not mapped: recipe.metrics.enabled
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return Unmapped(f"{self._path}.{name}")._refuse()
+
 
 @dataclass(frozen=True, eq=False)  # one switch is one condition: hashed by identity
 class Switch:
