@@ -50,7 +50,7 @@ VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 FLAVOUR ?= cuda
 IMAGE ?= ghcr.io/kubetune/kubetune:$(VERSION)$(if $(filter cpu,$(FLAVOUR)),-cpu,)
 
-schema: $(STAMP)  ## Regenerate the chart's values.schema.json + files/generated.json and k8s/base from the recipe model
+schema: $(STAMP)  ## Regenerate the chart (values schema, README table, templates from render.py) and k8s/base
 	$(PY) -m kubetune.k8s.generate
 
 images:  ## Build the image: FLAVOUR=cuda (default; what users pull) or cpu, IMAGE=registry/name:tag (podman or docker)
