@@ -12,7 +12,7 @@ from kubetune.config import POD_STAGES
 set_option = click.option(
     "--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", envvar="KUBETUNE_SET",
     help="Override a recipe value, e.g. --set finetune.lora.r=8 (repeatable; value parsed as YAML; "
-         "env KUBETUNE_SET takes several separated by spaces).")
+         "env KUBETUNE_SET takes several separated by spaces). `kubetune explain KEY.PATH` says what a key means.")
 
 
 @cli.command()
