@@ -28,6 +28,7 @@ from kubetune.estimate import quantize as quantize_memory
 from kubetune.estimate.estimator import Estimator
 from kubetune.estimate.storage import gptq_weight_bytes, lora_params, weight_bytes
 from kubetune.gpus import find_gpu
+from tiny import tiny_recipe_dict
 
 ROOT = Path(__file__).parent.parent
 CONFIGS = ROOT / "bench" / "configs"
@@ -432,6 +433,57 @@ def test_checkpointed_activations_equal_what_a_real_checkpointed_forward_keeps(t
         update={"gradient_checkpointing": False})})
     assert finetune_memory.estimate_memory(Estimator(unchecked_recipe, config, target="cpu")).component(
         "activations").bytes > real
+
+
+def saved_adapter(model_dir: Path, recipe, folder: Path) -> int:
+    """Save a LoRA adapter for ``recipe`` on the model in ``model_dir`` with peft; the bytes of its tensors."""
+    import torch
+    from peft import get_peft_model
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from kubetune.stages.finetune import lora_config
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    get_peft_model(base, lora_config(recipe.finetune.lora)).save_pretrained(folder)
+    with safe_open(str(folder / "adapter_model.safetensors"), "pt") as f:
+        return sum(f.get_tensor(k).nbytes for k in f.keys())
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_merge_base_and_adapter_equal_what_the_merge_stage_holds(tiny_model_dir, tmp_path, monkeypatch, verify):
+    """The merge stage's own ``merge_adapter`` on the tiny model: the base it loads (fp32 when it verifies, else
+    merge.dtype bf16) and the adapter as peft saved it, against the estimate's two weight components."""
+    from kubetune import modelio
+    from kubetune.estimate import merge as merge_memory
+    from kubetune.stages.merge import merge_adapter
+
+    recipe = recipe_from_dict(tiny_recipe_dict(tiny_model_dir, tmp_path / "artifacts", merge={
+        "dtype": "bfloat16", "verify": {"enabled": verify, "prompts": 1, "tolerance": 1e-3}}))
+    adapter = saved_adapter(tiny_model_dir, recipe, tmp_path / "adapter")
+    loaded: list[int] = []
+    load = modelio.load_base_model
+
+    def load_and_measure(*args, **kwargs):
+        model = load(*args, **kwargs)
+        loaded.append(sum(p.nbytes for p in model.parameters()))
+        return model
+
+    monkeypatch.setattr(modelio, "load_base_model", load_and_measure)
+    merge_adapter(recipe, tmp_path / "adapter")
+    est = merge_memory.estimate_memory(Estimator(recipe, load_config(recipe.model), target="cpu", read_rows=False))
+    assert est.component("base weights (float32)" if verify else "base weights (bfloat16)").bytes == loaded[0]
+    assert est.component("LoRA adapter").bytes == adapter
+
+
+def test_infer_adapter_model_holds_the_saved_adapter(tiny_model_dir, tmp_path):
+    from kubetune.estimate.infer import model_memory
+
+    recipe = recipe_from_dict(tiny_recipe_dict(tiny_model_dir, tmp_path / "artifacts"))
+    adapter = saved_adapter(tiny_model_dir, recipe, tmp_path / "adapter")
+    est = Estimator(recipe, load_config(recipe.model), target="cpu", read_rows=False)
+    assert model_memory(est, recipe, "adapter", 4).component("LoRA adapter").bytes == adapter
 
 
 # ---- published 7B shapes ---------------------------------------------------------------------------------------
