@@ -1,11 +1,8 @@
-"""The memory estimator against real tensors on tiny models (CPU), and against published 7B figures.
-
-Each part is checked where torch can measure it exactly: parameter bytes of a real model, bitsandbytes' own
-quantized storage, peft's LoRA parameter count, AdamW's state after a real step, the tensors autograd really
-saves in a real peft forward (``saved_tensors_hooks``) compared with the meta-device trace, the inputs
-bitsandbytes' 8-bit matmuls hold, a real KV cache, GPTQModel's Hessians. No expected value is computed by a copy
-of the estimator's arithmetic.
-"""
+"""The memory estimator as a whole: the storage formats every stage shares against the real libraries'
+tensors (tiny models, CPU), published 7B parameter counts, one memory model per stage, the whole estimate and
+`kubetune estimate`, the training rows' padded length and the disk cache. Each stage's own model is tested in
+tests/test_estimate_<stage>.py, against real tensors too; no expected value is computed by a copy of the
+estimator's arithmetic."""
 
 from __future__ import annotations
 
@@ -17,102 +14,21 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
+from estimate_models import BLOOM_7B1, CONFIGS, FALCON_7B, ROOT, estimate_cache, tiny_config  # noqa: F401
 
 from kubetune.cli import cli
 from kubetune.config import recipe_from_dict
 from kubetune.errors import WontFitError
 from kubetune.estimate import estimate_recipe
-from kubetune.estimate.modelshape import build_meta_model, load_config, shape_of
-from kubetune.estimate import finetune as finetune_memory
-from kubetune.estimate import quantize as quantize_memory
 from kubetune.estimate.estimator import Estimator
-from kubetune.estimate.storage import gptq_weight_bytes, lora_params, weight_bytes
+from kubetune.estimate.modelshape import build_meta_model, load_config, shape_of
+from kubetune.estimate.storage import weight_bytes
 from kubetune.gpus import find_gpu
-from tiny import tiny_recipe_dict
 
-ROOT = Path(__file__).parent.parent
-CONFIGS = ROOT / "bench" / "configs"
-BLOOM_7B1 = CONFIGS / "bigscience--bloom-7b1.json"
-FALCON_7B = CONFIGS / "tiiuae--falcon-7b.json"
-MEASURED_GPTQ_7B1 = "bench/results/gpu-h200-2026-11-28-bloom-7b1.json"  # bloom-7b1/gptq8, 8-bit g128, H200
 # Llama-2-7b's published config.json shape fields: its parameter count (6,738,415,616) is on the model card.
 LLAMA2_7B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
              "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
              "max_position_embeddings": 4096, "tie_word_embeddings": False}
-
-
-def tiny_config(model_type: str, layers: int = 2, kv_heads: int = 4):
-    """Small configs of three families whose memory behaves differently (RMSNorm/SDPA, LayerNorm/alibi/eager
-    attention in fp32, parallel attention with multi-query, which SDPA runs on its math backend)."""
-    from transformers import BloomConfig, FalconConfig, LlamaConfig
-
-    if model_type == "llama":
-        return LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                           num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=256,
-                           tie_word_embeddings=False)
-    if model_type == "bloom":
-        return BloomConfig(vocab_size=300, hidden_size=64, n_layer=layers, n_head=4)
-    return FalconConfig(vocab_size=300, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
-                        multi_query=True, parallel_attn=True, new_decoder_architecture=False, bias=False, alibi=False)
-
-
-def recipe_for(tmp_path, config, **finetune):
-    """A recipe whose model is ``config`` saved to a folder (no weights: the estimator reads config.json only)."""
-    folder = tmp_path / f"model-{config.model_type}"
-    folder.mkdir(exist_ok=True)
-    config.save_pretrained(folder)
-    ft = {"batch_size": 3, "max_length": 24, "precision": "fp32", "lora": {"r": 4, "dropout": 0.1}, **finetune}
-    return recipe_from_dict({"model": {"name_or_path": str(folder), "dtype": "float32"}, "finetune": ft})
-
-
-def real_peft_model(config, recipe, quantized_dir=None):
-    """The fine-tune's model for real: transformers model (or a 4-bit load), peft's k-bit preparation, LoRA."""
-    import torch
-    from peft import get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM
-
-    from kubetune.stages.finetune import lora_config
-
-    torch.manual_seed(0)
-    if quantized_dir is None:
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    else:
-        from transformers import BitsAndBytesConfig
-
-        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.float32)
-        model = AutoModelForCausalLM.from_pretrained(quantized_dir, quantization_config=q, dtype=torch.float32)
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    model = get_peft_model(model, lora_config(recipe.finetune.lora))
-    if quantized_dir is not None:  # what TRL's SFTTrainer does to the adapter of a quantized model
-        for p in model.parameters():
-            if p.requires_grad:
-                p.data = p.data.to(torch.bfloat16)
-    model.train()
-    return model
-
-
-def saved_bytes(model, batch: int, length: int, autocast=None) -> int:
-    """Bytes autograd really saves in a forward of the backbone (parameters excluded, each storage once)."""
-    import contextlib
-
-    import torch
-
-    params = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in params:
-            seen[st.data_ptr()] = st.nbytes()
-        return t.detach()  # t itself, when an op saves its own output, is a cycle through grad_fn: never freed
-
-    ids = torch.randint(0, 300, (batch, length))
-    ctx = torch.autocast("cpu", dtype=autocast) if autocast else contextlib.nullcontext()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), ctx:
-        out = model.get_base_model().base_model(input_ids=ids, use_cache=False)
-    assert out.last_hidden_state.requires_grad
-    return sum(seen.values())
 
 
 # ---- parameters and storage formats ------------------------------------------------------------------------------
@@ -156,336 +72,6 @@ def test_quantized_bytes_equal_bitsandbytes_storage(tiny_model_dir):
         assert (quantized, rest) == weight_bytes(shape, "float32", precision, dq), (precision, dq)
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_gptq_bytes_equal_a_real_gptqmodel_checkpoint(tiny_model_dir, tmp_path, bits):
-    """qweight, qzeros, fp16 scales and g_idx of GPTQModel's own output, plus the 16-bit rest, tensor for tensor."""
-    import os
-    import random
-
-    import torch
-    from gptqmodel import GPTQModel, QuantizeConfig
-    from safetensors import safe_open
-
-    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
-    rng = random.Random(0)
-    calibration = [{"input_ids": [rng.randrange(4, 500) for _ in range(24)], "attention_mask": [1] * 24}
-                   for _ in range(8)]
-    config = QuantizeConfig(bits=bits, group_size=32, offload_to_disk_path=str(tmp_path / "offload"))
-    model = GPTQModel.load(str(tiny_model_dir), config, device="cpu", dtype=torch.float32)
-    model.quantize(calibration, batch_size=4)
-    model.save(str(tmp_path / "out"))
-    stored = 0
-    for file in (tmp_path / "out").glob("*.safetensors"):
-        with safe_open(str(file), "pt") as f:
-            stored += sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys())
-    shape = shape_of(build_meta_model(load_config(recipe_from_dict(
-        {"model": {"name_or_path": str(tiny_model_dir)}}).model), torch.float32))
-    assert sum(gptq_weight_bytes(shape, bits, 32, "float32")) == stored
-
-
-def test_lora_parameter_count_equals_peft(tmp_path):
-    import torch
-
-    config = tiny_config("llama")
-    shape = shape_of(build_meta_model(config, torch.float32))
-    for targets in ("all-linear", ["q_proj", "v_proj"]):
-        recipe = recipe_for(tmp_path, config, lora={"r": 8, "target_modules": targets})
-        model = real_peft_model(config, recipe)
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        assert lora_params(shape, targets, 8) == trainable, targets
-
-
-def test_adamw_state_is_two_fp32_copies_of_the_lora_weights(tmp_path):
-    """The estimate's 8 bytes per LoRA parameter = exp_avg + exp_avg_sq after a real AdamW step."""
-    import torch
-
-    config = tiny_config("llama")
-    recipe = recipe_for(tmp_path, config)
-    model = real_peft_model(config, recipe)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=1e-3)
-    model(input_ids=torch.randint(0, 300, (2, 8)), labels=torch.randint(0, 300, (2, 8))).loss.backward()
-    opt.step()
-    state = sum(t.numel() * t.element_size() for s in opt.state.values() for k, t in s.items() if k != "step")
-    est = finetune_memory.estimate_memory(Estimator(recipe, config, target="cpu"))
-    assert state == est.component("AdamW").bytes
-    assert sum(p.grad.numel() * p.grad.element_size() for p in trainable) == est.component("LoRA gradients").bytes
-
-
-# ---- activations: the meta trace vs what autograd really saves ---------------------------------------------------
-@pytest.mark.parametrize("model_type", ["llama", "bloom", "falcon"])
-def test_traced_activations_equal_real_saved_tensors(model_type, tmp_path):
-    """Four layers, so the estimator traces two and extrapolates; dropout on, so peft's dropout masks count."""
-    config = tiny_config(model_type, layers=4)
-    recipe = recipe_for(tmp_path, config)
-    est = Estimator(recipe, config, target="cpu")
-    assert est.trace_layers == 2
-    model = real_peft_model(config, recipe)
-    for batch, length in ((3, 24), (2, 40)):
-        real = saved_bytes(model, batch, length)
-        trace = est.train_trace(recipe.finetune, batch, length)
-        assert trace.saved == real, (batch, length, trace.saved, real)
-
-
-def test_layers_of_two_kinds_are_traced_as_a_prefix_and_still_equal_real_saved_tensors(tmp_path):
-    """Gemma 3's sliding-window and full-attention layers: the estimator traces the leading layers up to one of
-    each kind, lets each later layer be counted as its kind, and counts the masks every layer shares once. The
-    trace equals the one through all eight layers; the KV cache equals a real model's."""
-    import torch
-    from transformers import AutoModelForCausalLM, Gemma3TextConfig
-
-    kinds = ["sliding_attention"] * 3 + ["full_attention"]
-    config = Gemma3TextConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=8,
-                              num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
-                              layer_types=kinds * 2, max_position_embeddings=256)
-    recipe = recipe_for(tmp_path, config)
-    est = Estimator(recipe, config, target="cpu")
-    assert (est.trace_layers, est.layer_map) == (4, [0, 1, 2, 3, 2, 2, 2, 3])
-    every = Estimator(recipe, config, target="cpu")
-    every.trace_layers, every.layer_map = 8, list(range(8))
-    model = real_peft_model(config, recipe)
-    for batch, length in ((3, 24), (2, 40)):  # longer than the window: the two kinds save different tensors
-        prefix, whole = est.train_trace(recipe.finetune, batch, length), every.train_trace(recipe.finetune, batch,
-                                                                                         length)
-        assert (prefix.per_layer, prefix.outside) == (whole.per_layer, whole.outside)
-        # Known gap (docs/estimator.md): on the CPU a real Gemma 3 saves 0.9-1.4% more than the meta trace of
-        # windows shorter than the rows.
-        assert 0.98 < prefix.saved / saved_bytes(model, batch, length) <= 1.0
-    plain = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        cache = plain(input_ids=torch.randint(0, 300, (2, 40)), use_cache=True).past_key_values
-    # storages, not views: right after the prompt a sliding-window layer's keys are a view of the whole prompt's
-    real_kv = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                   for layer in cache.layers for t in (layer.keys, layer.values)}.values())
-    assert est.kv_cache("float32", 2, 40) == real_kv
-
-
-def test_traced_activations_under_mixed_precision_equal_real_autocast(tmp_path):
-    """fp32 weights under bf16 autocast: peft's fp32 cast of x, bf16 copies for the matmuls, grouped-query
-    attention in the flash kernel. For Llama (explicit fp32 RMSNorm, SDPA) the CPU and CUDA autocast policies
-    agree, so CPU autocast checks the emulation."""
-    import torch
-
-    config = tiny_config("llama", layers=4, kv_heads=2)
-    recipe = recipe_for(tmp_path, config, precision="bf16")
-    est = Estimator(recipe, config, target="cpu")
-    model = real_peft_model(config, recipe)
-    real = saved_bytes(model, 3, 24, autocast=torch.bfloat16)
-    assert est.train_trace(recipe.finetune, 3, 24).saved == real
-
-
-def test_traced_activations_of_a_4bit_base_equal_real_qlora(tmp_path):
-    """QLoRA on CPU: bitsandbytes 4-bit layers, peft's fp32 upcast of everything else, LoRA on every linear."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model_dir = tmp_path / "mha-llama"  # as many KV heads as heads: fp32 SDPA runs fused on CPU and GPU alike
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(tiny_config("llama", layers=2)).save_pretrained(model_dir)
-    recipe = recipe_from_dict({"model": {"name_or_path": str(model_dir), "dtype": "float32"},
-                               "finetune": {"base_precision": "4bit", "precision": "fp32", "batch_size": 2,
-                                            "max_length": 16, "bnb": {"compute_dtype": "float32"},
-                                            "lora": {"r": 4, "dropout": 0.1}}})
-    config = load_config(recipe.model)
-    model = real_peft_model(config, recipe, quantized_dir=model_dir)
-    assert any(type(m).__name__ == "Linear4bit" for m in model.modules())
-    real = saved_bytes(model, 2, 16)
-    est = Estimator(recipe, config, target="cpu")
-    assert est.train_trace(recipe.finetune, 2, 16).saved == real
-    assert torch.float32 == model.get_input_embeddings().weight.dtype  # the upcast the estimate counts
-
-
-def test_cuda_target_keeps_what_cudas_fused_dropout_keeps(tmp_path):
-    """On CUDA, ``F.dropout`` runs ``aten.native_dropout`` (at::dropout's fused path for 0 < p < 1), whose backward
-    keeps a bool mask where the CPU's unfused path keeps a float noise tensor. The real peft model on the CPU with
-    its dropout sent through native_dropout saves exactly what the cuda-target trace counts."""
-    import torch
-    from torch.overrides import TorchFunctionMode
-
-    class FusedDropoutAsOnCuda(TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            if func is torch.nn.functional.dropout:
-                x, p = args[0], kwargs.get("p", args[1] if len(args) > 1 else 0.5)
-                training = kwargs.get("training", args[2] if len(args) > 2 else True)
-                if training and 0 < p < 1:
-                    return torch.ops.aten.native_dropout(x, p, True)[0]
-            return func(*args, **kwargs)
-
-    config = tiny_config("llama", layers=4)
-    recipe = recipe_for(tmp_path, config)
-    model = real_peft_model(config, recipe)
-    with FusedDropoutAsOnCuda():
-        real = saved_bytes(model, 3, 24)
-    cuda = Estimator(recipe, config, target="cuda").train_trace(recipe.finetune, 3, 24)
-    assert cuda.saved == real
-    assert Estimator(recipe, config, target="cpu").train_trace(recipe.finetune, 3, 24).saved > real  # fp32 noise
-
-
-def held_by_8bit_matmuls(output) -> int:
-    """Bytes of the inputs bitsandbytes' 8-bit matmuls keep outside autograd's saved tensors (``ctx.A`` of the
-    CPU's MatMul8bitFp, ``ctx.tensors`` of MatMul8bitLt), found by walking the autograd graph; each storage once."""
-    import torch
-
-    held: dict[int, int] = {}
-    stack, seen = [output.grad_fn], set()
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        kept = [getattr(node, "A", None), *(getattr(node, "tensors", None) or ())]
-        for t in kept:
-            if isinstance(t, torch.Tensor):
-                held[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        stack.extend(n for n, _ in node.next_functions)
-    return sum(held.values())
-
-
-def test_inputs_the_8bit_matmuls_keep_equal_a_real_8bit_base(tmp_path):
-    """A real LLM.int8 base loaded by the fine-tune stage's own loader (peft's k-bit preparation, fp32 rest), LoRA
-    on every linear, inputs requiring grad as under gradient checkpointing: the inputs its 8-bit matmuls keep
-    equal the trace's ``int8_held``, and the checkpointed activations count them on top."""
-    import torch
-    from peft import get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from kubetune.stages.finetune import load_model, lora_config
-
-    config = tiny_config("llama", layers=4)
-    model_dir = tmp_path / "int8-llama"
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
-    recipe = recipe_from_dict({"model": {"name_or_path": str(model_dir), "dtype": "float32"},
-                               "finetune": {"base_precision": "8bit", "precision": "fp32", "batch_size": 3,
-                                            "max_length": 24, "gradient_checkpointing": True,
-                                            "lora": {"r": 4, "dropout": 0.1}}})
-    model = get_peft_model(load_model(recipe, "fp32"), lora_config(recipe.finetune.lora))
-    model.gradient_checkpointing_disable()  # the inputs are what is measured; the graph is walked whole
-    model.train()
-    out = model(input_ids=torch.randint(0, 300, (3, 24)), use_cache=False).logits
-    real = held_by_8bit_matmuls(out)
-    assert real > 0
-    est = Estimator(recipe, load_config(recipe.model), target="cpu")
-    trace = est.train_trace(recipe.finetune, 3, 24)
-    assert sum(trace.int8_held) == real
-    act = finetune_memory.estimate_memory(est).component("activations").bytes
-    assert act == trace.outside + sum(trace.layer_input) + max(trace.per_layer) + real
-
-
-def saved_by_layer(model, layers, batch: int, length: int) -> tuple[dict[int, int], list[dict[int, int]]]:
-    """(storages saved outside the decoder layers, storages saved while each layer ran) as {address: bytes},
-    parameters excluded, each storage once, in a real forward under ``saved_tensors_hooks``."""
-    import torch
-
-    params = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
-    where = {"layer": None}
-    outside: dict[int, int] = {}
-    per_layer: list[dict[int, int]] = [{} for _ in layers]
-    seen: set[int] = set()
-    for i, layer in enumerate(layers):
-        layer.register_forward_pre_hook(lambda *_, i=i: where.update(layer=i))
-        layer.register_forward_hook(lambda *_: where.update(layer=None))
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in params and st.data_ptr() not in seen:
-            seen.add(st.data_ptr())
-            (outside if where["layer"] is None else per_layer[where["layer"]])[st.data_ptr()] = st.nbytes()
-        return t.detach()
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=torch.randint(0, 300, (batch, length)), use_cache=False)
-    return outside, per_layer
-
-
-def test_checkpointed_activations_equal_what_a_real_checkpointed_forward_keeps(tmp_path):
-    """transformers' non-reentrant checkpointing (TRL's default) keeps what is saved outside the layers and each
-    layer's input; the backward then recomputes one layer at a time, which saves what that layer saves unchecked.
-    Each part measured on the real peft model: the saves outside the checkpointed layers, the layers' input
-    hidden states (forward pre-hooks), the largest layer's saves in an unchecked forward."""
-    import torch
-
-    config = tiny_config("llama", layers=4)
-    recipe = recipe_for(tmp_path, config, gradient_checkpointing=True)
-    model = real_peft_model(config, recipe)
-    backbone = model.get_base_model().model
-    layers = backbone.layers
-    model.enable_input_require_grads()  # as the stage does under checkpointing: layer 0's input needs a gradient
-    _, unchecked = saved_by_layer(backbone, layers, 3, 24)
-    one_layer = max(sum(saved.values()) for saved in unchecked)
-    model.gradient_checkpointing_enable()
-    inputs: dict[int, int] = {}
-    for layer in layers:
-        layer.register_forward_pre_hook(lambda _m, args, kwargs: inputs.update(
-            {args[0].untyped_storage().data_ptr(): args[0].untyped_storage().nbytes()} if args else
-            {kwargs["hidden_states"].untyped_storage().data_ptr(): kwargs["hidden_states"].untyped_storage().nbytes()}),
-            with_kwargs=True)
-    outside, inside = saved_by_layer(backbone, layers, 3, 24)
-    kept = {**outside, **inputs}
-    for saved in inside:  # what the checkpoint wrapper keeps itself: each layer's input again
-        assert set(saved) <= set(inputs)
-    assert len(inputs) == len(layers)
-    real = sum(kept.values()) + one_layer
-    est = finetune_memory.estimate_memory(Estimator(recipe, config, target="cpu"))
-    assert est.component("activations").bytes == real
-    unchecked_recipe = recipe.model_copy(update={"finetune": recipe.finetune.model_copy(
-        update={"gradient_checkpointing": False})})
-    assert finetune_memory.estimate_memory(Estimator(unchecked_recipe, config, target="cpu")).component(
-        "activations").bytes > real
-
-
-def saved_adapter(model_dir: Path, recipe, folder: Path) -> int:
-    """Save a LoRA adapter for ``recipe`` on the model in ``model_dir`` with peft; the bytes of its tensors."""
-    import torch
-    from peft import get_peft_model
-    from safetensors import safe_open
-    from transformers import AutoModelForCausalLM
-
-    from kubetune.stages.finetune import lora_config
-
-    torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    get_peft_model(base, lora_config(recipe.finetune.lora)).save_pretrained(folder)
-    with safe_open(str(folder / "adapter_model.safetensors"), "pt") as f:
-        return sum(f.get_tensor(k).nbytes for k in f.keys())
-
-
-@pytest.mark.parametrize("verify", [True, False])
-def test_merge_base_and_adapter_equal_what_the_merge_stage_holds(tiny_model_dir, tmp_path, monkeypatch, verify):
-    """The merge stage's own ``merge_adapter`` on the tiny model: the base it loads (fp32 when it verifies, else
-    merge.dtype bf16) and the adapter as peft saved it, against the estimate's two weight components."""
-    from kubetune import modelio
-    from kubetune.estimate import merge as merge_memory
-    from kubetune.stages.merge import merge_adapter
-
-    recipe = recipe_from_dict(tiny_recipe_dict(tiny_model_dir, tmp_path / "artifacts", merge={
-        "dtype": "bfloat16", "verify": {"enabled": verify, "prompts": 1, "tolerance": 1e-3}}))
-    adapter = saved_adapter(tiny_model_dir, recipe, tmp_path / "adapter")
-    loaded: list[int] = []
-    load = modelio.load_base_model
-
-    def load_and_measure(*args, **kwargs):
-        model = load(*args, **kwargs)
-        loaded.append(sum(p.nbytes for p in model.parameters()))
-        return model
-
-    monkeypatch.setattr(modelio, "load_base_model", load_and_measure)
-    merge_adapter(recipe, tmp_path / "adapter")
-    est = merge_memory.estimate_memory(Estimator(recipe, load_config(recipe.model), target="cpu", read_rows=False))
-    assert est.component("base weights (float32)" if verify else "base weights (bfloat16)").bytes == loaded[0]
-    assert est.component("LoRA adapter").bytes == adapter
-
-
-def test_infer_adapter_model_holds_the_saved_adapter(tiny_model_dir, tmp_path):
-    from kubetune.estimate.infer import model_memory
-
-    recipe = recipe_from_dict(tiny_recipe_dict(tiny_model_dir, tmp_path / "artifacts"))
-    adapter = saved_adapter(tiny_model_dir, recipe, tmp_path / "adapter")
-    est = Estimator(recipe, load_config(recipe.model), target="cpu", read_rows=False)
-    assert model_memory(est, recipe, "adapter", 4).component("LoRA adapter").bytes == adapter
-
-
 # ---- published 7B shapes ---------------------------------------------------------------------------------------
 def test_7b_shapes_match_published_parameter_counts(tmp_path):
     import torch
@@ -500,88 +86,6 @@ def test_7b_shapes_match_published_parameter_counts(tmp_path):
     bloom = shape_of(build_meta_model(load_config(None, BLOOM_7B1), torch.bfloat16))
     falcon = shape_of(build_meta_model(load_config(None, FALCON_7B), torch.bfloat16))
     assert bloom.total_params == 7_069_016_064 and falcon.total_params == 6_921_720_704
-
-
-@pytest.mark.parametrize("model_type", ["llama", "bloom", "falcon"])
-def test_kv_cache_equals_a_real_models_cache(model_type, tmp_path):
-    """Grouped-query Llama (2 KV heads of 4), Bloom (every head), Falcon multi-query (one KV head): the cache a
-    real fp32 forward returns, storage for storage, against the estimate."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    config = tiny_config(model_type, kv_heads=2)
-    est = Estimator(recipe_for(tmp_path, config), config, target="cpu")
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        cache = model(input_ids=torch.randint(0, 300, (2, 40)), use_cache=True).past_key_values
-    real = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                for layer in cache.layers for t in (layer.keys, layer.values)}.values())
-    assert est.kv_cache("float32", 2, 40) == real
-
-
-def test_bloom_7b1_quantize_peak_is_the_reload_check_of_the_packed_checkpoint():
-    """GPTQModel's loop holds one layer, all calibration rows' hidden states, the Hessians and GPTQ's working set;
-    the stage then reloads the saved checkpoint through transformers (after releasing GPTQModel's model): the larger
-    of the two is the peak. 8-bit g128, 128 rows padded to 512 tokens, batches of 8, bf16."""
-    recipe = recipe_from_dict({"model": {"name_or_path": "x"}, "quantize": {
-        "bits": 8, "group_size": 128, "batch_size": 8, "calibration": {"samples": 128, "max_length": 512}}})
-    est = Estimator(recipe, load_config(None, BLOOM_7B1), read_rows=False)
-    stage = quantize_memory.estimate_memory(est)
-    assert [c.name for c in stage.components] == ["reload check: GPTQ 8-bit model"]
-    assert stage.settings["calibration_length"] == 512
-    # What transformers reported for the reloaded checkpoint of that run (memory_footprint_bytes of the quantize
-    # report, H200): 3,840 bytes more than the packed tensors the estimate counts, 0.00005%.
-    measured = next(r for r in json.loads((ROOT / MEASURED_GPTQ_7B1).read_text())["runs"]
-                    if r["case"] == "bloom-7b1/gptq8")["reports"]["quantize"]["memory_footprint_bytes"]
-    assert stage.allocated_bytes == pytest.approx(measured, rel=1e-6)
-
-
-def test_quantize_layer_loop_parts_equal_a_real_layer_its_hidden_states_and_gptqmodels_hessians(tmp_path,
-                                                                                                   monkeypatch):
-    """With many calibration rows the loop is the peak. Its parts against real tensors of the tiny Llama in the
-    merge dtype (bf16): decoder layer 0's parameters; the hidden states entering and leaving layer 0 for every
-    calibration row (forward hooks on the real model); the Hessians GPTQModel's own ``GPTQ`` accumulates for each
-    linear of that layer from the inputs it really sees."""
-    import torch
-    from gptqmodel import QuantizeConfig
-    from gptqmodel.quantization.gptq import GPTQ
-    from transformers import AutoModelForCausalLM
-
-    monkeypatch.setenv("GPTQMODEL_CPU_WORKERS", "2")  # docs/ENVIRONMENT: GPTQModel's CPU pool needs two
-    config = tiny_config("llama")
-    recipe = recipe_for(tmp_path, config)
-    recipe.quantize.calibration.samples = 512
-    recipe.quantize.calibration.max_length = 64
-    recipe.quantize.group_size = 32
-    est = Estimator(recipe, config, target="cpu", read_rows=False)
-    stage = quantize_memory.estimate_memory(est)
-    assert stage.settings["calibration_length"] == 64 and stage.slack == quantize_memory.GPTQ_LOOP_SLACK
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    layer = model.model.layers[0]
-    hidden: dict[str, int] = {}
-    layer.register_forward_pre_hook(lambda _m, args, kwargs: hidden.update(
-        inputs=(args[0] if args else kwargs["hidden_states"]).nbytes), with_kwargs=True)
-    layer.register_forward_hook(lambda _m, _a, out: hidden.update(
-        outputs=(out[0] if isinstance(out, tuple) else out).nbytes))
-    linear_inputs: dict[str, tuple] = {}
-    for name, module in layer.named_modules():
-        if isinstance(module, torch.nn.Linear):  # a hook that returned something would replace the output
-            module.register_forward_hook(lambda m, args, out, name=name: linear_inputs.update({name: (args[0], out)}))
-    with torch.no_grad():
-        model.model(input_ids=torch.randint(0, 300, (512, 64)))
-    hessians = 0
-    for name, (inp, out) in linear_inputs.items():
-        gptq = GPTQ(layer.get_submodule(name), QuantizeConfig(bits=8, group_size=32))
-        gptq.add_batch(inp[:4], out[:4])
-        gptq.materialize_global_hessian()
-        hessians += gptq.H.nbytes
-
-    parts = {c.name: c.bytes for c in stage.components}
-    assert parts["one decoder layer (bfloat16)"] == sum(p.nbytes for p in layer.parameters())
-    assert parts["layer inputs + outputs of all 512 calibration rows"] == hidden["inputs"] + hidden["outputs"]
-    assert parts["Hessians (fp32 in² per linear)"] == hessians
 
 
 # ---- the whole estimate and the command ------------------------------------------------------------------------
@@ -625,24 +129,6 @@ def test_bloom_7b1_16bit_without_checkpointing_does_not_fit_40gb_and_the_suggest
                                 model_config=BLOOM_7B1, gpu=a100, suggest=False)
         assert again.stage("finetune").total_bytes == option.total_bytes
         assert again.failures() == []
-
-
-def test_the_rest_of_a_4bit_base_is_what_the_stages_loader_leaves_in_each_training_precision(tiny_model_dir):
-    """The parameters bitsandbytes leaves alone (embeddings, norms, head), as the fine-tune stage's own loader
-    holds them: kept bf16 under bf16 training, upcast to fp32 by peft's QLoRA preparation under fp32."""
-    import torch
-
-    from kubetune.stages.finetune import load_model
-
-    for precision, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-        recipe = recipe_from_dict({"model": {"name_or_path": str(tiny_model_dir), "dtype": "bfloat16"},
-                                   "finetune": {"base_precision": "4bit", "precision": precision}})
-        model = load_model(recipe, precision)
-        rest = [p for p in model.parameters() if getattr(p, "quant_state", None) is None]
-        assert {p.dtype for p in rest} == {dtype}
-        est = Estimator(recipe, load_config(recipe.model), target="cpu", read_rows=False)
-        parts = finetune_memory.model_state(est, recipe.finetune)
-        assert next(c for c in parts if c.name.startswith("rest of the base")).bytes == sum(p.nbytes for p in rest)
 
 
 def test_bloom_7b1_qlora_fits_the_40gb_card_its_recipe_asks_for():
@@ -691,11 +177,7 @@ def test_a_7b_estimate_traces_two_layers_and_answers_quickly():
     assert [s.stage for s in result.stages] == ["finetune", "merge", "quantize", "infer"]
 
 
-# ---- padded length from the training rows, the fused head, the disk cache ------------------------------------------
-@pytest.fixture(autouse=True)
-def _estimate_cache(tmp_path, monkeypatch):
-    """Every test gets its own estimate cache (never the user's ~/.cache)."""
-    monkeypatch.setenv("KUBETUNE_ESTIMATE_CACHE", str(tmp_path / "estimate-cache"))
+# ---- padded length from the training rows, the disk cache ----------------------------------------------------------
 
 
 def test_worst_batch_pads_to_the_longest_row_and_counts_labels_by_hand():
@@ -785,52 +267,6 @@ def test_the_console_script_skips_teardown_yet_prints_everything_and_keeps_exit_
     assert big.returncode == 12
     assert big.stderr.strip().splitlines() == [line for line in big.stderr.strip().splitlines()
                                                if line.startswith("error: ")] and "A100-40GB" in big.stderr
-
-
-def test_fused_head_saved_bytes_are_what_trls_head_saves(tmp_path):
-    """The loss head's saved-for-backward bytes as the estimator counts them, against the tensors autograd really
-    saves in TRL 1.16's fused head (compact, as the stage runs it on every device) after the backbone's forward of
-    a tiny model: 50 labelled positions of a 3 × 24 batch, parameters left out, each storage counted once."""
-    import torch
-    from transformers import AutoModelForCausalLM
-    from trl.trainer.utils import add_fused_lm_head
-
-    from kubetune.stages.finetune import _score_only_labelled_positions
-
-    config = tiny_config("llama")
-    recipe = recipe_for(tmp_path, config)
-    est = Estimator(recipe, load_config(recipe.model), target="cpu")
-    trace = est.train_trace(recipe.finetune, 3, 24)
-    estimated, _ = finetune_memory.loss_head(est, recipe.finetune, trace, 3, 24, 50, "float32", None)
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))  # as SFTTrainer adds it
-    _score_only_labelled_positions()
-    ids = torch.randint(0, config.vocab_size, (3, 24))
-    labels = torch.full_like(ids, -100)
-    for row, answer in enumerate((17, 17, 16)):  # 50 labelled positions once the labels are shifted
-        labels[row, -answer:] = ids[row, -answer:]
-    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
-    after_backbone = {"on": False}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if after_backbone["on"] and storage.data_ptr() not in parameters:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    model.model.register_forward_pre_hook(lambda *_: after_backbone.update(on=False))
-    model.model.register_forward_hook(lambda *_: after_backbone.update(on=True))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        model(input_ids=ids, labels=labels, fused_lm_head=True)
-    measured = sum(saved.values())
-    assert measured > 50 * 64 * 4  # the copy of the labelled hidden states is there
-    # Two differences, both known: the estimator adds two int64 index vectors (2 × 50 × 8 bytes) for the
-    # boolean-mask selection, where on the CPU autograd keeps the boolean mask itself (counted already,
-    # b × (s - 1) bytes); and it leaves out the 8-byte count of labelled positions that the loss divides by.
-    assert estimated == measured + 2 * 50 * 8 - 8
 
 
 def test_a_second_estimate_reads_the_disk_cache_without_building_the_model():
