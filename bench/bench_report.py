@@ -67,16 +67,15 @@ def as_measured(run: dict) -> contextlib.ExitStack:
       ``calibration.max_length`` tokens, which a recipe cannot say: they are estimated with that length."""
     from unittest import mock
 
-    from kubetune.estimate.stages import Estimator
-
     stack = contextlib.ExitStack()
     measured = upcast_measured(run)
     if measured is not None:
-        stack.enter_context(mock.patch.object(Estimator, "kbit_upcast", lambda self, ft: measured))
+        stack.enter_context(mock.patch("kubetune.estimate.finetune.kbit_upcast", lambda est, ft: measured))
     if "calibration_2048" in run.get("patches", []):
-        stack.enter_context(mock.patch.object(
-            Estimator, "calibration_length", lambda self: (self.recipe.quantize.calibration.max_length,
-                                                           "rows joined to max_length (harness patch calibration_2048)")))
+        stack.enter_context(mock.patch(
+            "kubetune.estimate.quantize.calibration_length",
+            lambda est, recipe: (recipe.quantize.calibration.max_length,
+                                 "rows joined to max_length (harness patch calibration_2048)")))
     return stack
 
 

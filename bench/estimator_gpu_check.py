@@ -79,7 +79,8 @@ def case_config(case):
 def estimate(case, config, folder: Path):
     from kubetune.config import recipe_from_dict
     from kubetune.estimate.modelshape import load_config
-    from kubetune.estimate.stages import Estimator
+    from kubetune.estimate.estimator import Estimator
+    from kubetune.estimate.infer import model_memory
 
     config.save_pretrained(folder)
     recipe = recipe_from_dict({"model": {"name_or_path": str(folder)}, "finetune": {
@@ -88,9 +89,9 @@ def estimate(case, config, folder: Path):
         "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"}},
         "infer": {"batch_size": case["batch"], "max_new_tokens": NEW_TOKENS}})
     est = Estimator(recipe, load_config(recipe.model))
-    stage = est.finetune(recipe.finetune)
+    stage = est.estimate("finetune")
     trace = est.train_trace(recipe.finetune, case["batch"], case["length"])
-    return stage, trace, est.merge(), est.infer_model("merged", case["batch"])
+    return stage, trace, est.estimate("merge"), model_memory(est, recipe, "merged", case["batch"])
 
 
 def real(case, config, head_fn):

@@ -1,9 +1,8 @@
-"""The memory estimator against real tensors on tiny models (CPU), and against hand-computed 7B cases.
-
-Each part is checked where torch can measure it exactly: parameter bytes of a real model, bitsandbytes' own
-quantized storage, peft's LoRA parameter count, AdamW's state after a real step, and the tensors autograd really
-saves in a real peft forward (``saved_tensors_hooks``) compared with the meta-device trace.
-"""
+"""The memory estimator as a whole: the storage formats every stage shares against the real libraries'
+tensors (tiny models, CPU), published 7B parameter counts, one memory model per stage, the whole estimate and
+`kubetune estimate`, the training rows' padded length and the disk cache. Each stage's own model is tested in
+tests/test_estimate_<stage>.py, against real tensors too; no expected value is computed by a copy of the
+estimator's arithmetic."""
 
 from __future__ import annotations
 
@@ -15,98 +14,21 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
+from estimate_models import BLOOM_7B1, CONFIGS, FALCON_7B, ROOT, estimate_cache, tiny_config  # noqa: F401
 
 from kubetune.cli import cli
 from kubetune.config import recipe_from_dict
 from kubetune.errors import WontFitError
 from kubetune.estimate import estimate_recipe
+from kubetune.estimate.estimator import Estimator
 from kubetune.estimate.modelshape import build_meta_model, load_config, shape_of
-from kubetune.estimate.stages import Estimator, gptq_weight_bytes, lora_params, nf4_bytes, weight_bytes
+from kubetune.estimate.storage import weight_bytes
 from kubetune.gpus import find_gpu
 
-ROOT = Path(__file__).parent.parent
-CONFIGS = ROOT / "bench" / "configs"
-BLOOM_7B1 = CONFIGS / "bigscience--bloom-7b1.json"
-FALCON_7B = CONFIGS / "tiiuae--falcon-7b.json"
-MEASURED_GPTQ_7B1 = "bench/results/gpu-h200-2026-11-28-bloom-7b1.json"  # bloom-7b1/gptq8, 8-bit g128, H200
 # Llama-2-7b's published config.json shape fields: its parameter count (6,738,415,616) is on the model card.
 LLAMA2_7B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
              "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
              "max_position_embeddings": 4096, "tie_word_embeddings": False}
-
-
-def tiny_config(model_type: str, layers: int = 2, kv_heads: int = 4):
-    """Small configs of three families whose memory behaves differently (RMSNorm/SDPA, LayerNorm/alibi/eager
-    attention in fp32, parallel attention with multi-query, which SDPA runs on its math backend)."""
-    from transformers import BloomConfig, FalconConfig, LlamaConfig
-
-    if model_type == "llama":
-        return LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                           num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=256,
-                           tie_word_embeddings=False)
-    if model_type == "bloom":
-        return BloomConfig(vocab_size=300, hidden_size=64, n_layer=layers, n_head=4)
-    return FalconConfig(vocab_size=300, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
-                        multi_query=True, parallel_attn=True, new_decoder_architecture=False, bias=False, alibi=False)
-
-
-def recipe_for(tmp_path, config, **finetune):
-    """A recipe whose model is ``config`` saved to a folder (no weights: the estimator reads config.json only)."""
-    folder = tmp_path / f"model-{config.model_type}"
-    folder.mkdir(exist_ok=True)
-    config.save_pretrained(folder)
-    ft = {"batch_size": 3, "max_length": 24, "precision": "fp32", "lora": {"r": 4, "dropout": 0.1}, **finetune}
-    return recipe_from_dict({"model": {"name_or_path": str(folder), "dtype": "float32"}, "finetune": ft})
-
-
-def real_peft_model(config, recipe, quantized_dir=None):
-    """The fine-tune's model for real: transformers model (or a 4-bit load), peft's k-bit preparation, LoRA."""
-    import torch
-    from peft import get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM
-
-    from kubetune.stages.finetune import lora_config
-
-    torch.manual_seed(0)
-    if quantized_dir is None:
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    else:
-        from transformers import BitsAndBytesConfig
-
-        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.float32)
-        model = AutoModelForCausalLM.from_pretrained(quantized_dir, quantization_config=q, dtype=torch.float32)
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    model = get_peft_model(model, lora_config(recipe.finetune.lora))
-    if quantized_dir is not None:  # what TRL's SFTTrainer does to the adapter of a quantized model
-        for p in model.parameters():
-            if p.requires_grad:
-                p.data = p.data.to(torch.bfloat16)
-    model.train()
-    return model
-
-
-def saved_bytes(model, batch: int, length: int, autocast=None) -> int:
-    """Bytes autograd really saves in a forward of the backbone (parameters excluded, each storage once)."""
-    import contextlib
-
-    import torch
-
-    params = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in params:
-            seen[st.data_ptr()] = st.nbytes()
-        return t.detach()  # t itself, when an op saves its own output, is a cycle through grad_fn: never freed
-
-    ids = torch.randint(0, 300, (batch, length))
-    ctx = torch.autocast("cpu", dtype=autocast) if autocast else contextlib.nullcontext()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), ctx:
-        out = model.get_base_model().base_model(input_ids=ids, use_cache=False)
-    assert out.last_hidden_state.requires_grad
-    return sum(seen.values())
 
 
 # ---- parameters and storage formats ------------------------------------------------------------------------------
@@ -150,193 +72,8 @@ def test_quantized_bytes_equal_bitsandbytes_storage(tiny_model_dir):
         assert (quantized, rest) == weight_bytes(shape, "float32", precision, dq), (precision, dq)
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_gptq_bytes_equal_a_real_gptqmodel_checkpoint(tiny_model_dir, tmp_path, bits):
-    """qweight, qzeros, fp16 scales and g_idx of GPTQModel's own output, plus the 16-bit rest, tensor for tensor."""
-    import os
-    import random
-
-    import torch
-    from gptqmodel import GPTQModel, QuantizeConfig
-    from safetensors import safe_open
-
-    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
-    rng = random.Random(0)
-    calibration = [{"input_ids": [rng.randrange(4, 500) for _ in range(24)], "attention_mask": [1] * 24}
-                   for _ in range(8)]
-    config = QuantizeConfig(bits=bits, group_size=32, offload_to_disk_path=str(tmp_path / "offload"))
-    model = GPTQModel.load(str(tiny_model_dir), config, device="cpu", dtype=torch.float32)
-    model.quantize(calibration, batch_size=4)
-    model.save(str(tmp_path / "out"))
-    stored = 0
-    for file in (tmp_path / "out").glob("*.safetensors"):
-        with safe_open(str(file), "pt") as f:
-            stored += sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys())
-    shape = shape_of(build_meta_model(load_config(recipe_from_dict(
-        {"model": {"name_or_path": str(tiny_model_dir)}}).model), torch.float32))
-    assert sum(gptq_weight_bytes(shape, bits, 32, "float32")) == stored
-
-
-def test_lora_parameter_count_equals_peft(tmp_path):
-    import torch
-
-    config = tiny_config("llama")
-    shape = shape_of(build_meta_model(config, torch.float32))
-    for targets in ("all-linear", ["q_proj", "v_proj"]):
-        recipe = recipe_for(tmp_path, config, lora={"r": 8, "target_modules": targets})
-        model = real_peft_model(config, recipe)
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        assert lora_params(shape, targets, 8) == trainable, targets
-
-
-def test_adamw_state_is_two_fp32_copies_of_the_lora_weights(tmp_path):
-    """The estimate's 8 bytes per LoRA parameter = exp_avg + exp_avg_sq after a real AdamW step."""
-    import torch
-
-    config = tiny_config("llama")
-    recipe = recipe_for(tmp_path, config)
-    model = real_peft_model(config, recipe)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=1e-3)
-    model(input_ids=torch.randint(0, 300, (2, 8)), labels=torch.randint(0, 300, (2, 8))).loss.backward()
-    opt.step()
-    state = sum(t.numel() * t.element_size() for s in opt.state.values() for k, t in s.items() if k != "step")
-    est = Estimator(recipe, config, target="cpu").finetune(recipe.finetune)
-    assert state == next(c.bytes for c in est.components if c.name.startswith("AdamW"))
-    assert sum(p.grad.numel() * p.grad.element_size() for p in trainable) == next(
-        c.bytes for c in est.components if c.name.startswith("LoRA gradients"))
-
-
-# ---- activations: the meta trace vs what autograd really saves ---------------------------------------------------
-@pytest.mark.parametrize("model_type", ["llama", "bloom", "falcon"])
-def test_traced_activations_equal_real_saved_tensors(model_type, tmp_path):
-    """Four layers, so the estimator traces two and extrapolates; dropout on, so peft's dropout masks count."""
-    config = tiny_config(model_type, layers=4)
-    recipe = recipe_for(tmp_path, config)
-    est = Estimator(recipe, config, target="cpu")
-    assert est.trace_layers == 2
-    model = real_peft_model(config, recipe)
-    for batch, length in ((3, 24), (2, 40)):
-        real = saved_bytes(model, batch, length)
-        trace = est.train_trace(recipe.finetune, batch, length)
-        assert trace.saved == real, (batch, length, trace.saved, real)
-
-
-def test_layers_of_two_kinds_are_traced_as_a_prefix_and_still_equal_real_saved_tensors(tmp_path):
-    """Gemma 3's sliding-window and full-attention layers: the estimator traces the leading layers up to one of
-    each kind, lets each later layer be counted as its kind, and counts the masks every layer shares once. The
-    trace equals the one through all eight layers; the KV cache equals a real model's."""
-    import torch
-    from transformers import AutoModelForCausalLM, Gemma3TextConfig
-
-    kinds = ["sliding_attention"] * 3 + ["full_attention"]
-    config = Gemma3TextConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=8,
-                              num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
-                              layer_types=kinds * 2, max_position_embeddings=256)
-    recipe = recipe_for(tmp_path, config)
-    est = Estimator(recipe, config, target="cpu")
-    assert (est.trace_layers, est.layer_map) == (4, [0, 1, 2, 3, 2, 2, 2, 3])
-    every = Estimator(recipe, config, target="cpu")
-    every.trace_layers, every.layer_map = 8, list(range(8))
-    model = real_peft_model(config, recipe)
-    for batch, length in ((3, 24), (2, 40)):  # longer than the window: the two kinds save different tensors
-        prefix, whole = est.train_trace(recipe.finetune, batch, length), every.train_trace(recipe.finetune, batch,
-                                                                                         length)
-        assert (prefix.per_layer, prefix.outside) == (whole.per_layer, whole.outside)
-        # Known gap (docs/estimator.md): on the CPU a real Gemma 3 saves 0.9-1.4% more than the meta trace of
-        # windows shorter than the rows.
-        assert 0.98 < prefix.saved / saved_bytes(model, batch, length) <= 1.0
-    plain = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        cache = plain(input_ids=torch.randint(0, 300, (2, 40)), use_cache=True).past_key_values
-    # storages, not views: right after the prompt a sliding-window layer's keys are a view of the whole prompt's
-    real_kv = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                   for layer in cache.layers for t in (layer.keys, layer.values)}.values())
-    assert est.kv_cache("float32", 2, 40) == real_kv
-
-
-def test_traced_activations_under_mixed_precision_equal_real_autocast(tmp_path):
-    """fp32 weights under bf16 autocast: peft's fp32 cast of x, bf16 copies for the matmuls, grouped-query
-    attention in the flash kernel. For Llama (explicit fp32 RMSNorm, SDPA) the CPU and CUDA autocast policies
-    agree, so CPU autocast checks the emulation."""
-    import torch
-
-    config = tiny_config("llama", layers=4, kv_heads=2)
-    recipe = recipe_for(tmp_path, config, precision="bf16")
-    est = Estimator(recipe, config, target="cpu")
-    model = real_peft_model(config, recipe)
-    real = saved_bytes(model, 3, 24, autocast=torch.bfloat16)
-    assert est.train_trace(recipe.finetune, 3, 24).saved == real
-
-
-def test_traced_activations_of_a_4bit_base_equal_real_qlora(tmp_path):
-    """QLoRA on CPU: bitsandbytes 4-bit layers, peft's fp32 upcast of everything else, LoRA on every linear."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model_dir = tmp_path / "mha-llama"  # as many KV heads as heads: fp32 SDPA runs fused on CPU and GPU alike
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(tiny_config("llama", layers=2)).save_pretrained(model_dir)
-    recipe = recipe_from_dict({"model": {"name_or_path": str(model_dir), "dtype": "float32"},
-                               "finetune": {"base_precision": "4bit", "precision": "fp32", "batch_size": 2,
-                                            "max_length": 16, "bnb": {"compute_dtype": "float32"},
-                                            "lora": {"r": 4, "dropout": 0.1}}})
-    config = load_config(recipe.model)
-    model = real_peft_model(config, recipe, quantized_dir=model_dir)
-    assert any(type(m).__name__ == "Linear4bit" for m in model.modules())
-    real = saved_bytes(model, 2, 16)
-    est = Estimator(recipe, config, target="cpu")
-    assert est.train_trace(recipe.finetune, 2, 16).saved == real
-    assert torch.float32 == model.get_input_embeddings().weight.dtype  # the upcast the estimate counts
-
-
-def test_cuda_target_keeps_bool_dropout_masks_where_cpu_keeps_float_noise(tmp_path):
-    """The one CUDA-only difference the CPU tests cannot see, by hand: every LoRA dropout input (fp32 here) costs
-    1 byte per element on the GPU (native_dropout's bool mask) instead of 4 (the CPU path's noise tensor)."""
-    config = tiny_config("llama", layers=4)
-    recipe = recipe_for(tmp_path, config)
-    cpu = Estimator(recipe, config, target="cpu").train_trace(recipe.finetune, 3, 24)
-    cuda = Estimator(recipe, config, target="cuda").train_trace(recipe.finetune, 3, 24)
-    tokens, h, inter = 3 * 24, 64, 128
-    per_layer = 4 * h + 2 * h + inter  # q, k, v, o read h; gate, up read h; down reads inter
-    first = per_layer - 3 * h  # layer 0's q, k, v read the embeddings, which need no gradient: nothing saved
-    assert cpu.saved - cuda.saved == tokens * (first + 3 * per_layer) * (4 - 1)
-
-
-def test_8bit_inputs_are_kept_under_checkpointing(tmp_path):
-    """MatMul8bitLt keeps its input in ctx.tensors: one storage per distinct input, fp32 after peft's upcast."""
-    config = tiny_config("llama", layers=4)
-    recipe = recipe_for(tmp_path, config, base_precision="8bit", gradient_checkpointing=True)
-    est = Estimator(recipe, config, target="cpu")
-    trace = est.train_trace(recipe.finetune, 3, 24)
-    # q/k/v share the norm's output, o_proj reads the attention output, gate/up share a norm output, down reads
-    # the MLP product: 3 × hidden + intermediate, 4 bytes each
-    assert trace.int8_held == [3 * 24 * (3 * 64 + 128) * 4] * 4
-    act = next(c.bytes for c in est.finetune(recipe.finetune).components if c.name.startswith("activations"))
-    assert act == trace.outside + sum(trace.layer_input) + max(trace.per_layer) + sum(trace.int8_held)
-
-
-def test_gradient_checkpointing_keeps_layer_inputs_and_one_layer(tmp_path):
-    config = tiny_config("llama", layers=4)
-    recipe = recipe_for(tmp_path, config)
-    est = Estimator(recipe, config, target="cpu")
-    gc = recipe.finetune.model_copy(update={"gradient_checkpointing": True})
-    trace = est.train_trace(gc, 3, 24)  # with the embeddings' output requiring grad, as TRL sets it up
-    act = next(c.bytes for c in est.finetune(gc).components if c.name.startswith("activations"))
-    # hidden 64 fp32 per token per layer input, four layers, plus the biggest layer's own tensors and the rest
-    assert act == trace.outside + 4 * 3 * 24 * 64 * 4 + max(trace.per_layer)
-    # layer 0 now saves what the others do; the rotary cos/sin tables (24 positions × head dim 16, fp32) that
-    # every layer shares are made before the layers and counted once, outside them
-    assert trace.per_layer[0] == trace.per_layer[1]
-    no_gc = est.train_trace(recipe.finetune, 3, 24)
-    assert trace.outside - no_gc.outside == 0 and no_gc.outside >= 2 * 24 * 16 * 4
-    off = est.train_trace(recipe.finetune, 3, 24)
-    assert next(c.bytes for c in est.finetune(recipe.finetune).components
-                if c.name.startswith("activations")) == off.saved > act
-
-
-# ---- hand-computed 7B cases --------------------------------------------------------------------------------------
-def test_7b_shapes_match_published_parameter_counts_and_nf4_size(tmp_path):
+# ---- published 7B shapes ---------------------------------------------------------------------------------------
+def test_7b_shapes_match_published_parameter_counts(tmp_path):
     import torch
     from transformers import LlamaConfig
 
@@ -345,67 +82,31 @@ def test_7b_shapes_match_published_parameter_counts_and_nf4_size(tmp_path):
     assert llama.total_params == 6_738_415_616
     assert weight_bytes(llama, "bfloat16") == (0, 2 * 6_738_415_616)
     q, rest = weight_bytes(llama, "bfloat16", "4bit", True)
-    assert 3.5e9 <= q + rest <= 3.9e9  # 6.48B linear weights × 0.516 bytes + 0.26B embeddings × 2 bytes
-    assert nf4_bytes(64 * 256 * 1000, True) / (64 * 256 * 1000) == pytest.approx(0.5 + 1 / 64 + 4 / (64 * 256),
-                                                                                  abs=1e-4)
-    assert nf4_bytes(64 * 100_000, False) / (64 * 100_000) == pytest.approx(0.5 + 4 / 64, abs=1e-4)
+    assert 3.5e9 <= q + rest <= 3.9e9  # a 7B model in nf4 with 16-bit embeddings and head: 3.5-3.9 GB as published
     bloom = shape_of(build_meta_model(load_config(None, BLOOM_7B1), torch.bfloat16))
     falcon = shape_of(build_meta_model(load_config(None, FALCON_7B), torch.bfloat16))
     assert bloom.total_params == 7_069_016_064 and falcon.total_params == 6_921_720_704
 
 
-def test_kv_cache_per_token_matches_the_attention_layout(tmp_path):
-    recipe = recipe_from_dict({"model": {"name_or_path": "x"}})
-    bloom = Estimator(recipe, load_config(None, BLOOM_7B1))
-    falcon = Estimator(recipe, load_config(None, FALCON_7B))
-    # K and V, every layer, 16-bit: Bloom keeps all 32 heads × 128; Falcon-7B is multi-query (one KV head of 64).
-    assert bloom.kv_cache("bfloat16", 8, 640) == 8 * 640 * 2 * 30 * 4096 * 2
-    assert falcon.kv_cache("bfloat16", 8, 640) == 8 * 640 * 2 * 32 * 64 * 2
-
-
-def test_bloom_7b1_quantize_peak_is_the_reload_check_of_the_packed_checkpoint():
-    """GPTQModel's loop holds one layer, all calibration rows' hidden states, the Hessians and GPTQ's working set;
-    the stage then reloads the saved checkpoint through transformers (after releasing GPTQModel's model): the larger
-    of the two is the peak. 8-bit g128, 128 rows padded to 512 tokens, batches of 8, bf16."""
-    recipe = recipe_from_dict({"model": {"name_or_path": "x"}, "quantize": {
-        "bits": 8, "group_size": 128, "batch_size": 8, "calibration": {"samples": 128, "max_length": 512}}})
-    est = Estimator(recipe, load_config(None, BLOOM_7B1), read_rows=False)
-    # per layer: query_key_value 4096→12288, dense 4096→4096, dense_h_to_4h 4096→16384, dense_4h_to_h 16384→4096
-    weights = 4096 * (12288 + 4096 + 16384) + 16384 * 4096
-    groups_x_out = 32 * 12288 + 32 * 4096 + 32 * 16384 + 128 * 4096
-    packed = weights + groups_x_out * (1 + 2) + (3 * 4096 + 16384) * 4  # int8 qweight, qzeros, fp16 scales, g_idx
-    rest = (7_069_016_064 - 30 * weights) * 2
-    loop = {c.name: c.bytes for c in est.quantize_loop(512)}
-    assert loop["one decoder layer (bfloat16)"] == (weights + 12288 + 4096 + 16384 + 4096 + 4 * 4096) * 2
-    assert loop["layer inputs + outputs of all 128 calibration rows"] == 2 * 128 * 512 * 4096 * 2
-    assert loop["Hessians (fp32 in² per linear)"] == 4 * (3 * 4096 ** 2 + 16384 ** 2)
-    assert loop["GPTQ working set (largest linear)"] == 3 * 4 * 16384 * 4096 + 4 * 16384 ** 2
-    assert loop["forward scratch (batch 8 × 512 tokens)"] == est.scratch(8, 512, 2)
-    stage = est.quantize()
-    assert [c.name for c in stage.components] == ["reload check: GPTQ 8-bit model"]
-    assert stage.allocated_bytes == 30 * packed + rest > sum(loop.values())
-    assert stage.settings["calibration_length"] == 512
-    # What transformers reported for the reloaded checkpoint of that run (memory_footprint_bytes of the quantize
-    # report, H200): 3,840 bytes more than the packed tensors counted above, 0.00005%.
-    measured = next(r for r in json.loads((ROOT / MEASURED_GPTQ_7B1).read_text())["runs"]
-                    if r["case"] == "bloom-7b1/gptq8")["reports"]["quantize"]["memory_footprint_bytes"]
-    assert stage.allocated_bytes == pytest.approx(measured, rel=1e-6)
-
-
-def test_quantize_peak_is_the_layer_loop_when_the_calibration_states_outweigh_the_model(tmp_path):
-    config = tiny_config("llama")
-    recipe = recipe_for(tmp_path, config)
-    recipe.quantize.calibration.samples = 4000
-    recipe.quantize.calibration.max_length = 64
-    est = Estimator(recipe, config, target="cpu", read_rows=False)
-    stage = est.quantize()
-    hidden = {c.name: c.bytes for c in stage.components}["layer inputs + outputs of all 4000 calibration rows"]
-    assert hidden == 2 * 4000 * 64 * 64 * 2  # inputs and outputs, every row, hidden 64, merge.dtype bf16
-    assert stage.allocated_bytes == sum(c.bytes for c in est.quantize_loop(64))
-    assert stage.allocated_bytes > sum(gptq_weight_bytes(est.shape, 8, 128, "bfloat16"))
-
-
 # ---- the whole estimate and the command ------------------------------------------------------------------------
+def test_each_gpu_stage_has_one_memory_model_of_one_signature_and_none_imports_torch():
+    """``kubetune.estimate.<stage>:estimate_memory(est, recipe=None)`` for every GPU stage (what the stage registry
+    names); importing them, as the CLI does, leaves torch and transformers out."""
+    import subprocess
+    import sys
+
+    code = ("import inspect, json, sys\n"
+            "from kubetune.estimate import GPU_STAGES\n"
+            "from kubetune.estimate.estimator import memory_model\n"
+            "found = {s: [memory_model(s).__module__, str(inspect.signature(memory_model(s)))] for s in GPU_STAGES}\n"
+            "print(json.dumps([found, 'torch' in sys.modules, 'transformers' in sys.modules]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    found, torch_imported, transformers_imported = json.loads(out.stdout)
+    assert found == {s: [f"kubetune.estimate.{s}", "(est: 'Estimator', recipe=None) -> 'StageEstimate'"]
+                     for s in ("finetune", "merge", "quantize", "infer")}
+    assert not torch_imported and not transformers_imported
+
+
 def shipped(name: str, *overrides: str):
     from kubetune.config import load_recipe
 
@@ -430,16 +131,9 @@ def test_bloom_7b1_16bit_without_checkpointing_does_not_fit_40gb_and_the_suggest
         assert again.failures() == []
 
 
-def test_qlora_counts_the_16bit_rest_in_its_training_precision_and_fits_a_40gb_card():
-    rest_params = 250880 * 4096 + 30 * 4 * 4096 + 30 * (4096 * 3 + 4096 + 4 * 4096 + 4096) + 4 * 4096
+def test_bloom_7b1_qlora_fits_the_40gb_card_its_recipe_asks_for():
     result = estimate_recipe(shipped("bloom-7b1-qlora.yaml"), model_config=BLOOM_7B1)
-    ft = result.stage("finetune")
-    parts = {c.name.split(" (")[0]: c.bytes for c in ft.components}
-    assert parts["rest of the base"] == rest_params * 2  # bf16 training: embeddings, norms and biases stay bf16
-    assert ft.fits(find_gpu("A100-40GB").memory_bytes)
-    fp32 = estimate_recipe(shipped("bloom-7b1-qlora.yaml", "finetune.precision=fp32"), model_config=BLOOM_7B1)
-    parts = {c.name.split(" (")[0]: c.bytes for c in fp32.stage("finetune").components}
-    assert parts["rest of the base"] == rest_params * 4  # upcast by peft's QLoRA preparation
+    assert result.stage("finetune").fits(find_gpu("A100-40GB").memory_bytes)
     assert result.target == {"finetune": find_gpu("A100-40GB")}  # resources.finetune.gpu_type of that recipe
 
 
@@ -483,11 +177,7 @@ def test_a_7b_estimate_traces_two_layers_and_answers_quickly():
     assert [s.stage for s in result.stages] == ["finetune", "merge", "quantize", "infer"]
 
 
-# ---- padded length from the training rows, the fused head, the disk cache ------------------------------------------
-@pytest.fixture(autouse=True)
-def _estimate_cache(tmp_path, monkeypatch):
-    """Every test gets its own estimate cache (never the user's ~/.cache)."""
-    monkeypatch.setenv("KUBETUNE_ESTIMATE_CACHE", str(tmp_path / "estimate-cache"))
+# ---- padded length from the training rows, the disk cache ----------------------------------------------------------
 
 
 def test_worst_batch_pads_to_the_longest_row_and_counts_labels_by_hand():
@@ -579,58 +269,12 @@ def test_the_console_script_skips_teardown_yet_prints_everything_and_keeps_exit_
                                                if line.startswith("error: ")] and "A100-40GB" in big.stderr
 
 
-def test_fused_head_saved_bytes_are_what_trls_head_saves(tmp_path):
-    """The loss head's saved-for-backward bytes as the estimator counts them, against the tensors autograd really
-    saves in TRL 1.16's fused head (compact, as the stage runs it on every device) after the backbone's forward of
-    a tiny model: 50 labelled positions of a 3 × 24 batch, parameters left out, each storage counted once."""
-    import torch
-    from transformers import AutoModelForCausalLM
-    from trl.trainer.utils import add_fused_lm_head
-
-    from kubetune.stages.finetune import _score_only_labelled_positions
-
-    config = tiny_config("llama")
-    recipe = recipe_for(tmp_path, config)
-    est = Estimator(recipe, load_config(recipe.model), target="cpu")
-    trace = est.train_trace(recipe.finetune, 3, 24)
-    estimated, _ = est._loss_head(recipe.finetune, trace, 3, 24, 50, "float32", None)
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))  # as SFTTrainer adds it
-    _score_only_labelled_positions()
-    ids = torch.randint(0, config.vocab_size, (3, 24))
-    labels = torch.full_like(ids, -100)
-    for row, answer in enumerate((17, 17, 16)):  # 50 labelled positions once the labels are shifted
-        labels[row, -answer:] = ids[row, -answer:]
-    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
-    after_backbone = {"on": False}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if after_backbone["on"] and storage.data_ptr() not in parameters:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    model.model.register_forward_pre_hook(lambda *_: after_backbone.update(on=False))
-    model.model.register_forward_hook(lambda *_: after_backbone.update(on=True))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        model(input_ids=ids, labels=labels, fused_lm_head=True)
-    measured = sum(saved.values())
-    assert measured > 50 * 64 * 4  # the copy of the labelled hidden states is there
-    # Two differences, both known: the estimator adds two int64 index vectors (2 × 50 × 8 bytes) for the
-    # boolean-mask selection, where on the CPU autograd keeps the boolean mask itself (counted already,
-    # b × (s - 1) bytes); and it leaves out the 8-byte count of labelled positions that the loss divides by.
-    assert estimated == measured + 2 * 50 * 8 - 8
-
-
 def test_a_second_estimate_reads_the_disk_cache_without_building_the_model():
     first = estimate_recipe(shipped("bloom-1b1-lora.yaml"), model_config=CONFIGS / "bigscience--bloom-1b1.json")
     from kubetune.estimate.modelshape import raw_config
 
     raw, source = raw_config(None, CONFIGS / "bigscience--bloom-1b1.json")
     est = Estimator(shipped("bloom-1b1-lora.yaml"), raw_config=raw, config_source=source)
-    again = [est.finetune(est.recipe.finetune), est.merge(), est.quantize(), est.infer()]
+    again = [est.estimate(stage) for stage in ("finetune", "merge", "quantize", "infer")]
     assert est._meta is None and est._config is None and not est._models  # nothing built, no config object
     assert [s.allocated_bytes for s in again] == [s.allocated_bytes for s in first.stages]

@@ -60,7 +60,7 @@ class Estimate:
                 if s.stage in self.target and not s.fits(self.target[s.stage].memory_bytes, self.headroom)]
 
     def to_dict(self) -> dict[str, Any]:
-        from kubetune.estimate.stages import ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES
+        from kubetune.estimate.components import ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES
 
         return {
             "model": self.model, "architecture": self.architecture, "params": self.params,
@@ -104,7 +104,8 @@ def estimate_recipe(recipe, model_config=None, gpu: Gpu | None = None, headroom:
                     suggest: bool = True) -> Estimate:
     """Estimate every GPU stage of ``recipe``; with ``suggest``, find changes that make failing stages fit."""
     from kubetune.estimate.modelshape import load_config, raw_config
-    from kubetune.estimate.stages import DEFAULT_HEADROOM, Estimator
+    from kubetune.estimate.components import DEFAULT_HEADROOM
+    from kubetune.estimate.estimator import Estimator
 
     started = time.perf_counter()
     headroom = DEFAULT_HEADROOM if headroom is None else headroom
@@ -118,10 +119,7 @@ def estimate_recipe(recipe, model_config=None, gpu: Gpu | None = None, headroom:
         from kubetune.modelio import packing_refused
 
         raise packing_refused(recipe.model.name_or_path, est.shape.architecture, est.shape.attn_implementation)
-    stages = []
-    for stage in GPU_STAGES:
-        if stage in recipe.stages:
-            stages.append(est.finetune(recipe.finetune) if stage == "finetune" else getattr(est, stage)())
+    stages = [est.estimate(stage) for stage in GPU_STAGES if stage in recipe.stages]
     target, notes = requested_gpus(recipe, gpu)
     result = Estimate(model=recipe.model.name_or_path, architecture=est.shape.architecture,
                       params=est.shape.total_params, stages=stages, headroom=headroom, target=target, notes=notes)

@@ -17,7 +17,7 @@ def gib(n: int) -> str:
 
 
 def stage_table(stage, target=None) -> Table:
-    from kubetune.estimate.stages import CUDA_CONTEXT_BYTES
+    from kubetune.estimate.components import CUDA_CONTEXT_BYTES
 
     # lora_params is for --json; the table shows it in the LoRA rows already
     settings = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in stage.settings.items() if k != "lora_params")

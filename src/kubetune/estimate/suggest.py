@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 
 from kubetune.estimate import Suggestion
-from kubetune.estimate.stages import Estimator, StageEstimate
+from kubetune.estimate.components import StageEstimate
+from kubetune.estimate.estimator import Estimator
 
 MIN_LENGTH = 64
 
@@ -33,7 +34,7 @@ def _finetune(est: Estimator, memory: int, headroom: float) -> list[Suggestion]:
 
     def run(changes: dict):
         new = ft.model_copy(update=changes)
-        return new, est.finetune(new)
+        return new, est.estimate("finetune", est.recipe.model_copy(update={"finetune": new}))
 
     def describe(changes: dict, base) -> tuple[str, list[str]]:
         words, sets = [], []
@@ -122,7 +123,8 @@ def _infer(est: Estimator, memory: int, headroom: float) -> list[Suggestion]:
     b = est.recipe.infer.batch_size
     while b > 1:
         b //= 2
-        e = est.infer(batch=b)
+        e = est.estimate("infer", est.recipe.model_copy(update={"infer": est.recipe.infer.model_copy(
+            update={"batch_size": b})}))
         if _fits(e, memory, headroom):
             return [Suggestion(f"generation batch {b}", [f"infer.batch_size={b}"], e.total_bytes, True)]
     return []

@@ -27,7 +27,7 @@ Four things differ on a GPU and are emulated here, each mirroring the code it st
   variants (no cast under autocast; 4-bit clones the base output).
 
 The loss head is not traced: TRL's SFTTrainer projects hidden states through the LM head in tiles and never
-builds the batch × length × vocabulary logits; :mod:`kubetune.estimate.stages` counts it from TRL's code.
+builds the batch × length × vocabulary logits; :mod:`kubetune.estimate.finetune` counts it from TRL's code.
 """
 
 from __future__ import annotations
