@@ -23,6 +23,7 @@ from typing import Any
 
 from kubetune.artifacts import RunLayout
 from kubetune.config import STAGE_NAMES
+from kubetune.stage_report import peak_of
 
 log = logging.getLogger(__name__)
 
@@ -99,17 +100,16 @@ def attach_estimates(runs: list[RunData], recipes: dict[str, Any] | None = None,
 
 # ---- figures -----------------------------------------------------------------------------------------------------
 def gpu_peak(report: dict) -> int | None:
-    """What the process held on the GPU: NVML's per-process figure (context included), else torch's reserved."""
-    peak = report.get("peak_memory") or {}
-    return peak.get("nvml_process_bytes") or peak.get("torch_reserved_bytes") or None
+    """What the process held on the GPU (:attr:`kubetune.stage_report.PeakMemory.gpu_bytes`)."""
+    return peak_of(report).gpu_bytes
 
 
 def gpu_allocated(report: dict) -> int | None:
-    return (report.get("peak_memory") or {}).get("torch_allocated_bytes") or None
+    return peak_of(report).torch_allocated_bytes or None
 
 
 def host_rss(report: dict) -> int | None:
-    return (report.get("peak_memory") or {}).get("host_rss_bytes") or None
+    return peak_of(report).host_rss_bytes or None
 
 
 def gib(n: int | float | None) -> str:

@@ -16,11 +16,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from kubetune import registry
 from kubetune.errors import WontFitError
 from kubetune.gpus import GPUS, Gpu, find_gpu
 
-GPU_STAGES = ("finetune", "merge", "quantize", "infer")
-"""Stages that use a GPU; evaluate runs SQL on the CPU."""
+GPU_STAGES = registry.gpu_stages()
+"""Stages that use a GPU (those the registry gives a memory estimate); evaluate runs SQL on the CPU."""
 
 
 @dataclass
@@ -121,7 +122,7 @@ def estimate_recipe(recipe, model_config=None, gpu: Gpu | None = None, headroom:
     stages = []
     for stage in GPU_STAGES:
         if stage in recipe.stages:
-            stages.append(est.finetune(recipe.finetune) if stage == "finetune" else getattr(est, stage)())
+            stages.append(registry.resolve(registry.spec(stage).estimate)(est))
     target, notes = requested_gpus(recipe, gpu)
     result = Estimate(model=recipe.model.name_or_path, architecture=est.shape.architecture,
                       params=est.shape.total_params, stages=stages, headroom=headroom, target=target, notes=notes)

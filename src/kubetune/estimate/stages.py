@@ -488,7 +488,8 @@ class Estimator:
                                all_logits or not self.takes_logits_to_keep())
 
     # -- stages --------------------------------------------------------------------------------------------------------
-    def finetune(self, ft) -> StageEstimate:
+    def finetune(self, ft=None) -> StageEstimate:
+        ft = ft or self.recipe.finetune  # another finetune section: what a suggestion would change
         shape = self.shape
         dtype, autocast = self.precision(ft)
         worst = self.worst_batch(ft)
