@@ -2,5 +2,7 @@
 
 Layers (kept by import order, lowest first): ``gojson`` → ``render`` (pure: recipe → dicts) → ``api`` (the
 cluster behind an interface; the only module that imports ``kubernetes``) → ``driver`` and ``launcher``
-(submit/status/logs/cancel/list over that interface). The CLI (``kubetune.cli.cluster``) sits on top.
+(submit/status/logs/cancel/list over that interface). The CLI (``kubetune.cli.cluster``; the driver pod's
+``kubetune drive``: ``kubetune.cli.pod``) sits on top. All of them are the client's layer in .importlinter;
+``generate`` and ``ui_values`` are build-time code, the layer above it (they may read everything, nothing reads them).
 """

@@ -24,7 +24,7 @@ from kubetune.config import (FinetuneSection, InferSection, KubernetesSection, M
 from kubetune.errors import PERMANENT_EXIT_CODES
 from kubetune.k8s import render
 from kubetune.metrics.assets import monitoring_values_schema
-from kubetune.ui.chart import ui_values_schema
+from kubetune.k8s.ui_values import ui_values_schema
 from kubetune.generated import write_or_check
 
 
