@@ -12,12 +12,19 @@ import textwrap
 from pathlib import Path
 
 STAGE_MODULE = '''
+from kubetune.config import Section
 from kubetune.stage_report import StageReport
 
 
+class TallySettings(Section):
+    """How the tally stage counts."""
+
+    rows: int = 1
+
+
 def run(ctx):
-    (ctx.out / "tally.txt").write_text("3\\n")
-    return {"tallied": 3}
+    (ctx.out / "tally.txt").write_text(f"{ctx.recipe.tally.rows}\\n")
+    return {"tallied": ctx.recipe.tally.rows}
 
 
 class TallyReport(StageReport):
@@ -36,7 +43,7 @@ from kubetune import registry
 
 registry.register(registry.StageSpec("tally", "tally_stage", lambda recipe: [],
                                      resources={"gpus": 0, "cpu": "1", "memory": "1Gi"},
-                                     report="tally_stage:TallyReport"))
+                                     report="tally_stage:TallyReport", settings="tally_stage:TallySettings"))
 
 from click.testing import CliRunner
 from rich.console import Console
@@ -49,7 +56,7 @@ from kubetune.runner import run_pipeline
 
 root = Path("runs")  # relative: below the claim's mount path in a pod, below the working directory here
 data = {"run": {"name": "plugged", "artifacts_root": str(root)}, "model": {"name_or_path": "org/model"},
-        "stages": ["tally"], "metrics": {"enabled": False}}
+        "stages": ["tally"], "tally": {"rows": 3}, "metrics": {"enabled": False}}
 recipe = recipe_from_dict(data)
 out = io.StringIO()
 run_pipeline(recipe, console=Console(file=out, width=200))
@@ -65,6 +72,7 @@ print(json.dumps({
     "resources_fields": sorted(schema["$defs"]["ResourcesSection"]["properties"]),
     "report_md": to_markdown(build_report([root / "plugged"], estimates=False)),
     "cli_stage": CliRunner().invoke(cli, ["stage", "tally", "--recipe", "recipe.json"]).output,
+    "misspelt_setting": CliRunner().invoke(cli, ["validate", "recipe.json", "--set", "tally.rowz=2"]).output,
 }))
 '''
 
@@ -79,6 +87,7 @@ def test_a_stage_declared_in_the_registry_is_run_rendered_and_reported(tmp_path)
     seen = json.loads(result.stdout.strip().splitlines()[-1])
 
     assert "tally" in seen["stage_choices"] and "tally" in seen["resources_fields"]
+    assert "tally.rowz" in seen["misspelt_setting"]  # its own settings are a recipe section, typos refused
     assert seen["report_json"]["tallied"] == 3 and seen["report_json"]["stage"] == "tally"
     assert "peak_memory" in seen["report_json"]
     assert "3 rows tallied" in seen["summary"]  # the runner's summary shows the report model's headline

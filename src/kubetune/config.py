@@ -682,6 +682,20 @@ class Recipe(Section):
         return _sha256(self.model_dump())[:16]
 
 
+def _with_registered_sections(recipe: type[Recipe]) -> type[Recipe]:
+    """The recipe with a section for each stage that the registry gives settings and this module does not."""
+    extra: dict[str, Any] = {}
+    for name in POD_STAGES:
+        reference = registry.spec(name).settings
+        if reference and name not in recipe.model_fields:
+            section = registry.resolve(reference)
+            extra[name] = (section, Field(default_factory=section, description=section.__doc__))
+    return create_model("Recipe", __base__=recipe, __module__=__name__, **extra) if extra else recipe
+
+
+Recipe = _with_registered_sections(Recipe)  # type: ignore[misc]
+
+
 def _sha256(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 

@@ -36,6 +36,9 @@ class StageSpec:
     """The report model ("module:Class"): what report.json holds, and the stage's headline figure."""
     estimate: str | None = None
     """The peak GPU memory model ("module:function", called with the estimator), None for a stage with no GPU."""
+    settings: str | None = None
+    """A stage declared outside kubetune: its recipe section ("module:Class", a ``kubetune.config.Section``), which
+    becomes the recipe field named after the stage. kubetune's own stages have theirs in kubetune.config."""
     produces: str | None = None
     """The model this stage makes for infer.models, if any."""
     in_recipe: bool = True
