@@ -98,8 +98,7 @@ class RunLayout:
 
     def recipe_state(self, recipe, stage: str) -> StageState:
         """The state of ``stage`` for ``recipe`` over every evaluation set it scores (infer and evaluate)."""
-        sets = recipe.eval_sets() if stage in ("infer", "evaluate") else [HELDOUT_SET]
-        states = {self.state(stage, recipe.fingerprint(stage, s), s) for s in sets}
+        states = {self.state(stage, recipe.fingerprint(stage, s), s) for s in recipe.stage_sets(stage)}
         return "stale" if "stale" in states else "missing" if "missing" in states else "done"
 
     def read_report(self, stage: str, eval_set: str = HELDOUT_SET) -> dict | None:

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, JsonValue, ValidationError, field_validator,
-                      model_validator, create_model)
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, JsonValue, ValidationError, create_model,
+                      field_validator, model_validator)
 
 from kubetune import registry
 from kubetune.errors import RecipeError
@@ -395,8 +395,8 @@ class Resources(Section):
 # resources.<stage> for every stage of the registry, with the stage's defaults
 ResourcesSection = create_model(
     "ResourcesSection", __base__=Section, __module__=__name__,
-    **{name: (Resources, Field(Resources(**spec.resources), description=spec.resources_note))
-       for name in POD_STAGES if (spec := registry.spec(name))})
+    **{spec.name: (Resources, Field(Resources(**spec.resources), description=spec.resources_note))
+       for spec in registry.specs()})
 
 
 class PvcSection(Section):
@@ -645,6 +645,11 @@ class Recipe(Section):
         """The evaluation sets infer and evaluate score: the held-out split first, then ``evaluate.sets``."""
         return [HELDOUT_SET, *self.evaluate.sets]
 
+    def stage_sets(self, stage: str) -> list[str]:
+        """The evaluation sets ``stage`` runs once each for: all of them for infer and evaluate, else the held-out
+        split only (the registry's ``per_eval_set``)."""
+        return self.eval_sets() if registry.spec(stage).per_eval_set else [HELDOUT_SET]
+
     def fingerprint(self, stage: str, eval_set: str = HELDOUT_SET) -> str:
         """Hash of everything that decides ``stage``'s output: its inputs and its own section.
 
@@ -685,11 +690,10 @@ class Recipe(Section):
 def _with_registered_sections(recipe: type[Recipe]) -> type[Recipe]:
     """The recipe with a section for each stage that the registry gives settings and this module does not."""
     extra: dict[str, Any] = {}
-    for name in POD_STAGES:
-        reference = registry.spec(name).settings
-        if reference and name not in recipe.model_fields:
-            section = registry.resolve(reference)
-            extra[name] = (section, Field(default_factory=section, description=section.__doc__))
+    for spec in registry.specs():
+        if spec.settings and spec.name not in recipe.model_fields:
+            section = registry.resolve(spec.settings)
+            extra[spec.name] = (section, Field(default_factory=section, description=section.__doc__))
     return create_model("Recipe", __base__=recipe, __module__=__name__, **extra) if extra else recipe
 
 

@@ -89,6 +89,11 @@ def spec(stage: str) -> StageSpec:
     return _STAGES[stage]
 
 
+def specs() -> tuple[StageSpec, ...]:
+    """Every stage's declaration, in pipeline order."""
+    return tuple(_STAGES.values())
+
+
 def pod_stages() -> tuple[str, ...]:
     """Every stage a pod can run, in pipeline order."""
     return tuple(_STAGES)

@@ -94,9 +94,8 @@ def run_stage(recipe: Recipe, stage: str, progress: ProgressFn = _no_progress) -
     Safe to start twice: the second process either sees ``_SUCCESS`` and skips, or finds the lock held and
     stops with a retryable error. A finished artifact from a *different* recipe is never overwritten.
     """
-    sets = recipe.eval_sets() if registry.spec(stage).per_eval_set else [HELDOUT_SET]
     results, failed_gates = {}, []
-    for eval_set in sets:
+    for eval_set in recipe.stage_sets(stage):
         try:
             results[eval_set] = _run_unit(recipe, stage, eval_set, progress)
         except GateError as exc:  # the set's results are committed; the other sets are still scored
