@@ -32,6 +32,9 @@ class TallyReport(StageReport):
 
     def headline(self) -> str:
         return f"{self.tallied} rows tallied"
+
+    def throughput_text(self) -> str:
+        return f"{self.tallied} rows counted"
 '''
 
 # Runs in a fresh interpreter: a stage is registered before kubetune.config builds the recipe schema.
@@ -93,5 +96,5 @@ def test_a_stage_declared_in_the_registry_is_run_rendered_and_reported(tmp_path)
     assert "3 rows tallied" in seen["summary"]  # the runner's summary shows the report model's headline
     assert seen["job_args"][:2] == ["stage", "tally"]
     assert seen["job_resources"]["requests"]["cpu"] == "1"  # the registry's default resources
-    assert "## tally" in seen["report_md"]
+    assert "## tally" in seen["report_md"] and "| 3 rows counted |" in seen["report_md"]
     assert "already done" in seen["cli_stage"]  # `kubetune stage tally` (what the Job runs) knows the stage

@@ -32,3 +32,4 @@ def test_each_stage_reads_its_own_report_model_and_headline():
     assert key_metric("evaluate", {"metrics": {"merged": {"execution_accuracy": 85.5}}}) == "merged 85.5%"
     old_run = report_of("no-longer-a-stage", {"duration_s": 2.0})  # a folder of an older kubetune: still read
     assert old_run.duration_s == 2.0 and old_run.headline() == ""
+

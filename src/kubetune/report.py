@@ -23,7 +23,7 @@ from typing import Any
 
 from kubetune.artifacts import RunLayout
 from kubetune.config import STAGE_NAMES
-from kubetune.stage_report import peak_of
+from kubetune.stage_report import human_duration, peak_of, report_of
 
 log = logging.getLogger(__name__)
 
@@ -122,16 +122,6 @@ def gib(n: int | float | None) -> str:
     return f"{n:.0f} B"
 
 
-def seconds(s: float | None) -> str:
-    if s is None:
-        return "—"
-    if s < 120:
-        return f"{s:.1f} s"
-    if s < 7200:
-        return f"{s / 60:.1f} min"
-    return f"{s / 3600:.2f} h"
-
-
 def count(n: int | float) -> str:
     for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(n) >= size:
@@ -161,25 +151,6 @@ def footprint(report: dict) -> str:
     return gib(value) if isinstance(value, (int, float)) else "—"
 
 
-def throughput(stage: str, report: dict) -> str:
-    tp = report.get("throughput") or {}
-    if stage == "finetune" and tp:
-        parts = []
-        if isinstance(tp.get("train_tokens_per_s"), (int, float)):
-            parts.append(f"{tp['train_tokens_per_s']:.0f} tokens/s")
-        if isinstance(tp.get("samples_per_s"), (int, float)):
-            parts.append(f"{tp['samples_per_s']:.2f} rows/s")
-        return ", ".join(parts) or "—"
-    if stage == "infer" and tp:
-        return "; ".join(f"{m}: {v.get('tokens_per_s', 0):.1f} tokens/s" for m, v in tp.items() if isinstance(v, dict))
-    if stage == "quantize" and isinstance(report.get("seconds"), (int, float)):
-        return f"GPTQ {report.get('bits', '?')}-bit in {seconds(report['seconds'])}"
-    if stage == "merge":
-        diff = (report.get("metrics") or {}).get("verify_max_abs_logit_diff")
-        return f"verified, max |Δlogit| {diff:.2g}" if isinstance(diff, (int, float)) else "—"
-    return "—"
-
-
 # ---- the report as tables ------------------------------------------------------------------------------------------
 @dataclass
 class Table:
@@ -207,9 +178,10 @@ def stage_tables(runs: list[RunData]) -> list[Table]:
             r = run.reports.get(stage)
             if r is None:
                 continue
-            rows.append([run.name, seconds(r.get("duration_s")), gib(gpu_peak(r)), gib(gpu_allocated(r)),
-                         gib(host_rss(r)), footprint(r), by_dtype(r.get("parameters"), stage == "finetune"),
-                         throughput(stage, r)])
+            model = report_of(stage, r)
+            rows.append([run.name, human_duration(model.duration_s), gib(gpu_peak(r)), gib(gpu_allocated(r)),
+                         gib(host_rss(r)), footprint(r), by_dtype(r.get("parameters"), model.counts_trainable),
+                         model.throughput_text()])
         if rows:
             tables.append(Table(stage, ["run", "time", "peak GPU (process)", "peak GPU (torch allocated)",
                                         "peak host RSS", "footprint", "parameters by dtype", "throughput"], rows))

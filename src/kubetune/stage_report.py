@@ -8,7 +8,7 @@ peak". Fields a stage adds beyond its model are kept (``extra="allow"``): old re
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -57,13 +57,31 @@ class StageReport(BaseModel):
     eval_set: str | None = None
     """Infer and evaluate: the evaluation set this report is of."""
 
+    counts_trainable: ClassVar[bool] = False
+    """Whether the trainable parameter count means something (a model loaded for inference leaves requires_grad
+    on: only the fine-tune's count is real)."""
+
     def headline(self) -> str:
         """The one figure a user looks for first in this stage's report ("" when it has none)."""
         return ""
 
+    def throughput_text(self) -> str:
+        """How fast the stage worked, for `kubetune report`'s stage tables ("—" when it does not say)."""
+        return "—"
+
 
 class FinetuneReport(StageReport):
+    counts_trainable: ClassVar[bool] = True
     metrics: dict[str, Any] = Field(default_factory=dict)
+    throughput: dict[str, Any] = Field(default_factory=dict)
+
+    def throughput_text(self) -> str:
+        parts = []
+        if isinstance(self.throughput.get("train_tokens_per_s"), (int, float)):
+            parts.append(f"{self.throughput['train_tokens_per_s']:.0f} tokens/s")
+        if isinstance(self.throughput.get("samples_per_s"), (int, float)):
+            parts.append(f"{self.throughput['samples_per_s']:.2f} rows/s")
+        return ", ".join(parts) or "—"
 
     def headline(self) -> str:
         if not self.metrics:
@@ -80,10 +98,21 @@ class MergeReport(StageReport):
         diff = self.metrics.get("verify_max_abs_logit_diff")
         return f"max |Δlogit| {diff:.2g}" if isinstance(diff, (int, float)) else ""
 
+    def throughput_text(self) -> str:
+        diff = self.metrics.get("verify_max_abs_logit_diff")
+        return f"verified, max |Δlogit| {diff:.2g}" if isinstance(diff, (int, float)) else "—"
+
 
 class QuantizeReport(StageReport):
     bits: int | None = None
     memory_footprint_bytes: int | None = None
+    seconds: float | None = None
+    """The GPTQ pass alone (the stage's duration_s also loads and saves)."""
+
+    def throughput_text(self) -> str:
+        if self.seconds is None:
+            return "—"
+        return f"GPTQ {self.bits if self.bits is not None else '?'}-bit in {human_duration(self.seconds)}"
 
     def headline(self) -> str:
         size = self.memory_footprint_bytes
@@ -98,6 +127,10 @@ class InferReport(StageReport):
         return ", ".join(f"{m} {v.get('tokens_per_s', 0):.0f} tok/s" for m, v in self.throughput.items()
                          if isinstance(v, dict))
 
+    def throughput_text(self) -> str:
+        return "; ".join(f"{m}: {v.get('tokens_per_s', 0):.1f} tokens/s" for m, v in self.throughput.items()
+                         if isinstance(v, dict)) or "—"
+
 
 class EvaluateReport(StageReport):
     metrics: dict[str, Any] = Field(default_factory=dict)
@@ -105,6 +138,16 @@ class EvaluateReport(StageReport):
     def headline(self) -> str:
         return ", ".join(f"{m} {v.get('execution_accuracy', 0):.1f}%" for m, v in self.metrics.items()
                          if isinstance(v, dict))
+
+
+def human_duration(s: float | None) -> str:
+    if s is None:
+        return "—"
+    if s < 120:
+        return f"{s:.1f} s"
+    if s < 7200:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.2f} h"
 
 
 def report_model(stage: str) -> type[StageReport]:
