@@ -33,3 +33,17 @@ def test_each_stage_reads_its_own_report_model_and_headline():
     old_run = report_of("no-longer-a-stage", {"duration_s": 2.0})  # a folder of an older kubetune: still read
     assert old_run.duration_s == 2.0 and old_run.headline() == ""
 
+
+
+def test_a_report_json_that_is_no_stage_report_is_read_as_missing_not_as_a_crash_later(tmp_path):
+    from kubetune.artifacts import RunLayout
+
+    layout = RunLayout(tmp_path, "r")
+    for stage, duration in (("merge", 3.0), ("quantize", "soon")):  # "soon": no number of seconds
+        layout.report_path(stage).parent.mkdir(parents=True)
+        layout.report_path(stage).write_text(f'{{"stage": "{stage}", "duration_s": "{duration}"}}'.replace(
+            '"3.0"', "3.0"))
+    assert layout.read_report("merge") == {"stage": "merge", "duration_s": 3.0}
+    assert layout.read_report("quantize") is None
+    built = report_md.build_report([tmp_path / "r"], estimates=False)  # before: TypeError formatting "soon"
+    assert [t.title for t in built.tables] == ["merge"]
