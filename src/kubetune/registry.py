@@ -17,8 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-# Which stage makes each model that infer and evaluate can use ("base" is the recipe's own model).
-BASE_MODEL = "base"
+BASE_MODEL = "base"  # the model of infer.models that no stage makes: the recipe's own
 
 
 @dataclass(frozen=True)
@@ -53,7 +52,7 @@ def _producer(model: str) -> str | None:
     return next((s.name for s in _STAGES.values() if s.produces == model), None)
 
 
-def _models_inferred(recipe) -> list[str]:
+def _producers_of_inferred_models(recipe) -> list[str]:
     return [p for m in recipe.infer.models if (p := _producer(m))]
 
 
@@ -74,7 +73,7 @@ _DECLARED = (
               report="kubetune.stage_report:QuantizeReport",
               estimate="kubetune.estimate.stages:Estimator.quantize", produces="quantized", reads_data=True),
     StageSpec("infer", "kubetune.stages.infer",
-              _models_inferred,
+              _producers_of_inferred_models,
               report="kubetune.stage_report:InferReport",
               estimate="kubetune.estimate.stages:Estimator.infer", per_eval_set=True, reads_data=True),
     StageSpec("evaluate", "kubetune.stages.evaluate", lambda recipe: ["infer"],
