@@ -259,7 +259,10 @@ def bench_gptq(args) -> list[dict]:
 def bench_pipeline(args) -> dict:
     run_dir = Path(args.run_dir)
     reports = {}
-    for stage in ("finetune", "merge", "quantize", "infer", "evaluate"):
+    from kubetune.config import STAGE_NAMES  # the registry's recipe stages, in pipeline order
+    from kubetune.stage_report import peak_of
+
+    for stage in STAGE_NAMES:
         path = run_dir / stage / "report.json"
         if not path.is_file():
             raise SystemExit(f"{path}: not found; run scripts/demo.sh (or kubetune run jobs/demo-cpu.yaml) first")
@@ -270,7 +273,7 @@ def bench_pipeline(args) -> dict:
         "run_dir": str(run_dir),
         "started_at": ft.get("started_at"),
         "stages": {s: {"seconds": r.get("duration_s"),
-                       "peak_rss_gib": round((r.get("peak_memory") or {}).get("host_rss_bytes", 0) / 2**30, 2)}
+                       "peak_rss_gib": round((peak_of(r).host_rss_bytes or 0) / 2**30, 2)}
                    for s, r in reports.items()},
         "total_stage_seconds": round(sum(r.get("duration_s") or 0 for r in reports.values()), 1),
         "finetune": {"steps": ft["metrics"].get("steps_run"), "train_loss": ft["metrics"].get("train_loss"),

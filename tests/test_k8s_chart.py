@@ -96,6 +96,16 @@ def test_values_schema_rejects_typos_and_a_missing_model():
     assert wrong_type.returncode != 0 and "backoff_limit" in wrong_type.stderr
 
 
+def test_values_schema_rejects_a_misspelt_gate_as_kubetune_validate_does():
+    minimal = ("-f", str(CHART / "ci" / "minimal-values.yaml"))
+    typo = helm_template(*minimal, "--set", "recipe.evaluate.gates.quantized_max_dorp=2", check=False)
+    assert typo.returncode != 0 and "invalid propertyName 'quantized_max_dorp'" in typo.stderr
+    on_a_set = helm_template(*minimal, "--set", "recipe.evaluate.sets.dev.source=dev.jsonl",
+                             "--set", "recipe.evaluate.sets.dev.gates.merged_min_acuracy=70", check=False)
+    assert on_a_set.returncode != 0 and "merged_min_acuracy" in on_a_set.stderr
+    assert helm_template(*minimal, "--set", "recipe.evaluate.gates.quantized_max_drop=2").returncode == 0
+
+
 def test_artifacts_outside_the_claim_fail_like_kubetune_render():
     result = helm_template("-f", str(CHART / "ci" / "minimal-values.yaml"),
                            "--set", "recipe.run.artifacts_root=/tmp/out", check=False)

@@ -30,8 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from pydantic import ValidationError
+
 from kubetune.config import HELDOUT_SET
 from kubetune.errors import ArtifactError, StageBusyError, storage_error
+from kubetune.stage_report import report_of
 
 SUCCESS_MARKER = "_SUCCESS"
 REPORT_FILE = "report.json"
@@ -98,14 +101,21 @@ class RunLayout:
 
     def recipe_state(self, recipe, stage: str) -> StageState:
         """The state of ``stage`` for ``recipe`` over every evaluation set it scores (infer and evaluate)."""
-        sets = recipe.eval_sets() if stage in ("infer", "evaluate") else [HELDOUT_SET]
-        states = {self.state(stage, recipe.fingerprint(stage, s), s) for s in sets}
+        states = {self.state(stage, recipe.fingerprint(stage, s), s) for s in recipe.stage_sets(stage)}
         return "stale" if "stale" in states else "missing" if "missing" in states else "done"
 
     def read_report(self, stage: str, eval_set: str = HELDOUT_SET) -> dict | None:
+        """The stage's report.json as its report model (kubetune.stage_report) reads it, with the keys the file
+        has; None when it is missing or is no such report."""
         try:
-            return json.loads(self.report_path(stage, eval_set).read_text())
+            data = json.loads(self.report_path(stage, eval_set).read_text())
         except (FileNotFoundError, json.JSONDecodeError):
+            return None
+        if not isinstance(data, dict):
+            return None
+        try:
+            return report_of(stage, data).model_dump(exclude_unset=True)
+        except ValidationError:
             return None
 
     def require(self, stage: str, eval_set: str = HELDOUT_SET) -> Path:

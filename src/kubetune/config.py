@@ -10,14 +10,16 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from dataclasses import dataclass
 from os.path import isabs, normpath
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, JsonValue, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, JsonValue, ValidationError, create_model,
+                      field_validator, model_validator)
 
+from kubetune import registry
 from kubetune.errors import RecipeError
 
 # The original notebook's template; the only change is that context and question are joined with ". ".
@@ -26,16 +28,18 @@ DEFAULT_PROMPT_TEMPLATE = (
 )
 PROMPT_PLACEHOLDERS = ("context", "question")
 
-STAGE_NAMES = ("finetune", "merge", "quantize", "infer", "evaluate")
+# The stages come from the registry (kubetune.registry), read once here: the recipe's `stages`, `resources` and
+# `infer.models` fields are built from it.
+STAGE_NAMES = registry.recipe_stages()
+StageName = Literal[STAGE_NAMES]  # type: ignore[valid-type]
 # On Kubernetes a CPU-only stage first brings the recipe's hub model and data set onto the claim, so that the
 # GPU stages never wait on the network (docs/kubernetes.md). It is not a recipe stage: the pipeline gets it
 # when the recipe names something on the hub (kubetune.sources.pod_stages), and `kubetune run` reads the hub directly.
 FETCH_STAGE = "fetch"
-POD_STAGES = (FETCH_STAGE, *STAGE_NAMES)
+POD_STAGES = registry.pod_stages()
 # Which stage produces each model that infer/evaluate can use ("base" is the recipe's model itself).
-MODEL_PRODUCERS: dict[str, str | None] = {"base": None, "adapter": "finetune", "merged": "merge",
-                                          "quantized": "quantize"}
-ModelName = Literal["base", "adapter", "merged", "quantized"]
+MODEL_PRODUCERS: dict[str, str | None] = registry.model_producers()
+ModelName = Literal[tuple(MODEL_PRODUCERS)]  # type: ignore[valid-type]
 
 
 # What the Kubernetes API server accepts in the fields that recipe strings become (apimachinery's validation):
@@ -347,24 +351,43 @@ class InferSection(Section):
     with it."""
 
 
-# Gates a recipe can set, on the held-out split (evaluate.gates) or on a named set (evaluate.sets.<name>.gates).
+@dataclass(frozen=True)
+class GateRule:
+    """What a gate compares. Its limit is in points of execution accuracy (percent for ``min_accuracy``)."""
+
+    kind: Literal["max_drop", "min_gain", "min_accuracy"]
+    model: str
+    references: tuple[str, ...] = ()
+    """max_drop, min_gain: the model it is compared with, the first of these that was inferred."""
+
+
+# Gates a recipe can set, on the held-out split (evaluate.gates) or on a named set (evaluate.sets.<name>.gates);
+# kubetune.stages.evaluate computes each of them, and its docstring says what they measure.
+GATES: dict[str, GateRule] = {
+    "quantized_max_drop": GateRule("max_drop", "quantized", ("merged", "adapter")),
+    "merged_vs_adapter_max_drop": GateRule("max_drop", "merged", ("adapter",)),
+    "adapter_min_gain_over_base": GateRule("min_gain", "adapter", ("base",)),
+    **{f"{m}_min_execution_accuracy": GateRule("min_accuracy", m) for m in MODEL_PRODUCERS},
+}
+
+
 def known_gates() -> list[str]:
-    # kubetune.stages.evaluate computes each of these; its docstring says what they measure
-    return ["quantized_max_drop", "merged_vs_adapter_max_drop", "adapter_min_gain_over_base",
-            *(f"{m}_min_execution_accuracy" for m in MODEL_PRODUCERS)]
+    return list(GATES)
 
 
 def _check_gates(gates: dict[str, float]) -> dict[str, float]:
-    unknown = sorted(set(gates) - set(known_gates()))
+    unknown = sorted(set(gates) - set(GATES))
     if unknown:
-        raise ValueError(f"unknown gate(s) {', '.join(unknown)}; known gates: {', '.join(known_gates())}")
+        raise ValueError(f"unknown gate(s) {', '.join(unknown)}; known gates: {', '.join(GATES)}")
     for name, limit in gates.items():
-        if name.endswith("_min_execution_accuracy") and not 0 <= limit <= 100:
+        if GATES[name].kind == "min_accuracy" and not 0 <= limit <= 100:
             raise ValueError(f"{name}: {limit} is not a percentage between 0 and 100")
     return gates
 
 
-Gates = Annotated[dict[str, float], AfterValidator(_check_gates)]
+# The names are in the JSON schema too, so Helm refuses a misspelt gate through the chart's values schema.
+Gates = Annotated[dict[str, float], AfterValidator(_check_gates),
+                  Field(json_schema_extra={"propertyNames": {"enum": list(GATES)}})]
 HELDOUT_SET = "heldout"  # the default evaluation set: the seeded held-out split of data.source
 SetName = Annotated[str, Field(pattern=r"^[a-z0-9]([a-z0-9_-]{0,38}[a-z0-9])?$")]
 
@@ -426,19 +449,11 @@ class Resources(Section):
     """Host memory request and limit (Kubernetes quantity: 32Gi); over it the pod is OOM-killed and retried."""
 
 
-class ResourcesSection(Section):
-    fetch: Resources = Resources(gpus=0, cpu="1", memory="2Gi")
-    """The download stage on Kubernetes (first when the recipe names a hub model or data set): CPU only."""
-    finetune: Resources = Resources()
-    """The fine-tune's pod."""
-    merge: Resources = Resources()
-    """The merge's pod (the merge itself runs in host memory: give it the 16-bit model's size and more)."""
-    quantize: Resources = Resources()
-    """The quantize stage's pod."""
-    infer: Resources = Resources()
-    """The infer stage's pod."""
-    evaluate: Resources = Resources(gpus=0, cpu="2", memory="4Gi")
-    """The evaluate stage's pod: SQLite only, no GPU by default."""
+# resources.<stage> for every stage of the registry, with the stage's defaults
+ResourcesSection = create_model(
+    "ResourcesSection", __base__=Section, __module__=__name__,
+    **{spec.name: (Resources, Field(Resources(**spec.resources), description=spec.resources_note))
+       for spec in registry.specs()})
 
 
 class PvcSection(Section):
@@ -579,18 +594,14 @@ KUBETUNE_VOLUMES = ("recipe", "data", "dshm", "tmp")  # the stage pods' and the 
 
 def gate_models(name: str, models: list[str]) -> tuple[list[str], str | None]:
     """(the models a gate compares, a problem if the recipe did not infer them)."""
-    if name == "quantized_max_drop":
-        reference = "merged" if "merged" in models else "adapter"
-        need = ["quantized", reference]
-        if "quantized" not in models or reference not in models:
-            return need, "needs 'quantized' and 'merged' (or 'adapter') in infer.models"
-        return need, None
-    if name == "merged_vs_adapter_max_drop":
-        need = ["adapter", "merged"]
-    elif name == "adapter_min_gain_over_base":
-        need = ["base", "adapter"]
+    rule = GATES[name]
+    if not rule.references:
+        need = [rule.model]
     else:
-        need = [name.removesuffix("_min_execution_accuracy")]
+        need = [rule.model, next((r for r in rule.references if r in models), rule.references[-1])]
+        if len(rule.references) > 1 and (rule.model not in models or need[1] not in models):
+            alternatives = " (or ".join(repr(r) for r in rule.references) + ")" * (len(rule.references) - 1)
+            return need, f"needs {rule.model!r} and {alternatives} in infer.models"
     missing = [m for m in need if m not in models]
     if missing:
         return need, f"needs {' and '.join(repr(m) for m in missing)} in infer.models"
@@ -684,7 +695,7 @@ class Recipe(Section):
     """Prometheus metrics of the stages."""
     serve: ServeSection = ServeSection()
     """How the finished model is served with vLLM."""
-    stages: list[Literal["finetune", "merge", "quantize", "infer", "evaluate"]] = list(STAGE_NAMES)
+    stages: list[StageName] = list(STAGE_NAMES)
     """Stages this recipe runs, in pipeline order."""
 
     @model_validator(mode="after")
@@ -715,21 +726,16 @@ class Recipe(Section):
     # ---- derived facts -------------------------------------------------------------------------------
     def upstream(self, stage: str) -> list[str]:
         """Stages whose artifacts ``stage`` reads (fetch fills the hub cache, which is no artifact of the run)."""
-        if stage in ("finetune", FETCH_STAGE):
-            return []
-        if stage == "merge":
-            return ["finetune"]
-        if stage == "quantize":
-            return ["merge"] if "merge" in self.stages else ["finetune"]
-        if stage == "infer":
-            return [p for m in self.infer.models if (p := MODEL_PRODUCERS[m])]
-        if stage == "evaluate":
-            return ["infer"]
-        raise KeyError(stage)
+        return registry.spec(stage).upstream(self)
 
     def eval_sets(self) -> list[str]:
         """The evaluation sets infer and evaluate score: the held-out split first, then ``evaluate.sets``."""
         return [HELDOUT_SET, *self.evaluate.sets]
+
+    def stage_sets(self, stage: str) -> list[str]:
+        """The evaluation sets ``stage`` runs once each for: all of them for infer and evaluate, else the held-out
+        split only (the registry's ``per_eval_set``)."""
+        return self.eval_sets() if registry.spec(stage).per_eval_set else [HELDOUT_SET]
 
     def fingerprint(self, stage: str, eval_set: str = HELDOUT_SET) -> str:
         """Hash of everything that decides ``stage``'s output: its inputs and its own section.
@@ -738,34 +744,47 @@ class Recipe(Section):
         and evaluate, each evaluation set has its own fingerprint (and folder); ``evaluate.sets`` is in none of
         the others, so adding a set leaves every finished stage and set as it is.
         """
-        own = {} if stage == FETCH_STAGE else getattr(self, stage).model_dump(
-            exclude={"sets"} if stage == "evaluate" else None)
+        spec = registry.spec(stage)
+        section = getattr(self, stage, None)  # a stage without settings of its own has no section
+        own = section.model_dump(exclude={"sets"} if stage == "evaluate" else None) if isinstance(
+            section, Section) else {}
         parts: dict[str, Any] = {
             "stage": stage,
             "model": self.model.model_dump(exclude={"allow_pickle"}),  # how weights may load, not what they are
             "prompt": self.prompt.template,
             "own": own,
-            "upstream": {u: self.fingerprint(u, eval_set if u == "infer" else HELDOUT_SET)
+            "upstream": {u: self.fingerprint(u, eval_set if registry.spec(u).per_eval_set else HELDOUT_SET)
                          for u in self.upstream(stage)},
         }
-        if stage in ("finetune", "quantize", FETCH_STAGE) or (eval_set == HELDOUT_SET
-                                                              and stage in ("infer", "evaluate")):
+        if spec.reads_data and (eval_set == HELDOUT_SET or not spec.per_eval_set):
             parts["data"] = self.data.model_dump()
-        if eval_set != HELDOUT_SET and stage in ("infer", "evaluate"):
-            spec = self.evaluate.sets[eval_set]
-            parts["eval_set"] = spec.model_dump(exclude={"gates"} if stage == "infer" else None)
+        if eval_set != HELDOUT_SET and spec.per_eval_set:
+            parts["eval_set"] = self.evaluate.sets[eval_set].model_dump(exclude={"gates"} if stage == "infer" else None)
             if stage == "evaluate":
                 parts["own"] = {**own, "gates": {}}  # the held-out split's gates are not this set's
         return _sha256(parts)[:16]
 
     def job_fingerprint(self, stage: str) -> str:
         """One hash for a stage Job: the fingerprints of every evaluation set for infer and evaluate."""
-        if stage not in ("infer", "evaluate") or not self.evaluate.sets:
+        if not registry.spec(stage).per_eval_set or not self.evaluate.sets:
             return self.fingerprint(stage)
         return _sha256({s: self.fingerprint(stage, s) for s in self.eval_sets()})[:16]
 
     def recipe_hash(self) -> str:
         return _sha256(self.model_dump())[:16]
+
+
+def _with_registered_sections(recipe: type[Recipe]) -> type[Recipe]:
+    """The recipe with a section for each stage that the registry gives settings and this module does not."""
+    extra: dict[str, Any] = {}
+    for spec in registry.specs():
+        if spec.settings and spec.name not in recipe.model_fields:
+            section = registry.resolve(spec.settings)
+            extra[spec.name] = (section, Field(default_factory=section, description=section.__doc__))
+    return create_model("Recipe", __base__=recipe, __module__=__name__, **extra) if extra else recipe
+
+
+Recipe = _with_registered_sections(Recipe)  # type: ignore[misc]
 
 
 def _sha256(obj: Any) -> str:

@@ -14,8 +14,9 @@ import os
 import resource
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any
+
+from kubetune.stage_report import PeakMemory  # the one definition of the GPU peak (gpu_bytes)
 
 VERSIONED_PACKAGES = ("kubetune", "torch", "transformers", "peft", "trl", "bitsandbytes", "datasets",
                       "accelerate", "gptqmodel", "safetensors")
@@ -142,23 +143,6 @@ class _NvmlSampler:
             self._stop.set()
             self._thread.join(timeout=2)
             self._sample()
-
-
-@dataclass
-class PeakMemory:
-    """Peaks over one stage. Bytes throughout; None where the figure cannot be had (no GPU, no NVML)."""
-
-    torch_allocated_bytes: int | None = None
-    torch_reserved_bytes: int | None = None
-    nvml_process_bytes: int | None = None
-    nvml_device_used_bytes: int | None = None
-    gpu_total_bytes: int | None = None
-    host_rss_bytes: int | None = None
-    torch_allocated_at_start_bytes: int | None = None  # still held when the stage began (0 in a fresh process)
-    per_gpu: dict[str, dict[str, int]] = field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
 
 
 @contextlib.contextmanager

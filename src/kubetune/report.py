@@ -23,6 +23,7 @@ from typing import Any
 
 from kubetune.artifacts import RunLayout
 from kubetune.config import STAGE_NAMES
+from kubetune.stage_report import human_duration, peak_of, report_of
 
 log = logging.getLogger(__name__)
 
@@ -99,17 +100,16 @@ def attach_estimates(runs: list[RunData], recipes: dict[str, Any] | None = None,
 
 # ---- figures -----------------------------------------------------------------------------------------------------
 def gpu_peak(report: dict) -> int | None:
-    """What the process held on the GPU: NVML's per-process figure (context included), else torch's reserved."""
-    peak = report.get("peak_memory") or {}
-    return peak.get("nvml_process_bytes") or peak.get("torch_reserved_bytes") or None
+    """What the process held on the GPU (:attr:`kubetune.stage_report.PeakMemory.gpu_bytes`)."""
+    return peak_of(report).gpu_bytes
 
 
 def gpu_allocated(report: dict) -> int | None:
-    return (report.get("peak_memory") or {}).get("torch_allocated_bytes") or None
+    return peak_of(report).torch_allocated_bytes or None
 
 
 def host_rss(report: dict) -> int | None:
-    return (report.get("peak_memory") or {}).get("host_rss_bytes") or None
+    return peak_of(report).host_rss_bytes or None
 
 
 def gib(n: int | float | None) -> str:
@@ -120,16 +120,6 @@ def gib(n: int | float | None) -> str:
         if abs(n) >= size:
             return f"{n / size:.2f} {unit}"
     return f"{n:.0f} B"
-
-
-def seconds(s: float | None) -> str:
-    if s is None:
-        return "—"
-    if s < 120:
-        return f"{s:.1f} s"
-    if s < 7200:
-        return f"{s / 60:.1f} min"
-    return f"{s / 3600:.2f} h"
 
 
 def count(n: int | float) -> str:
@@ -161,25 +151,6 @@ def footprint(report: dict) -> str:
     return gib(value) if isinstance(value, (int, float)) else "—"
 
 
-def throughput(stage: str, report: dict) -> str:
-    tp = report.get("throughput") or {}
-    if stage == "finetune" and tp:
-        parts = []
-        if isinstance(tp.get("train_tokens_per_s"), (int, float)):
-            parts.append(f"{tp['train_tokens_per_s']:.0f} tokens/s")
-        if isinstance(tp.get("samples_per_s"), (int, float)):
-            parts.append(f"{tp['samples_per_s']:.2f} rows/s")
-        return ", ".join(parts) or "—"
-    if stage == "infer" and tp:
-        return "; ".join(f"{m}: {v.get('tokens_per_s', 0):.1f} tokens/s" for m, v in tp.items() if isinstance(v, dict))
-    if stage == "quantize" and isinstance(report.get("seconds"), (int, float)):
-        return f"GPTQ {report.get('bits', '?')}-bit in {seconds(report['seconds'])}"
-    if stage == "merge":
-        diff = (report.get("metrics") or {}).get("verify_max_abs_logit_diff")
-        return f"verified, max |Δlogit| {diff:.2g}" if isinstance(diff, (int, float)) else "—"
-    return "—"
-
-
 # ---- the report as tables ------------------------------------------------------------------------------------------
 @dataclass
 class Table:
@@ -207,9 +178,10 @@ def stage_tables(runs: list[RunData]) -> list[Table]:
             r = run.reports.get(stage)
             if r is None:
                 continue
-            rows.append([run.name, seconds(r.get("duration_s")), gib(gpu_peak(r)), gib(gpu_allocated(r)),
-                         gib(host_rss(r)), footprint(r), by_dtype(r.get("parameters"), stage == "finetune"),
-                         throughput(stage, r)])
+            model = report_of(stage, r)
+            rows.append([run.name, human_duration(model.duration_s), gib(gpu_peak(r)), gib(gpu_allocated(r)),
+                         gib(host_rss(r)), footprint(r), by_dtype(r.get("parameters"), model.counts_trainable),
+                         model.throughput_text()])
         if rows:
             tables.append(Table(stage, ["run", "time", "peak GPU (process)", "peak GPU (torch allocated)",
                                         "peak host RSS", "footprint", "parameters by dtype", "throughput"], rows))

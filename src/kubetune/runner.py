@@ -17,6 +17,7 @@ from rich.text import Text
 
 from kubetune.artifacts import RunLayout
 from kubetune.config import HELDOUT_SET, Recipe
+from kubetune.stage_report import peak_of, report_of
 from kubetune.stages import StageResult, run_stage
 from kubetune.terminal import literal, printable
 
@@ -63,37 +64,18 @@ def run_pipeline(recipe: Recipe, stages: list[str] | None = None, console: Conso
 
 
 def _peak(report: dict) -> str:
-    peak = report.get("peak_memory") or {}
-    gpu = peak.get("nvml_process_bytes") or peak.get("torch_reserved_bytes")
-    rss = peak.get("host_rss_bytes")
+    peak = peak_of(report)
     parts = []
-    if gpu:
-        parts.append(f"GPU {gpu / GIB:.2f} GiB")
-    if rss:
-        parts.append(f"RSS {rss / GIB:.2f} GiB")
+    if peak.gpu_bytes:
+        parts.append(f"GPU {peak.gpu_bytes / GIB:.2f} GiB")
+    if peak.host_rss_bytes:
+        parts.append(f"RSS {peak.host_rss_bytes / GIB:.2f} GiB")
     return ", ".join(parts) or "–"
 
 
 def key_metric(stage: str, report: dict) -> str:
-    """The one figure a user looks for first in each stage's report."""
-    metrics = report.get("metrics") or {}
-    if stage == "finetune" and metrics:
-        loss = metrics.get("train_loss")
-        steps = f"{metrics.get('steps_run')}/{metrics.get('planned_steps')} steps"
-        return f"loss {loss:.3f}, {steps}" if isinstance(loss, (int, float)) else steps
-    if stage == "merge" and "verify_max_abs_logit_diff" in metrics:
-        return f"max |Δlogit| {metrics['verify_max_abs_logit_diff']:.2g}"
-    if stage == "quantize":
-        size = report.get("memory_footprint_bytes")
-        size_text = f", {size / 2**20:.0f} MiB" if isinstance(size, (int, float)) else ""
-        return f"GPTQ {report.get('bits', '?')}-bit{size_text}"
-    if stage == "infer":
-        tps = report.get("throughput") or {}
-        return ", ".join(f"{m} {v.get('tokens_per_s', 0):.0f} tok/s" for m, v in tps.items())
-    if stage == "evaluate":
-        return ", ".join(f"{m} {v.get('execution_accuracy', 0):.1f}%" for m, v in metrics.items()
-                         if isinstance(v, dict))
-    return ""
+    """The one figure a user looks for first in each stage's report (its report model's headline)."""
+    return report_of(stage, report).headline()
 
 
 def summary_table(results: list[StageResult]) -> Table:

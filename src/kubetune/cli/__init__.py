@@ -72,6 +72,7 @@ from kubetune.cli import ui  # noqa: E402,F401
 from kubetune.cli import watch  # noqa: E402,F401
 from kubetune.cli import insight  # noqa: E402,F401
 from kubetune.cli import cluster  # noqa: E402,F401
+from kubetune.cli import pod  # noqa: E402,F401
 from kubetune.cli import demo  # noqa: E402,F401
 
 

@@ -1,4 +1,4 @@
-"""Commands that talk to Kubernetes: render, submit, status, logs, cancel, list, and drive (the driver).
+"""Commands that talk to Kubernetes from your machine: render, submit, status, logs, cancel, list, stage-in.
 
 ``kubernetes`` is imported inside the commands only (``kubetune --help`` stays fast). The cluster is found
 as kubectl finds it (--kubeconfig, $KUBECONFIG, ~/.kube/config, else the pod's service account); the
@@ -8,8 +8,6 @@ Each option is also an environment variable: ``KUBETUNE_NAMESPACE`` / ``KUBETUNE
 """
 
 from __future__ import annotations
-
-import sys
 
 import click
 
@@ -221,39 +219,6 @@ def stage_in(paths, run, to, recipe_path, namespace, context, kubeconfig) -> Non
     if recipe.run.name != run:
         raise RecipeError(recipe_path or run, [f"run.name: is '{recipe.run.name}', not '{run}'"])
     copy_in(cluster, recipe, list(paths), to, _echo, create_claim=recipe_path is not None)
-
-
-@cli.command()
-@click.argument("run")
-@click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False), default=None,
-              help="Recipe file (in the driver pod: the mounted ConfigMap; default: read the run's ConfigMap).")
-@click.option("--read-markers", is_flag=True,
-              help="The claim is mounted here: skip stages whose _SUCCESS marker is already written.")
-@click.option("--poll", "poll_s", type=float, default=None, help="Seconds between looks at the Jobs.")
-@_cluster_options
-def drive(run, recipe_path, read_markers, poll_s, namespace, context, kubeconfig) -> None:
-    """Create RUN's stage Jobs one after another as each succeeds; safe to stop and start again at any time."""
-    from kubetune.artifacts import RunLayout
-    from kubetune.errors import RecipeError
-    from kubetune.k8s import launcher, render
-    from kubetune.k8s.driver import Driver
-
-    from kubetune.cli.local import exit_on_sigterm
-
-    exit_on_sigterm()  # the driver pod's PID 1: `kubetune cancel` must stop it now, not after the grace period
-    recipe = _load(recipe_path, ()) if recipe_path else None
-    cluster = _connect(namespace, context, kubeconfig, recipe)
-    if recipe is None:
-        recipe = launcher.run_recipe(cluster, run)
-        if recipe is None:
-            raise RecipeError(run, [f"no readable recipe ConfigMap for run '{run}' in namespace {cluster.namespace}"])
-    if recipe.run.name != run:
-        raise RecipeError(recipe_path or run, [f"run.name: is '{recipe.run.name}', not '{run}'"])
-    layout = RunLayout.from_recipe(recipe) if read_markers else None
-    # In the cluster the driver runs in its own Job, which then owns the stage Jobs (kubetune.k8s.driver)
-    owner = cluster.get("Job", render.Names(run).driver)
-    Driver(cluster, recipe, layout=layout, echo=_echo, owner=owner).run(poll_s)
-    sys.stdout.flush()
 
 
 def _check_fits(recipe, recipe_path: str, model_config: str | None, force: bool) -> None:

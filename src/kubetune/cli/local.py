@@ -1,4 +1,4 @@
-"""Commands that work on this machine: validate a recipe, run one stage (what a pod runs), run the pipeline."""
+"""Commands that work on this machine: validate a recipe, run the pipeline, score a model, serve a run."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import sys
 import click
 
 from kubetune.cli import cli
-from kubetune.config import POD_STAGES
 
 set_option = click.option(
     "--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", envvar="KUBETUNE_SET",
@@ -57,58 +56,6 @@ def explain(key: str) -> None:
         if text:
             click.echo(textwrap.fill(" ".join(text.replace("``", "`").split()), 100, initial_indent="    ",
                                      subsequent_indent="    "))
-
-
-def exit_on_sigterm() -> None:
-    """End with 143 on SIGTERM, as a process with the default action would, also as a container's PID 1.
-
-    In a pod the entrypoint is PID 1 of its PID namespace, and the kernel drops a signal whose action is the
-    default for PID 1: without a handler, `kubectl delete`, an eviction or a preemption would wait out the whole
-    terminationGracePeriodSeconds (300 s by default) and end in SIGKILL (137). The fine-tune replaces this handler
-    while it trains (checkpoint, then 143) and puts it back afterwards."""
-    import signal
-
-    def handle(signum, frame):
-        # What the default action does, and no more: end now, without unwinding into library code (an exception
-        # raised here can be caught and outlived by a library's cleanup, GPTQModel's for one). Nothing a stage
-        # writes is final before its rename, so nothing is lost; the retry starts the stage again.
-        import os
-
-        os._exit(128 + signum)
-
-    try:
-        signal.signal(signal.SIGTERM, handle)
-    except ValueError:  # not the main thread (an embedding application): leave its handlers alone
-        pass
-
-
-@cli.command()
-@click.argument("name", type=click.Choice(POD_STAGES))
-@click.option("--recipe", "recipe_path", required=True, type=click.Path(dir_okay=False),
-              help="Recipe file (in a pod: the mounted ConfigMap).")
-@set_option
-@click.pass_context
-def stage(ctx: click.Context, name: str, recipe_path: str, overrides: tuple[str, ...]) -> None:
-    """Run one stage NAME of a recipe (this is what each Kubernetes Job runs)."""
-    import logging
-
-    from kubetune.config import load_recipe
-    from kubetune.console import ProgressLines, quiet_libraries
-    from kubetune.stages import run_stage
-
-    quiet_libraries(_verbose(ctx))
-    exit_on_sigterm()
-    recipe = load_recipe(recipe_path, list(overrides))
-    if name in recipe.stages:  # an unknown stage gets run_stage's own error
-        from kubetune.devices import require_gpus
-
-        require_gpus(name, getattr(recipe.resources, name).gpus)  # before anything is read: exit 14, not CPU training
-    result = run_stage(recipe, name, progress=ProgressLines(logging.getLogger("kubetune.progress")))
-    from kubetune.k8s.state import write_termination_message
-
-    write_termination_message(result.report)  # in a pod: `kubetune status` shows peak VRAM from it; else no-op
-    word = "already done, skipped" if result.status == "skipped" else f"done in {result.report.get('duration_s', 0):.1f} s"
-    click.echo(f"{name}: {word} → {result.path}")
 
 
 def _verbose(ctx: click.Context) -> int:

@@ -16,11 +16,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from kubetune import registry
 from kubetune.errors import WontFitError
 from kubetune.gpus import GPUS, Gpu, find_gpu
 
-GPU_STAGES = ("finetune", "merge", "quantize", "infer")
-"""Stages that use a GPU; evaluate runs SQL on the CPU."""
+GPU_STAGES = registry.gpu_stages()
+"""Stages that use a GPU (those the registry gives a memory estimate); evaluate runs SQL on the CPU."""
 
 
 @dataclass

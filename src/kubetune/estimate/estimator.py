@@ -20,15 +20,15 @@ from kubetune.estimate.components import StageEstimate, dtype_bytes
 from kubetune.estimate.modelshape import ModelShape, build_meta_model, shape_of
 from kubetune.estimate.trace import Trace, TrainSetup, kv_cache_elements, prepare_for_training, trace_backbone
 
-MEMORY_MODELS = "kubetune.estimate.{stage}"
 """Where each GPU stage's memory model lives: a module with ``estimate_memory(est, recipe=None)``."""
 
 
 def memory_model(stage: str):
-    """``estimate_memory`` of ``stage`` (``kubetune.estimate.<stage>:estimate_memory``)."""
-    import importlib
+    """The memory model the stage registry names for ``stage`` (``kubetune.estimate.<stage>:estimate_memory`` for
+    kubetune's own): ``fn(est, recipe=None) -> StageEstimate``."""
+    from kubetune import registry
 
-    return importlib.import_module(MEMORY_MODELS.format(stage=stage)).estimate_memory
+    return registry.resolve(registry.spec(stage).estimate)
 
 
 # ---- no-grad forward scratch ---------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from kubetune.config import (FinetuneSection, InferSection, KubernetesSection, M
                              RunSection, ServeSection, load_recipe, recipe_json_schema)
 from kubetune.k8s import chartgen, render, valuestable
 from kubetune.metrics.assets import monitoring_values_schema
-from kubetune.ui.chart import ui_values_schema
+from kubetune.k8s.ui_values import ui_values_schema
 from kubetune.generated import write_or_check
 
 

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from kubetune.stage_report import peak_of
+
 JobState = Literal["queued", "running", "done", "failed"]
 # Waiting reasons that never clear on their own: `status` shows them instead of a bare "Pending".
 STUCK_REASONS = {"ImagePullBackOff", "ErrImagePull", "InvalidImageName", "CreateContainerConfigError",
@@ -122,11 +124,9 @@ TERMINATION_LOG = "/dev/termination-log"
 
 def summary_of(report: dict[str, Any]) -> dict[str, Any]:
     """The few report figures that `kubetune status` shows, small enough for a termination message (4 KiB)."""
-    peak = report.get("peak_memory") or {}
-    vram = next((peak[k] for k in ("nvml_process_bytes", "torch_reserved_bytes", "torch_allocated_bytes")
-                 if peak.get(k) is not None), None)
+    peak = peak_of(report)
     return {"kubetune": 1, "stage": report.get("stage"), "duration_s": report.get("duration_s"),
-            "peak_vram_bytes": vram, "host_rss_bytes": peak.get("host_rss_bytes")}
+            "peak_vram_bytes": peak.gpu_bytes, "host_rss_bytes": peak.host_rss_bytes}
 
 
 def write_termination_message(report: dict[str, Any], path: str = TERMINATION_LOG) -> bool:

@@ -1,6 +1,7 @@
 """Stage entrypoint: run one stage of a recipe with its artifact contract and its report.
 
-A stage is a plain function ``run(ctx: StageContext) -> dict`` in ``kubetune.stages.<name>``. It writes its
+A stage is a plain function ``run(ctx: StageContext) -> dict`` in the module the registry names for it
+(:mod:`kubetune.registry`; ``kubetune.stages.<name>`` for kubetune's own). It writes its
 output into ``ctx.out`` (a temporary folder) and returns the stage-specific part of its report (metrics,
 throughput, parameters). This module does the rest: skip if already done, lock, measure, rename into place,
 write ``report.json`` and ``_SUCCESS``. No click and no kubernetes here; the pod and the local runner both
@@ -19,8 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.artifacts import RunLayout
-from kubetune.config import HELDOUT_SET, POD_STAGES, Recipe
+from kubetune import registry
+from kubetune.config import HELDOUT_SET, Recipe
 from kubetune.errors import ArtifactError, GateError, KubetuneError, storage_error
+from kubetune.stage_report import report_model
 
 log = logging.getLogger("kubetune")
 
@@ -46,7 +49,7 @@ class StageContext:
     """Infer and evaluate: the evaluation set this run of the stage scores (see :func:`eval_rows`)."""
 
     def input(self, stage: str) -> Path:
-        return self.layout.require(stage, self.eval_set if stage == "infer" else HELDOUT_SET)
+        return self.layout.require(stage, self.eval_set if registry.spec(stage).per_eval_set else HELDOUT_SET)
 
     @property
     def work(self) -> Path:
@@ -68,12 +71,10 @@ class StageResult:
 
 
 def stage_module(stage: str):
-    """``kubetune.stages.<stage>``: ``run(ctx) -> dict`` and, optionally, ``check(recipe, report)``, which runs
-    after the artifact is committed (and again when a finished stage is skipped) and may raise, e.g. an
-    evaluation gate: the results are kept, and the pipeline still fails."""
-    if stage not in POD_STAGES:
-        raise KeyError(stage)
-    return importlib.import_module(f"kubetune.stages.{stage}")
+    """The registry's module of ``stage``: ``run(ctx) -> dict`` and, optionally, ``check(recipe, report)``, which
+    runs after the artifact is committed (and again when a finished stage is skipped) and may raise, e.g. an
+    evaluation gate: the results are kept, and the pipeline still fails. KeyError for a name no stage has."""
+    return importlib.import_module(registry.spec(stage).module)
 
 
 def _checked(recipe: Recipe, result: StageResult) -> StageResult:
@@ -93,9 +94,8 @@ def run_stage(recipe: Recipe, stage: str, progress: ProgressFn = _no_progress) -
     Safe to start twice: the second process either sees ``_SUCCESS`` and skips, or finds the lock held and
     stops with a retryable error. A finished artifact from a *different* recipe is never overwritten.
     """
-    sets = recipe.eval_sets() if stage in ("infer", "evaluate") else [HELDOUT_SET]
     results, failed_gates = {}, []
-    for eval_set in sets:
+    for eval_set in recipe.stage_sets(stage):
         try:
             results[eval_set] = _run_unit(recipe, stage, eval_set, progress)
         except GateError as exc:  # the set's results are committed; the other sets are still scored
@@ -124,7 +124,7 @@ def _run_unit(recipe: Recipe, stage: str, eval_set: str, progress: ProgressFn) -
             f"{layout.marker(stage, eval_set).get('fingerprint')} ≠ {fingerprint}); it is never overwritten: "
             "choose another run.name, or move that folder away")
     for up in recipe.upstream(stage):
-        up_set = eval_set if up == "infer" else HELDOUT_SET
+        up_set = eval_set if registry.spec(up).per_eval_set else HELDOUT_SET
         if layout.state(up, recipe.fingerprint(up, up_set), up_set) != "done":
             what = "has not finished" if layout.marker(up, up_set) is None else "was made by a different recipe"
             raise ArtifactError(f"{layout.stage_dir(up, up_set)}: stage '{up}' (needed by '{stage}') {what}")
@@ -152,7 +152,8 @@ def _run_unit(recipe: Recipe, stage: str, eval_set: str, progress: ProgressFn) -
                 if storage is not None:
                     raise storage from exc
                 raise
-            report = {
+            report = report_model(stage).model_validate({
+                **extras,
                 "stage": stage,
                 "run": recipe.run.name,
                 "model": recipe.model.name_or_path,
@@ -160,12 +161,11 @@ def _run_unit(recipe: Recipe, stage: str, eval_set: str, progress: ProgressFn) -
                 "recipe_hash": recipe.recipe_hash(),
                 "started_at": started,
                 "duration_s": round(watch.seconds, 3),
-                "peak_memory": peak.as_dict(),
+                "peak_memory": peak,
                 "versions": library_versions(),
                 "recipe": recipe.model_dump(mode="json"),  # the whole recipe: reports, estimates need no other file
-                **({"eval_set": eval_set} if stage in ("infer", "evaluate") else {}),
-                **extras,
-            }
+                **({"eval_set": eval_set} if registry.spec(stage).per_eval_set else {}),
+            }).model_dump(exclude=None if registry.spec(stage).per_eval_set else {"eval_set"})
             path = layout.commit(stage, out, fingerprint, report, eval_set)
             log.info("stage %s done in %.1f s -> %s", stage, report["duration_s"], path)
             # a failed gate fails the stage

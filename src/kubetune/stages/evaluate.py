@@ -31,7 +31,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from kubetune.config import HELDOUT_SET, gate_models, gate_problems
+from kubetune.config import GATES, HELDOUT_SET, gate_models, gate_problems
 from kubetune.errors import ArtifactError, GateError, RecipeError
 from kubetune.sqlcheck import exact_match
 from kubetune.sqlsandbox import SandboxedSuite, SandboxPool
@@ -55,16 +55,17 @@ def evaluate_gates(gates: dict[str, float], metrics: dict[str, dict[str, Any]]) 
     acc = {m: metrics[m]["execution_accuracy"] for m in metrics}
     results = []
     for name, limit in gates.items():
-        models = gate_models(name, list(metrics))[0]
-        if name in ("quantized_max_drop", "merged_vs_adapter_max_drop"):
-            low, ref = models if name == "quantized_max_drop" else ("merged", "adapter")
+        kind, models = GATES[name].kind, gate_models(name, list(metrics))[0]
+        if kind == "max_drop":
+            low, ref = models
             value = round(acc[ref] - acc[low], 2)  # points lost; negative = gained
             passed = value <= limit
             detail = f"{low} {'lost' if value >= 0 else 'gained'} {_pts(value)} vs {ref} (limit {limit:g})"
-        elif name == "adapter_min_gain_over_base":
-            value = round(acc["adapter"] - acc["base"], 2)
+        elif kind == "min_gain":
+            model, ref = models
+            value = round(acc[model] - acc[ref], 2)
             passed = value >= limit
-            detail = f"adapter {'gained' if value >= 0 else 'lost'} {_pts(value)} over base (needs +{limit:g})"
+            detail = f"{model} {'gained' if value >= 0 else 'lost'} {_pts(value)} over {ref} (needs +{limit:g})"
         else:
             model = models[0]
             value = acc[model]

@@ -22,6 +22,7 @@ from kubetune.config import HELDOUT_SET, MODEL_PRODUCERS, STAGE_NAMES, Recipe, l
 from kubetune.errors import ArtifactError, KubetuneError
 from kubetune.measure import memory_footprint_bytes
 from kubetune.sqlsandbox import SandboxedSuite, shared_pool
+from kubetune.stage_report import report_of
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +59,12 @@ def _recipe_of_run(run_dir: Path) -> Recipe:
     # an evaluation set added later (sets/<set>/<stage>/) finished after the stages and knows of every set
     markers = [run_dir / s / SUCCESS_MARKER for s in stages] + list(run_dir.glob(f"sets/*/*/{SUCCESS_MARKER}"))
     report_path = max(markers, key=lambda p: p.stat().st_mtime_ns).parent / "report.json"
-    try:
-        data = json.loads(report_path.read_text(encoding="utf-8"))["recipe"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ArtifactError(f"{report_path}: cannot read the recipe from it ({exc})") from None
+    try:  # ValueError: not JSON, or not a report (pydantic's ValidationError is one)
+        data = report_of(report_path.parent.name, json.loads(report_path.read_text(encoding="utf-8"))).recipe
+    except (OSError, ValueError, TypeError) as exc:
+        raise ArtifactError(f"{report_path}: cannot read the recipe from it ({str(exc).splitlines()[0]})") from None
+    if data is None:
+        raise ArtifactError(f"{report_path}: cannot read the recipe from it (it has none)")
     return recipe_from_dict(data, str(report_path))
 
 
