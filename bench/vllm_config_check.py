@@ -1,7 +1,7 @@
 """vLLM's own config checks, on the CPU, against kubetune's exports (issue 20, item 4's fallback).
 
     # once: vLLM without its CUDA dependencies, beside (not in) the project's venv
-    bash bench/vllm_config_site.sh 0.30.0                  # -> .cache/vllm-0.30.0/{site,deps}
+    bash bench/vllm_config_site.sh 0.30.0                  # -> .cache/vllm-0.30.0/{site,deps}; or: make test-vllm-config
     PYTHONPATH=src .venv/bin/python bench/vllm_config_check.py --vllm .cache/vllm-0.30.0 \\
         [--model-dir /path/to/imported/gemma-3-270m] --out bench/results/vllm-config-0.30.0-cpu.json
 
@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -100,7 +101,9 @@ def check_quantized_tensors(model_config, quant_config, folder: Path) -> dict:
     single_process_group()
     current_platform.get_device_capability = lambda device_id=0: platform_interface.DeviceCapability(9, 0)
     mismatches, kernels, discarded = [], set(), set()
-    checkpoint_mapper = quant_config.get_checkpoint_weight_mapper()
+    # what the loader drops on the way in (vLLM >= 0.30: GPTQ's g_idx without desc_act); older releases have none
+    mapper = getattr(quant_config, "get_checkpoint_weight_mapper", None)
+    dropped = (lambda key: mapper()._map_name(key) is None) if mapper else (lambda key: False)
     dtype = model_config.dtype
     for module in modules:
         rows, cols = tensors[f"{module}.qweight"][0]
@@ -125,7 +128,7 @@ def check_quantized_tensors(model_config, quant_config, folder: Path) -> dict:
                 mismatches.append(f"{key}: export {stored}, vLLM int32")
         allocated = {f"{module}.{n}" for n, _ in layer.named_parameters()}
         for key in sorted(k for k in tensors if k.startswith(module + ".") and k not in allocated):
-            if checkpoint_mapper._map_name(key) is None:  # vLLM drops it while loading (e.g. GPTQ's g_idx)
+            if dropped(key):
                 discarded.add(key.rsplit(".", 1)[1])
             else:
                 mismatches.append(f"{key}: in the export, vLLM has no parameter for it")
@@ -283,10 +286,14 @@ def main(argv: list[str] | None = None) -> int:
 
     vllm_dir = Path(args.vllm).resolve()
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="vllm-config-"))
-    exports = build_exports(work)
-    for extra in args.model_dir:
-        exports[f"model-dir/{Path(extra).name}"] = Path(extra).resolve()
-    found = run_child(vllm_dir, list(exports.values()))
+    try:
+        exports = build_exports(work)
+        for extra in args.model_dir:
+            exports[f"model-dir/{Path(extra).name}"] = Path(extra).resolve()
+        found = run_child(vllm_dir, list(exports.values()))
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
     by_folder = {r["folder"]: r for r in found["results"]}
     checks = {label: by_folder[str(folder)] for label, folder in exports.items()}
     summary = {label: {name: ("REFUSED" if not c.get("accepted") else "skipped" if "skipped" in c else "accepted")

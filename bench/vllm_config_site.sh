@@ -8,7 +8,7 @@
 set -euo pipefail
 version=${1:?vLLM version, e.g. 0.30.0}
 dest=${2:-.cache/vllm-$version}
-python=${PYTHON:-/work/main/.venv/bin/python}
+python=${PYTHON:-.venv/bin/python}
 # import name -> distribution, found by importing until nothing was missing (vLLM 0.30.0, 2026-12-06)
 needed="cbor2 pyzmq openai-harmony openai cloudpickle pybase64 cachetools msgspec uvloop py-cpuinfo
 partial-json-parser xgrammar apache-tvm-ffi llguidance einops compressed-tensors"
