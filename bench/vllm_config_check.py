@@ -242,9 +242,13 @@ def check_folder(folder: Path) -> dict:
 
 
 def child(folders: list[str]) -> int:
+    import torch
+    import transformers
     import vllm
 
-    print(json.dumps({"vllm": vllm.__version__, "results": [check_folder(Path(f)) for f in folders]}))
+    print(json.dumps({"vllm": vllm.__version__, "beside": {"torch": torch.__version__,
+                                                           "transformers": transformers.__version__},
+                      "results": [check_folder(Path(f)) for f in folders]}))
     return 0
 
 
@@ -299,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {label: {name: ("REFUSED" if not c.get("accepted") else "skipped" if "skipped" in c else "accepted")
                        for name, c in r.items() if isinstance(c, dict)} for label, r in checks.items()}
     doc = {"environment": {**environment(cuda=False), "card": "cpu"}, "vllm": found["vllm"],
+           "vllm_process_versions": found["beside"],
            "beside_vllm": beside(vllm_dir), "summary": summary, "checks": checks}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
