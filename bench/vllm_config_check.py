@@ -1,7 +1,7 @@
 """vLLM's own config checks, on the CPU, against kubetune's exports (issue 20, item 4's fallback).
 
     # once: vLLM without its CUDA dependencies, beside (not in) the project's venv
-    bash bench/vllm_config_site.sh 0.30.0                  # -> .cache/vllm-0.30.0/{site,deps}; or: make test-vllm-config
+    bash bench/vllm_config_site.sh 0.30.0      # -> .cache/vllm-0.30.0/{site,deps}; or: make test-vllm-config
     PYTHONPATH=src .venv/bin/python bench/vllm_config_check.py --vllm .cache/vllm-0.30.0 \\
         [--model-dir /path/to/imported/gemma-3-270m] --out bench/results/vllm-config-0.30.0-cpu.json
 
@@ -281,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["child"]:
         return child(argv[1:])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--vllm", required=True, help="folder with site/ (vLLM unpacked) and deps/ (bench/vllm_config_site.sh)")
+    p.add_argument("--vllm", required=True,
+                   help="folder with site/ (vLLM unpacked) and deps/ (bench/vllm_config_site.sh)")
     p.add_argument("--out", required=True, help="the JSON result")
     p.add_argument("--work", default=None, help="where the tiny models and runs go (default: a temporary folder)")
     p.add_argument("--model-dir", action="append", default=[], help="another model folder to check (repeatable)")

@@ -21,7 +21,8 @@ reqs=()
 for name in $needed; do
   # vLLM's own requirement for it (markers dropped), else the bare name
   req=$(sed -n 's/^Requires-Dist: //p' "$meta" | sed 's/;.*//' | tr -d ' ' |
-        awk -v n="$name" 'BEGIN{IGNORECASE=1} {split($0, a, /[<>=!~\[]/); x=a[1]; gsub(/_/, "-", x); if (tolower(x) == n) {print; exit}}')
+        awk -v n="$name" '{split($0, a, /[<>=!~\[]/); x = tolower(a[1]); gsub(/_/, "-", x)
+                          if (x == n) {print; exit}}')
   reqs+=("${req:-$name}")
 done
 reqs+=("loguru")
