@@ -45,6 +45,12 @@ lint: $(STAMP)  ## Validate every shipped recipe
 clean:  ## Remove local artifacts (keeps the venv and the model cache)
 	rm -rf artifacts
 
+VLLM_VERSION ?= 0.30.0
+.PHONY: test-vllm-config
+test-vllm-config: $(STAMP)  ## vLLM's own config checks on the tiny recipe's merged and GPTQ-4/8 exports (Llama, Gemma 3), CPU, ~2 min
+	PYTHON=$(PY) bash bench/vllm_config_site.sh $(VLLM_VERSION) .cache/vllm-$(VLLM_VERSION)
+	$(PY) bench/vllm_config_check.py --vllm .cache/vllm-$(VLLM_VERSION) --out .cache/vllm-config-$(VLLM_VERSION).json
+
 # ---- Kubernetes (docs/kubernetes.md) and the image (images/README.md) ----
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 FLAVOUR ?= cuda

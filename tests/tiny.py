@@ -50,6 +50,25 @@ def build_tiny_model(path: Path, seed: int = 0) -> Path:
     return path
 
 
+def build_tiny_gemma3(path: Path, seed: int = 0) -> Path:
+    """A 2-layer Gemma 3 text model as the Gemma recipe's model is shaped (Gemma3ForCausalLM, model_type
+    gemma3_text, a sliding-window and a full-attention layer, one KV head, tied embeddings), saved with the tiny
+    tokenizer. Hidden 64, so GPTQ group size 32 divides it."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    tok = build_tokenizer()
+    cfg = Gemma3TextConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=1, head_dim=16, sliding_window=32,
+                           layer_types=["sliding_attention", "full_attention"], max_position_embeddings=512,
+                           bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                           pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
+    Gemma3ForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
 def build_tiny_bloom(path: Path, seed: int = 0) -> Path:
     """A 1-layer BLOOM (ALiBi; its attention mask ignores position_ids) saved with the tiny tokenizer."""
     import torch
