@@ -18,6 +18,7 @@ import yaml
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, JsonValue, ValidationError, field_validator,
                       model_validator)
 
+from kubetune.distributed import split_global_batch
 from kubetune.errors import RecipeError
 
 # The original notebook's template; the only change is that context and question are joined with ". ".
@@ -32,6 +33,8 @@ STAGE_NAMES = ("finetune", "merge", "quantize", "infer", "evaluate")
 # when the recipe names something on the hub (kubetune.sources.pod_stages), and `kubetune run` reads the hub directly.
 FETCH_STAGE = "fetch"
 POD_STAGES = (FETCH_STAGE, *STAGE_NAMES)
+# Stages that load their model onto one device: more than one GPU is refused (docs/kubernetes.md).
+SINGLE_GPU_STAGES = ("merge", "quantize", "infer", "evaluate")
 # Which stage produces each model that infer/evaluate can use ("base" is the recipe's model itself).
 MODEL_PRODUCERS: dict[str, str | None] = {"base": None, "adapter": "finetune", "merged": "merge",
                                           "quantized": "quantize"}
@@ -369,10 +372,32 @@ class Resources(Section):
     memory: Quantity = "32Gi"
 
 
+class FinetuneResources(Resources):
+    """The fine-tune's pods: one process per GPU (torchrun), on ``nodes`` pods (docs/kubernetes.md)."""
+
+    nodes: Annotated[int, Field(ge=1, le=64)] = 1
+    """Pods of the fine-tune, each with ``gpus`` GPUs; more than 1 renders a TrainJob or PyTorchJob (see
+    ``multi_node``) and needs a ReadWriteMany claim."""
+    parallelism: Literal["auto", "ddp", "fsdp"] = "auto"
+    """ddp: a whole copy of the model per GPU (fastest where it fits one GPU); fsdp: weights, gradients and
+    optimizer state sharded across the GPUs (FSDP2; for models that do not fit one); auto: fsdp when the estimator
+    says the fine-tune does not fit one GPU of ``gpu_type``, else ddp."""
+    multi_node: Literal["trainjob", "pytorchjob"] = "trainjob"
+    """With nodes > 1: a Kubeflow Trainer v2 TrainJob (trainer.kubeflow.org) or a Training Operator v1 PyTorchJob
+    (kubeflow.org), whichever the cluster has installed."""
+    training_runtime: DnsSubdomain = "torch-distributed"
+    """The ClusterTrainingRuntime a TrainJob runs on (Kubeflow Trainer installs torch-distributed)."""
+
+    @property
+    def processes(self) -> int:
+        """Training processes in all: one per GPU (one on a CPU-only pod), on every node."""
+        return max(self.gpus, 1) * self.nodes
+
+
 class ResourcesSection(Section):
     fetch: Resources = Resources(gpus=0, cpu="1", memory="2Gi")
     """The download stage on Kubernetes (first when the recipe names a hub model or data set): CPU only."""
-    finetune: Resources = Resources()
+    finetune: FinetuneResources = FinetuneResources()
     merge: Resources = Resources()
     quantize: Resources = Resources()
     infer: Resources = Resources()
@@ -616,9 +641,31 @@ class Recipe(Section):
                                 "make the training rows; choose another seed")
         if self.resources.fetch.gpus:
             problems.append("resources.fetch.gpus: the fetch stage only downloads; it takes no GPU (set 0)")
+        problems += self._multi_gpu_problems()
         if problems:
             raise ValueError("\n".join(problems))  # one problem a line, each starting with its field path
         return self
+
+    def _multi_gpu_problems(self) -> list[str]:
+        """Only the fine-tune spreads over several GPUs; the other stages refuse more than one before anything is
+        submitted, so that no GPU is paid for and left idle."""
+        problems = []
+        for stage in SINGLE_GPU_STAGES:
+            if stage in self.stages and getattr(self.resources, stage).gpus > 1:
+                problems.append(f"resources.{stage}.gpus: {stage} runs on one GPU (it loads the model onto a single "
+                                "device), so more would sit idle; set 1, or 0 for the CPU")
+        res, ft = self.resources.finetune, self.finetune
+        if res.nodes > 1 and res.gpus == 0:
+            problems.append("resources.finetune.nodes: several nodes need resources.finetune.gpus >= 1 (NCCL)")
+        if split_global_batch(ft.batch_size, ft.grad_accum, res.processes) is None:
+            problems.append(f"finetune.batch_size: the global batch (batch_size {ft.batch_size} × grad_accum "
+                            f"{ft.grad_accum}) does not divide among {res.processes} processes (gpus × nodes); "
+                            "make batch_size × grad_accum a multiple of it")
+        if res.parallelism == "fsdp" and ft.base_precision != "none":
+            problems.append(f"resources.finetune.parallelism: fsdp cannot shard a {ft.base_precision} bitsandbytes "
+                            "base (QLoRA under FSDP2 is not supported by peft/bitsandbytes here); use ddp, or "
+                            "finetune.base_precision: none")
+        return problems
 
     # ---- derived facts -------------------------------------------------------------------------------
     def upstream(self, stage: str) -> list[str]:

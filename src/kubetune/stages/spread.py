@@ -1,0 +1,146 @@
+"""The fine-tune on several processes: the stage's own process starts torchrun and waits; each process torchrun
+starts (``python -m kubetune.stages.spread``) runs :func:`kubetune.stages.finetune.run` as one rank.
+
+The stage's own process keeps the artifact contract: it holds the lock, owns the temporary output folder and,
+once torchrun has ended well, renames it into place and writes ``report.json`` and ``_SUCCESS``
+(kubetune.stages.run_stage). Of the ranks, only global rank 0 writes: checkpoints (sealed as on one process),
+the adapter into the temporary folder, and its part of the report into ``.work/finetune/rank0-result.json``,
+which the stage's process reads back. A rank's error with an exit code of its own (docs/exit-codes.md) travels
+the same way, so a bad data set is still exit 4 and not torchrun's 1. SIGTERM to the stage's process (PID 1 of
+the pod) is passed on to torchrun, which passes it to every rank: each checkpoints and exits 143.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from kubetune import errors
+from kubetune.distributed import node_rank, torchrun_command, world
+
+log = logging.getLogger(__name__)
+
+RESULT_FILE = "rank0-result.json"
+RECIPE_FILE = "recipe.json"
+PREEMPTED = 143
+
+
+class TrainingProcessesError(errors.KubetuneError):
+    """torchrun ended badly without a rank naming a cause (a rank killed, out of memory): retrying may help."""
+
+    exit_code = 1
+    permanent = False
+
+
+def run_processes(ctx, nproc_per_node: int) -> dict[str, Any]:
+    """Run the fine-tune as ``nproc_per_node`` processes on this pod (and as many on each other node of a
+    multi-node run); return rank 0's part of the report. Only node 0's stage process commits the artifact."""
+    result_file = ctx.work / RESULT_FILE
+    result_file.unlink(missing_ok=True)
+    recipe_file = ctx.work / RECIPE_FILE
+    # the whole recipe, defaults included: the ranks compute the same fingerprint (checkpoint folder) from it
+    recipe_file.write_text(json.dumps(ctx.recipe.model_dump(mode="json")), encoding="utf-8")
+    command = torchrun_command(nproc_per_node, __name__, ["--recipe", str(recipe_file), "--out", str(ctx.out)])
+    log.info("finetune: starting %d training process(es) on this node: %s", nproc_per_node, " ".join(command))
+    code = _run_forwarding_sigterm(command)
+    outcome = json.loads(result_file.read_text(encoding="utf-8")) if result_file.exists() else {}
+    if code == PREEMPTED:
+        raise SystemExit(PREEMPTED)  # the ranks checkpointed; the Job's retry resumes (see finetune.Preemption)
+    if "error" in outcome:
+        raise _rebuilt_error(outcome["error"])
+    if code != 0 or (node_rank() == 0 and "report" not in outcome):
+        raise TrainingProcessesError(f"finetune: torchrun ended with exit code {code} and no rank named a cause; "
+                                     "the log above shows the rank that failed (out of memory, killed)")
+    return outcome.get("report", {})
+
+
+def _run_forwarding_sigterm(command: list[str]) -> int:
+    process = subprocess.Popen(command)
+
+    def forward(signum, frame):
+        process.send_signal(signal.SIGTERM)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, forward)
+    except ValueError:  # not the main thread: the embedding application handles its signals
+        previous = None
+    try:
+        return process.wait()
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _rebuilt_error(error: dict[str, Any]) -> errors.KubetuneError:
+    """The rank's error as the same class, hence the same exit code and retry policy."""
+    cls = getattr(errors, error.get("class", ""), None)
+    if not (isinstance(cls, type) and issubclass(cls, errors.KubetuneError)):
+        cls = errors.KubetuneError
+    exc = cls.__new__(cls)
+    Exception.__init__(exc, error.get("message", "a training process failed"))
+    exc.exit_code = int(error.get("exit_code", cls.exit_code))
+    return exc
+
+
+def per_rank(adapter_sha256: str | None) -> list[dict[str, Any]]:
+    """Each rank's peak memory (GPU: torch's peak allocation on its device; always: peak host RSS) and the hash of
+    the adapter it trained (equal on every rank, or DDP did not keep them in step), gathered in rank order."""
+    import resource
+
+    import torch
+
+    mine = {"rank": world().rank, "adapter_sha256": adapter_sha256,
+            "peak_gpu_allocated_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+            "peak_host_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # Linux: KiB
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [mine]
+    everyone: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(everyone, mine)
+    return everyone
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="One rank of a multi-process fine-tune (started by torchrun).")
+    parser.add_argument("--recipe", required=True, type=Path)
+    parser.add_argument("--out", required=True, type=Path)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format=f"[rank {world().rank}] %(levelname)s %(name)s: %(message)s")
+
+    from kubetune.artifacts import RunLayout, write_atomic
+    from kubetune.config import load_recipe
+    from kubetune.stages import StageContext, finetune
+
+    me = world()
+    result_file = args.recipe.parent / RESULT_FILE
+    try:
+        recipe = load_recipe(args.recipe)
+        _use_local_gpu(me.local_rank)
+        ctx = StageContext(recipe=recipe, layout=RunLayout.from_recipe(recipe), stage="finetune", out=args.out)
+        report = finetune.run(ctx)
+        report["ranks"] = per_rank(report.pop("adapter_sha256", None))
+    except errors.KubetuneError as exc:
+        if me.main:
+            write_atomic(result_file, json.dumps({"error": {"class": type(exc).__name__, "message": str(exc),
+                                                            "exit_code": exc.exit_code}}))
+        log.error("%s", exc)
+        sys.exit(exc.exit_code)
+    if me.main:
+        write_atomic(result_file, json.dumps({"report": report}, default=str))
+
+
+def _use_local_gpu(local_rank: int) -> None:
+    """Each rank on its own GPU: the model loads onto the current CUDA device (modelio.load_base_model)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""Several GPUs in a recipe: the fine-tune runs one process per GPU with the recipe's global batch, every other
+stage refuses more than one GPU before anything is submitted, and what cannot work is said in one line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from kubetune.cli import cli
+from kubetune.config import recipe_from_dict
+from kubetune.distributed import World, node_rank, split_global_batch, torchrun_command, world
+from kubetune.errors import RecipeError
+
+BASE = {"model": {"name_or_path": "some/model"}}
+
+
+def problems(data: dict) -> list[str]:
+    with pytest.raises(RecipeError) as info:
+        recipe_from_dict(data, "r.yaml")
+    assert info.value.exit_code == 3
+    return info.value.problems
+
+
+@pytest.mark.parametrize("batch, accum, processes, split", [
+    (8, 1, 1, (8, 1)),
+    (8, 4, 4, (8, 1)),   # the processes take over the accumulation steps: same micro-batch, same memory
+    (8, 2, 4, (4, 1)),   # then share the micro-batch
+    (8, 1, 2, (4, 1)),
+    (6, 1, 4, None),     # 6 rows do not divide among 4 processes
+    (3, 4, 8, None),
+])
+def test_global_batch_is_kept_across_processes(batch, accum, processes, split):
+    assert split_global_batch(batch, accum, processes) == split
+    if split:
+        rows, accumulation = split
+        assert rows * accumulation * processes == batch * accum
+
+
+def test_four_gpus_are_four_processes_with_the_same_global_batch():
+    recipe = recipe_from_dict({**BASE, "resources": {"finetune": {"gpus": 4, "nodes": 2}},
+                               "finetune": {"batch_size": 4, "grad_accum": 4}})
+    assert recipe.resources.finetune.processes == 8
+    assert split_global_batch(4, 4, 8) == (2, 1)
+
+
+@pytest.mark.parametrize("stage", ["merge", "quantize", "infer"])
+def test_single_gpu_stages_refuse_more_than_one(stage):
+    found = problems({**BASE, "resources": {stage: {"gpus": 4}}})
+    assert found == [f"resources.{stage}.gpus: {stage} runs on one GPU (it loads the model onto a single device), "
+                     "so more would sit idle; set 1, or 0 for the CPU"]
+
+
+def test_a_stage_left_out_of_the_recipe_may_keep_any_gpus():
+    recipe_from_dict({**BASE, "stages": ["finetune"], "resources": {"merge": {"gpus": 4}}})
+
+
+@pytest.mark.parametrize("settings, field", [
+    ({"resources": {"finetune": {"gpus": 4}}, "finetune": {"batch_size": 6}}, "finetune.batch_size"),
+    ({"resources": {"finetune": {"gpus": 0, "nodes": 2}}}, "resources.finetune.nodes"),
+    ({"resources": {"finetune": {"gpus": 2, "parallelism": "fsdp"}}, "finetune": {"base_precision": "4bit"}},
+     "resources.finetune.parallelism"),
+    ({"resources": {"finetune": {"multi_node": "mpijob"}}}, "resources.finetune.multi_node"),
+])
+def test_impossible_multi_gpu_settings_are_refused_by_field(settings, field):
+    found = problems({**BASE, **settings})
+    assert len(found) == 1 and found[0].startswith(field), found
+
+
+def test_validate_refuses_four_gpus_for_merge_before_submit(tmp_path):
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({**BASE, "resources": {"merge": {"gpus": 4}}}))
+    result = CliRunner().invoke(cli, ["validate", str(recipe)])
+    assert result.exit_code == 3
+    assert "resources.merge.gpus: merge runs on one GPU" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_world_and_node_rank_come_from_the_launchers_environment():
+    assert world({}) == World(rank=0, size=1, local_rank=0) and world({}).main
+    w = world({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"})
+    assert (w.rank, w.size, w.local_rank, w.main, w.distributed) == (3, 4, 1, False, True)
+    assert node_rank({"PET_NODE_RANK": "2"}) == 2 and node_rank({}) == 0
+
+
+def test_torchrun_command_is_standalone_on_one_pod_and_follows_pet_on_several(monkeypatch):
+    monkeypatch.delenv("PET_NNODES", raising=False)
+    single = torchrun_command(4, "kubetune.stages.spread", ["--out", "x"])
+    assert single[1:] == ["-m", "torch.distributed.run", "--nproc-per-node=4", "--standalone",
+                          "-m", "kubetune.stages.spread", "--out", "x"]
+    monkeypatch.setenv("PET_NNODES", "2")
+    assert "--standalone" not in torchrun_command(4, "m", [])
+    # the arguments parse as torchrun's own (a typo in an option name would end it with exit 2)
+    help_text = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--help"], capture_output=True,
+                               text=True, timeout=120).stdout
+    assert "--nproc-per-node" in help_text and "--standalone" in help_text
+
+
+def test_a_four_gpu_finetune_starts_torchrun_with_four_processes(tiny_recipe, monkeypatch):
+    """The stage entrypoint's choice, short of starting torch (no GPU here): the command it runs."""
+    from kubetune.stages import _stage_function, spread
+
+    started = []
+
+    class FinishedTorchrun:
+        def __init__(self, command):
+            started.append(command)
+            out = Path(command[command.index("--recipe") + 1]).parent / spread.RESULT_FILE
+            out.write_text(json.dumps({"report": {"metrics": {"processes": 4}}}))
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(spread.subprocess, "Popen", FinishedTorchrun)
+    recipe = tiny_recipe(resources={"finetune": {"gpus": 4, "cpu": "2", "memory": "4Gi"}})
+    from kubetune.artifacts import RunLayout
+    from kubetune.stages import StageContext
+
+    layout = RunLayout.from_recipe(recipe)
+    ctx = StageContext(recipe=recipe, layout=layout, stage="finetune", out=layout.new_temp_dir("finetune"))
+    assert _stage_function(recipe, "finetune")(ctx) == {"metrics": {"processes": 4}}
+    assert "--nproc-per-node=4" in started[0]
+    assert started[0][started[0].index("-m", 3) + 1] == "kubetune.stages.spread"
+    single = tiny_recipe()
+    assert _stage_function(single, "finetune").__module__ == "kubetune.stages.finetune"
