@@ -13,9 +13,12 @@ import jsonschema
 import pytest
 
 from k8s.checks import pss_restricted, validate
+from k8s.fakeapi import FakeCluster
 from kubetune.config import recipe_from_dict
 from kubetune.errors import RecipeError
 from kubetune.k8s import multinode, render
+from kubetune.k8s.api import connect
+from kubetune.k8s.driver import Driver, StageFailedError
 from kubetune.k8s.state import job_state
 
 SCHEMAS = Path(__file__).parent / "schemas"
@@ -147,3 +150,80 @@ def test_the_driver_may_manage_the_multi_node_kind():
 ])
 def test_conditions_read_as_job_states(obj, state):
     assert job_state(obj)[0] == state
+
+
+# ---- the driver against a fake API server (kmock): created → running → succeeded / failed --------------------------
+# What each operator writes when its job ends (the fake has no controllers; the test plays them).
+FINISHED = {
+    "TrainJob": ({"type": "Complete", "status": "True", "reason": "JobSetCompleted"},
+                 {"type": "Failed", "status": "True", "reason": "JobSetFailed", "message": "node-1 exited with 137"}),
+    "PyTorchJob": ({"type": "Succeeded", "status": "True", "reason": "PyTorchJobSucceeded"},
+                   {"type": "Failed", "status": "True", "reason": "PyTorchJobFailed",
+                    "message": "Worker-0 exited with code 4"}),
+}
+RUNNING = {"TrainJob": {"type": "Created", "status": "True"}, "PyTorchJob": {"type": "Running", "status": "True"}}
+
+
+@pytest.fixture
+def fake():
+    with FakeCluster("ml") as fc:
+        yield fc
+
+
+def driven_recipe(kind: str):
+    data = copy.deepcopy(RECIPE)
+    data["kubernetes"].pop("queue")  # Kueue's suspension is read elsewhere (test_conditions_read_as_job_states)
+    data["stages"] = ["finetune", "merge"]
+    # on the claim already: no fetch stage before the fine-tune
+    data["model"] = {"name_or_path": "/workspace/models/bloom-7b1"}
+    data["data"] = {"source": "builtin:text2sql"}
+    data["resources"]["finetune"]["multi_node"] = kind
+    return recipe_from_dict(data)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["trainjob", "pytorchjob"])
+@pytest.mark.parametrize("ok", [True, False], ids=["succeeded", "failed"])
+def test_driver_walks_the_multi_node_finetune_to_its_end(fake, tmp_path, kind, ok):
+    cluster = connect(kubeconfig=str(fake.kubeconfig(tmp_path / "kubeconfig", namespace="ml")))
+    recipe, said = driven_recipe(kind), []
+    kube_kind = multinode.KIND_OF[kind]
+    driver = Driver(cluster, recipe, echo=said.append)
+
+    assert driver.step().action == "created"
+    (created,) = fake.objects(kube_kind).values()
+    assert created["metadata"]["name"] == "big-finetune" and fake.objects("Job") == {}
+    assert schema_problems({k: v for k, v in created.items() if k != "status"}) == []
+
+    fake.patch(kube_kind, "big-finetune", {"status": {"conditions": [RUNNING[kube_kind]]}})
+    assert driver.step().action == "waiting"  # merge waits: no second GPU request while the fine-tune runs
+    assert fake.objects("Job") == {}
+
+    done, failed = FINISHED[kube_kind]
+    fake.patch(kube_kind, "big-finetune", {"status": {"conditions": [RUNNING[kube_kind] | {"status": "False"},
+                                                                      done if ok else failed]}})
+    if ok:
+        step = Driver(cluster, recipe, echo=said.append).step()  # a restarted driver finds it done
+        assert (step.stage, step.action) == ("merge", "created")
+        assert set(fake.objects("Job")) == {"big-merge"}
+        assert said[:3] == [f"finetune: {kube_kind} ml/big-finetune created", "finetune: running",
+                            "finetune: succeeded"]
+    else:
+        with pytest.raises(StageFailedError, match=f"stage 'finetune' failed \\({failed['reason']}: "):
+            driver.step()
+        assert fake.objects("Job") == {}
+
+
+@pytest.mark.timeout(60)
+def test_cancel_deletes_the_multi_node_finetune_too(fake, tmp_path):
+    """A TrainJob made by `submit --wait` has no owner to be collected with: cancel deletes it by name."""
+    from kubetune.k8s import launcher
+
+    cluster = connect(kubeconfig=str(fake.kubeconfig(tmp_path / "kubeconfig", namespace="ml")))
+    recipe, said = driven_recipe("trainjob"), []
+    cluster.create(render.recipe_configmap(recipe, "ml"))
+    cluster.create(render.stage_job(recipe, "finetune", "ml"))
+    assert set(fake.objects("TrainJob")) == {"big-finetune"}
+    launcher.cancel(cluster, "big", said.append)
+    assert fake.objects("TrainJob") == {}
+    assert "deleted TrainJob big-finetune and its pods" in said

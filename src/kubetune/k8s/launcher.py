@@ -290,13 +290,18 @@ def cancel(cluster: Cluster, run: str, echo: Echo) -> int:
     with the driver's Job (its owner) meanwhile counts as deleted."""
     jobs = cluster.list("Job", render.selector(run))
     jobs.sort(key=lambda j: render.LABEL_STAGE in (j["metadata"].get("labels") or {}))  # driver first
+    recipe = run_recipe(cluster, run)  # read before its ConfigMap goes: a multi-node fine-tune is no Job
+    multi_node = render.stage_kind(recipe, "finetune") if recipe is not None else "Job"
+    if multi_node != "Job":
+        jobs += [{"kind": multi_node, **obj} for obj in cluster.list(multi_node, render.selector(run))]
     removed = 0
     for job in jobs:
+        kind = job.get("kind") or "Job"
         try:
-            cluster.delete("Job", job["metadata"]["name"])
+            cluster.delete(kind, job["metadata"]["name"])
         except NotFoundError:
             pass
-        echo(f"deleted Job {job['metadata']['name']} and its pods")
+        echo(f"deleted {kind} {job['metadata']['name']} and its pods")
         removed += 1
     names = render.Names(run)
     for kind, name in (("ConfigMap", names.recipe), ("RoleBinding", names.driver), ("Role", names.driver),
