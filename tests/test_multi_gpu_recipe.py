@@ -127,3 +127,33 @@ def test_a_four_gpu_finetune_starts_torchrun_with_four_processes(tiny_recipe, mo
     assert started[0][started[0].index("-m", 3) + 1] == "kubetune.stages.spread"
     single = tiny_recipe()
     assert _stage_function(single, "finetune").__module__ == "kubetune.stages.finetune"
+
+
+def test_the_estimate_is_per_gpu_with_the_micro_batch_and_the_parallelism():
+    """bloom-7b1 LoRA on a bf16 base, global batch 8: on 4 GPUs each process trains 2 rows; DDP keeps the whole
+    model per GPU (plus its gradient buckets), FSDP a quarter of it (plus the layers it gathers)."""
+    from kubetune.estimate import estimate_recipe
+
+    config = Path(__file__).parent.parent / "bench" / "configs" / "bigscience--bloom-7b1.json"
+    settings = ["finetune.base_precision=none", "finetune.batch_size=8", "finetune.grad_accum=1",
+                "finetune.gradient_checkpointing=true"]
+
+    def finetune_estimate(*more):
+        from kubetune.config import load_recipe
+
+        recipe = load_recipe(Path(__file__).parent.parent / "jobs" / "bloom-7b1-qlora.yaml", [*settings, *more])
+        return estimate_recipe(recipe, model_config=config, suggest=False).stage("finetune")
+
+    one = finetune_estimate()
+    ddp = finetune_estimate("resources.finetune.gpus=4", "resources.finetune.parallelism=ddp")
+    fsdp = finetune_estimate("resources.finetune.gpus=4", "resources.finetune.parallelism=fsdp")
+    parts = {name: {c.name.split(" (")[0]: c.bytes for c in e.components} for name, e in
+             (("one", one), ("ddp", ddp), ("fsdp", fsdp))}
+    assert (one.settings["batch_size"], ddp.settings["batch_size"]) == (8, 2)
+    assert ddp.settings["processes"] == 4
+    assert parts["ddp"]["base weights"] == parts["one"]["base weights"]
+    assert parts["ddp"]["DDP gradient buckets"] == parts["one"]["LoRA gradients"]
+    assert parts["fsdp"]["base weights"] == -(-parts["one"]["base weights"] // 4)
+    assert parts["fsdp"]["FSDP gathered layers"] == 2 * (parts["one"]["base weights"] // 30)  # 30 layers
+    assert parts["ddp"]["activations"] < parts["one"]["activations"]  # a quarter of the rows per process
+    assert fsdp.total_bytes < ddp.total_bytes < one.total_bytes

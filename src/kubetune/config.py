@@ -380,8 +380,8 @@ class FinetuneResources(Resources):
     ``multi_node``) and needs a ReadWriteMany claim."""
     parallelism: Literal["auto", "ddp", "fsdp"] = "auto"
     """ddp: a whole copy of the model per GPU (fastest where it fits one GPU); fsdp: weights, gradients and
-    optimizer state sharded across the GPUs (FSDP2; for models that do not fit one); auto: fsdp when the estimator
-    says the fine-tune does not fit one GPU of ``gpu_type``, else ddp."""
+    optimizer state sharded across the GPUs (FSDP2; for models that do not fit one, not with a 4/8-bit base);
+    auto: ddp for now (`kubetune estimate` shows the memory per GPU under each, to choose fsdp by hand)."""
     multi_node: Literal["trainjob", "pytorchjob"] = "trainjob"
     """With nodes > 1: a Kubeflow Trainer v2 TrainJob (trainer.kubeflow.org) or a Training Operator v1 PyTorchJob
     (kubeflow.org), whichever the cluster has installed."""

@@ -36,6 +36,12 @@ def split_global_batch(batch_size: int, grad_accum: int, processes: int) -> tupl
     return batch_size // rest, grad_accum // shared
 
 
+def resolved_parallelism(choice: str) -> str:
+    """ddp or fsdp for ``resources.finetune.parallelism``: auto is ddp (a whole model per GPU, the faster where it
+    fits); the estimator's per-GPU figures (`kubetune estimate`) say whether fsdp is needed."""
+    return "ddp" if choice == "auto" else choice
+
+
 @dataclass(frozen=True)
 class World:
     """This process's place among the fine-tune's processes (rank 0 of 1 when not started by torchrun)."""

@@ -15,7 +15,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from kubetune.distributed import resolved_parallelism, split_global_batch
 from kubetune.estimate.modelshape import Linear, ModelShape, build_meta_model, shape_of
+from kubetune.estimate.processes import per_gpu_state
 from kubetune.estimate.trace import Trace, TrainSetup, kv_cache_elements, prepare_for_training, trace_backbone
 
 GIB = 2**30
@@ -492,7 +494,8 @@ class Estimator:
         shape = self.shape
         dtype, autocast = self.precision(ft)
         worst = self.worst_batch(ft)
-        b, s = ft.batch_size, worst.length
+        res = self.recipe.resources.finetune
+        b, s = split_global_batch(ft.batch_size, ft.grad_accum, res.processes)[0], worst.length  # per process
         n_lora = lora_params(shape, ft.lora.target_modules, ft.lora.r)
         comps: list[Component] = []
         notes: list[str] = []
@@ -518,6 +521,8 @@ class Estimator:
         comps.append(Component(f"LoRA gradients ({short})", lb * n_lora))
         comps.append(Component(f"AdamW states ({short} ×2)", 2 * lb * n_lora,
                                "exp_avg and exp_avg_sq, in the weights' dtype"))
+        comps = per_gpu_state(comps, resolved_parallelism(res.parallelism), res.processes, lb * n_lora,
+                              weight_bytes(shape, dtype)[1] // shape.num_layers)
 
         trace = self.train_trace(ft, b, s)
         if ft.gradient_checkpointing:
@@ -555,7 +560,7 @@ class Estimator:
             "base_precision": ft.base_precision, "batch_size": b, "grad_accum": ft.grad_accum,
             "max_length": ft.max_length, "padded_length": s, "labelled_tokens": worst.labelled,
             "gradient_checkpointing": ft.gradient_checkpointing, "lora_r": ft.lora.r, "lora_params": n_lora,
-            "precision": autocast or dtype}, slack=FINETUNE_VARYING_SLACK if varying else FINETUNE_SLACK)
+            "precision": autocast or dtype, "processes": res.processes}, slack=FINETUNE_VARYING_SLACK if varying else FINETUNE_SLACK)
 
     def _loss_head(self, ft, trace: Trace, b: int, s: int, n: int, dtype: str, autocast) -> tuple[int, int]:
         """(saved, scratch) bytes of TRL 1.16's fused LM head for ``n`` labelled positions of a ``b × s`` batch.

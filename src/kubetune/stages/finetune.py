@@ -24,7 +24,7 @@ from typing import Any
 
 from kubetune import modelio
 from kubetune.data import load_splits, prompt_completion
-from kubetune.distributed import split_global_batch, world
+from kubetune.distributed import resolved_parallelism, split_global_batch, world
 from kubetune.errors import DataError, ModelError, RecipeError
 from kubetune.measure import Stopwatch, count_parameters, memory_footprint_bytes
 from kubetune.metrics.callbacks import StepTimes, metrics_callback
@@ -105,7 +105,8 @@ def run(ctx) -> dict[str, Any]:
             "train_sequences": len(trainer.train_dataset),  # fewer than examples when packed
             "packing": packing.packing_layout(trainer.model) if ft.packing else None,
             "processes": trainer.args.world_size,
-            "parallelism": parallelism(recipe) if trainer.args.world_size > 1 else None,
+            "parallelism": resolved_parallelism(recipe.resources.finetune.parallelism)
+            if trainer.args.world_size > 1 else None,
             # rows per optimizer step = per-process micro-batch × accumulation × processes (distributed.py)
             "global_batch": trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps
             * trainer.args.world_size,
@@ -145,19 +146,12 @@ def training_precision(choice: str, dev: str) -> str:
     return choice
 
 
-def parallelism(recipe) -> str:
-    """ddp or fsdp for a fine-tune on several processes (resources.finetune.parallelism; auto is ddp: the
-    estimator does not yet judge whether a model fits one GPU before the model is loaded)."""
-    choice = recipe.resources.finetune.parallelism
-    return "ddp" if choice == "auto" else choice
-
-
 def distributed_arguments(recipe, processes: int) -> dict[str, Any]:
     """The trainer's settings for several processes: DDP (LoRA touches every adapter weight, so no search for
     unused parameters each step) or FSDP2 (torch.distributed.fsdp.fully_shard through accelerate)."""
     if processes <= 1:
         return {}
-    if parallelism(recipe) == "fsdp":
+    if resolved_parallelism(recipe.resources.finetune.parallelism) == "fsdp":
         return {"fsdp": "full_shard auto_wrap", "fsdp_config": {"version": 2, "reshard_after_forward": True}}
     return {"ddp_find_unused_parameters": False}
 
