@@ -53,12 +53,25 @@ def _losses(stage_dir: Path) -> list[float]:
     return [entry["loss"] for entry in log if "loss" in entry]
 
 
+@pytest.fixture(scope="module")
+def one_process(tiny_model_dir, tmp_path_factory, sql_rows):
+    return run_stage(recipe_from_dict(_recipe_dict(tiny_model_dir, tmp_path_factory.mktemp("one"), sql_rows,
+                                                   gpus=0)), "finetune")
+
+
+def _assert_same_curve(one, two) -> None:
+    curve1, curve2 = _losses(one.path), _losses(two.path)
+    assert len(curve1) == len(curve2) == 6
+    for step, (a, b) in enumerate(zip(curve1, curve2), start=1):
+        assert abs(a - b) <= LOSS_TOLERANCE * a, f"step {step}: one process {a:.4f}, two {b:.4f}"
+
+
 @pytest.mark.multiprocess
-def test_two_processes_follow_the_single_process_loss_curve(tiny_model_dir, tmp_path, sql_rows):
+def test_two_processes_follow_the_single_process_loss_curve(one_process, tiny_model_dir, tmp_path, sql_rows):
     """gpus: 2 → two ranks (no GPU here: gloo), each with half of each global batch of 4 rows."""
     from safetensors.torch import load_file
 
-    one = run_stage(recipe_from_dict(_recipe_dict(tiny_model_dir, tmp_path / "one", sql_rows, gpus=0)), "finetune")
+    one = one_process
     two = run_stage(recipe_from_dict(_recipe_dict(tiny_model_dir, tmp_path / "two", sql_rows, gpus=2)), "finetune")
 
     m1, m2 = one.report["metrics"], two.report["metrics"]
@@ -66,10 +79,7 @@ def test_two_processes_follow_the_single_process_loss_curve(tiny_model_dir, tmp_
     assert m1["global_batch"] == m2["global_batch"] == 4
     assert m2["steps_run"] == m2["planned_steps"] == m1["planned_steps"] == 6
     assert m2["parallelism"] == "ddp"
-    curve1, curve2 = _losses(one.path), _losses(two.path)
-    assert len(curve1) == len(curve2) == 6
-    for step, (a, b) in enumerate(zip(curve1, curve2), start=1):
-        assert abs(a - b) <= LOSS_TOLERANCE * a, f"step {step}: one process {a:.4f}, two {b:.4f}"
+    _assert_same_curve(one, two)
     assert [r["rank"] for r in two.report["ranks"]] == [0, 1]  # per-rank memory, gathered on rank 0
     assert all(r["peak_host_rss_bytes"] > 0 for r in two.report["ranks"])
 
@@ -82,6 +92,21 @@ def test_two_processes_follow_the_single_process_loss_curve(tiny_model_dir, tmp_
     assert saved.keys() == checkpoint.keys() and all(saved[k].equal(checkpoint[k]) for k in saved)
 
 
+
+
+@pytest.mark.multiprocess
+def test_fsdp_shards_the_same_training_and_saves_the_whole_adapter(one_process, tiny_model_dir, tmp_path, sql_rows):
+    """parallelism: fsdp (FSDP2's fully_shard over 2 ranks): the same curve, and the adapter rank 0 saves holds
+    every weight at its full shape, not rank 0's shard."""
+    from safetensors.torch import load_file
+
+    data = _recipe_dict(tiny_model_dir, tmp_path / "fsdp", sql_rows, gpus=2)
+    data["resources"]["finetune"]["parallelism"] = "fsdp"
+    two = run_stage(recipe_from_dict(data), "finetune")
+    assert two.report["metrics"]["parallelism"] == "fsdp"
+    _assert_same_curve(one_process, two)
+    sharded, whole = (load_file(r.path / "adapter_model.safetensors") for r in (two, one_process))
+    assert {k: v.shape for k, v in sharded.items()} == {k: v.shape for k, v in whole.items()}
 
 
 @pytest.mark.multiprocess

@@ -185,7 +185,11 @@ def load_model(recipe, precision: str):
     ft = recipe.finetune
     dtype = modelio.resolve_dtype(recipe.model.dtype)
     quantization = modelio.bnb_config(ft, dtype)
-    model = modelio.load_base_model(recipe.model, dtype=dtype, quantization_config=quantization)
+    # FSDP shards the model as it moves it to the GPUs: loaded whole onto each GPU first, one too large for a
+    # single GPU would not get that far
+    sharded = world().distributed and resolved_parallelism(recipe.resources.finetune.parallelism) == "fsdp"
+    model = modelio.load_base_model(recipe.model, dtype=dtype, quantization_config=quantization,
+                                    on="cpu" if sharded else None)
     if quantization is not None:
         prepare_kbit_base(model, ft.gradient_checkpointing, upcast=modelio.upcasts_kbit_rest(precision))
     check_target_modules(model, ft.lora.target_modules, recipe.model.name_or_path)
