@@ -62,7 +62,7 @@ def run_one(gpus: int, folder: Path, work: Path, warmup: int, steps: int) -> dic
     return {"gpus": gpus, "wall_s": round(time.perf_counter() - started, 1),
             "global_batch": report["metrics"]["global_batch"], "steps_measured": len(measured),
             "step_ms_median": statistics.median(s["ms"] for s in measured),
-            "tokens_per_s": sum(s["tokens"] for s in measured) * gpus / seconds,
+            "tokens_per_s": sum(s["tokens"] for s in measured) * recipe.resources.finetune.processes / seconds,
             "ranks": ranks, "peak_allocated_bytes_per_gpu_max": peak,
             "estimate_allocated_bytes_per_gpu": predicted.allocated_bytes,
             "estimate_error": predicted.allocated_bytes / peak - 1 if peak else None}

@@ -58,6 +58,7 @@ def generated() -> dict[str, Any]:
                          ("infer", InferSection), ("merge", MergeSection))}},
         "permanent_exit_codes": list(PERMANENT_EXIT_CODES),
         "driver_rules": render.DRIVER_RULES,
+        "multi_node_rules": render.MULTI_NODE_RULES,
         "driver_backoff_limit": render.DRIVER_BACKOFF_LIMIT,
         "pod_security": render.POD_SECURITY,
         "container_security": render.CONTAINER_SECURITY,

@@ -40,6 +40,13 @@ DRIVER_RULES = [
     {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["create", "get", "list", "delete"]},
 ]
 DRIVER_ADMISSION_VERBS = {("batch", "jobs", "delete")}  # granted for admission, never called
+# resources.finetune.multi_node → what a driver of a multi-node fine-tune also needs (kubetune.k8s.multinode)
+MULTI_NODE_RULES = {
+    "trainjob": [{"apiGroups": ["trainer.kubeflow.org"], "resources": ["trainjobs"],
+                  "verbs": ["create", "get", "list", "delete"]}],
+    "pytorchjob": [{"apiGroups": ["kubeflow.org"], "resources": ["pytorchjobs"],
+                    "verbs": ["create", "get", "list", "delete"]}],
+}
 # What a person running `submit`, `status`, `logs`, `cancel` needs in the namespace (docs/kubernetes.md).
 USER_RULES = [
     {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create", "get", "delete"]},
@@ -235,14 +242,9 @@ def driver_rbac(recipe: Recipe, namespace: str) -> list[dict[str, Any]]:
 
 def multi_node_rules(recipe: Recipe) -> list[dict[str, Any]]:
     """What the driver (and the person submitting) also needs for a multi-node fine-tune: its TrainJob or
-    PyTorchJob, with the verbs DRIVER_RULES grants on Jobs."""
-    kind = stage_kind(recipe, "finetune")
-    if kind == "Job":
-        return []
-    from kubetune.k8s.api import CUSTOM_KINDS
-
-    group, _, plural = CUSTOM_KINDS[kind]
-    return [{"apiGroups": [group], "resources": [plural], "verbs": ["create", "get", "list", "delete"]}]
+    PyTorchJob, with the verbs DRIVER_RULES grants on Jobs. The chart adds the same (MULTI_NODE_RULES)."""
+    res = recipe.resources.finetune
+    return [dict(r) for r in MULTI_NODE_RULES[res.multi_node]] if res.nodes > 1 else []
 
 
 def _volumes(recipe: Recipe, shm: bool, claim_read_only: bool | None) -> tuple[list, list]:
