@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -50,6 +51,7 @@ def run_one(gpus: int, folder: Path, work: Path, warmup: int, steps: int) -> dic
     from kubetune.stages import run_stage
 
     recipe = recipe_for(gpus, folder, work, warmup + steps)
+    shutil.rmtree(work / "artifacts" / recipe.run.name, ignore_errors=True)  # measure a run, not a skipped one
     predicted = estimate_recipe(recipe, model_config=harness.CONFIGS / harness.MODELS[MODEL],
                                 suggest=False).stage("finetune")
     started = time.perf_counter()

@@ -157,3 +157,67 @@ def test_the_estimate_is_per_gpu_with_the_micro_batch_and_the_parallelism():
     assert parts["fsdp"]["FSDP gathered layers"] == 2 * (parts["one"]["base weights"] // 30)  # 30 layers
     assert parts["ddp"]["activations"] < parts["one"]["activations"]  # a quarter of the rows per process
     assert fsdp.total_bytes < ddp.total_bytes < one.total_bytes
+
+
+@pytest.mark.parametrize("outcome, code, expected, exit_code", [
+    ({"error": {"class": "DataError", "message": "data.source: no rows", "exit_code": 4}}, 1, "data.source: no rows", 4),
+    ({}, 1, "torchrun ended with exit code 1 and no rank named a cause", 1),
+])
+def test_a_ranks_error_keeps_its_exit_code_through_torchrun(tiny_recipe, monkeypatch, outcome, code, expected,
+                                                             exit_code):
+    """torchrun ends with 1 whatever failed; rank 0's own error (written next to the recipe) is raised instead,
+    so the Job's podFailurePolicy still sees a permanent 4 for bad data, and a retryable 1 otherwise."""
+    from kubetune.artifacts import RunLayout
+    from kubetune.errors import KubetuneError
+    from kubetune.stages import StageContext, spread
+
+    class FailedTorchrun:
+        def __init__(self, command):
+            if outcome:
+                result = Path(command[command.index("--recipe") + 1]).parent / spread.RESULT_FILE
+                result.write_text(json.dumps(outcome))
+
+        def wait(self):
+            return code
+
+    monkeypatch.setattr(spread.subprocess, "Popen", FailedTorchrun)
+    recipe = tiny_recipe(resources={"finetune": {"gpus": 2, "cpu": "2", "memory": "4Gi"}})
+    layout = RunLayout.from_recipe(recipe)
+    ctx = StageContext(recipe=recipe, layout=layout, stage="finetune", out=layout.new_temp_dir("finetune"))
+    with pytest.raises(KubetuneError) as info:
+        spread.run_processes(ctx, 2)
+    assert expected in str(info.value) and info.value.exit_code == exit_code
+    assert type(info.value).__name__ == ("DataError" if exit_code == 4 else "TrainingProcessesError")
+
+
+def test_sigterm_is_passed_to_torchrun_and_ends_the_stage_as_preempted(tiny_recipe, monkeypatch):
+    """The pod's SIGTERM reaches the stage's process (PID 1); torchrun gets it, lets its ranks checkpoint, and
+    itself exits 1: the stage still ends with 143, a preemption the Job retries without counting it."""
+    import os
+    import signal
+
+    from kubetune.artifacts import RunLayout
+    from kubetune.stages import StageContext, spread
+
+    passed_on = []
+
+    class Torchrun:
+        def __init__(self, command):
+            pass
+
+        def send_signal(self, signum):
+            passed_on.append(signum)
+
+        def wait(self):
+            os.kill(os.getpid(), signal.SIGTERM)  # the kubelet, while training runs
+            return 1  # what torchrun exits with after a SIGTERM (SignalException)
+
+    monkeypatch.setattr(spread.subprocess, "Popen", Torchrun)
+    recipe = tiny_recipe(resources={"finetune": {"gpus": 2, "cpu": "2", "memory": "4Gi"}})
+    layout = RunLayout.from_recipe(recipe)
+    ctx = StageContext(recipe=recipe, layout=layout, stage="finetune", out=layout.new_temp_dir("finetune"))
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as info:
+        spread.run_processes(ctx, 2)
+    assert info.value.code == 143 and passed_on == [signal.SIGTERM]
+    assert signal.getsignal(signal.SIGTERM) == before  # the stage's own handler is back

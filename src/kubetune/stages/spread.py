@@ -48,10 +48,12 @@ def run_processes(ctx, nproc_per_node: int) -> dict[str, Any]:
     recipe_file.write_text(json.dumps(ctx.recipe.model_dump(mode="json")), encoding="utf-8")
     command = torchrun_command(nproc_per_node, __name__, ["--recipe", str(recipe_file), "--out", str(ctx.out)])
     log.info("finetune: starting %d training process(es) on this node: %s", nproc_per_node, " ".join(command))
-    code = _run_forwarding_sigterm(command)
+    code, terminated = _run_forwarding_sigterm(command)
     outcome = json.loads(result_file.read_text(encoding="utf-8")) if result_file.exists() else {}
-    if code == PREEMPTED:
-        raise SystemExit(PREEMPTED)  # the ranks checkpointed; the Job's retry resumes (see finetune.Preemption)
+    if terminated or code == PREEMPTED:
+        # torchrun itself ends with 1 on SIGTERM, after its ranks checkpointed and exited 143 (finetune.Preemption):
+        # end as a preempted stage does, and the Job's retry resumes
+        raise SystemExit(PREEMPTED)
     if "error" in outcome:
         raise _rebuilt_error(outcome["error"])
     if code != 0 or (node_rank() == 0 and "report" not in outcome):
@@ -60,10 +62,13 @@ def run_processes(ctx, nproc_per_node: int) -> dict[str, Any]:
     return outcome.get("report", {})
 
 
-def _run_forwarding_sigterm(command: list[str]) -> int:
+def _run_forwarding_sigterm(command: list[str]) -> tuple[int, bool]:
+    """(torchrun's exit code, whether a SIGTERM came and was passed on to it)."""
     process = subprocess.Popen(command)
+    terminated = []
 
     def forward(signum, frame):
+        terminated.append(signum)
         process.send_signal(signal.SIGTERM)
 
     try:
@@ -71,7 +76,7 @@ def _run_forwarding_sigterm(command: list[str]) -> int:
     except ValueError:  # not the main thread: the embedding application handles its signals
         previous = None
     try:
-        return process.wait()
+        return process.wait(), bool(terminated)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
