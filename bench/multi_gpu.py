@@ -46,14 +46,15 @@ def recipe_for(gpus: int, folder: Path, work: Path, steps: int):
         f"model.name_or_path={folder}", f"finetune.max_steps={steps}", f"resources.finetune.gpus={gpus}"])
 
 
-def run_one(gpus: int, folder: Path, work: Path, warmup: int, steps: int) -> dict:
+def run_one(gpus: int, folder: Path, work: Path, warmup: int, steps: int, tiny: bool) -> dict:
     from kubetune.estimate import estimate_recipe
     from kubetune.stages import run_stage
 
     recipe = recipe_for(gpus, folder, work, warmup + steps)
     shutil.rmtree(work / "artifacts" / recipe.run.name, ignore_errors=True)  # measure a run, not a skipped one
-    predicted = estimate_recipe(recipe, model_config=harness.CONFIGS / harness.MODELS[MODEL],
-                                suggest=False).stage("finetune")
+    # the estimate is of the full-size model (bench/configs); --tiny runs a shrunken one, so it has none
+    predicted = None if tiny else estimate_recipe(recipe, model_config=harness.CONFIGS / harness.MODELS[MODEL],
+                                                  suggest=False).stage("finetune")
     started = time.perf_counter()
     report = run_stage(recipe, "finetune").report
     measured = harness.report_steps(report)[warmup:]
@@ -66,8 +67,8 @@ def run_one(gpus: int, folder: Path, work: Path, warmup: int, steps: int) -> dic
             "step_ms_median": statistics.median(s["ms"] for s in measured),
             "tokens_per_s": sum(s["tokens"] for s in measured) * recipe.resources.finetune.processes / seconds,
             "ranks": ranks, "peak_allocated_bytes_per_gpu_max": peak,
-            "estimate_allocated_bytes_per_gpu": predicted.allocated_bytes,
-            "estimate_error": predicted.allocated_bytes / peak - 1 if peak else None}
+            "estimate_allocated_bytes_per_gpu": predicted.allocated_bytes if predicted else None,
+            "estimate_error": predicted.allocated_bytes / peak - 1 if predicted and peak else None}
 
 
 def main() -> None:
@@ -84,7 +85,7 @@ def main() -> None:
     folder = args.work / "models" / (MODEL + ("-tiny" if args.tiny else ""))
     if args.only is not None:
         build = harness.build_model(MODEL, folder, tiny=args.tiny)  # the first run builds it (on GPU 0), the rest reuse
-        record = {**run_one(args.only, folder, args.work, args.warmup, args.steps), "build": build}
+        record = {**run_one(args.only, folder, args.work, args.warmup, args.steps, args.tiny), "build": build}
         (args.work / f"run-{args.only}.json").write_text(json.dumps(record))
         return
     # this process never touches CUDA: each run's GPUs hold only that run

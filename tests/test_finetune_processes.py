@@ -71,8 +71,9 @@ def test_two_processes_follow_the_single_process_loss_curve(one_process, tiny_mo
     """gpus: 2 → two ranks (no GPU here: gloo), each with half of each global batch of 4 rows."""
     from safetensors.torch import load_file
 
-    one = one_process
-    two = run_stage(recipe_from_dict(_recipe_dict(tiny_model_dir, tmp_path / "two", sql_rows, gpus=2)), "finetune")
+    one, progress = one_process, []
+    two = run_stage(recipe_from_dict(_recipe_dict(tiny_model_dir, tmp_path / "two", sql_rows, gpus=2)), "finetune",
+                    progress=lambda stage, done, total, text: progress.append((done, total)))
 
     m1, m2 = one.report["metrics"], two.report["metrics"]
     assert (m1["processes"], m2["processes"]) == (1, 2)
@@ -80,6 +81,7 @@ def test_two_processes_follow_the_single_process_loss_curve(one_process, tiny_mo
     assert m2["steps_run"] == m2["planned_steps"] == m1["planned_steps"] == 6
     assert m2["parallelism"] == "ddp"
     _assert_same_curve(one, two)
+    assert progress[-1] == (6, 6) and len(progress) >= 6  # rank 0's steps, replayed by the stage's process
     assert [r["rank"] for r in two.report["ranks"]] == [0, 1]  # per-rank memory, gathered on rank 0
     assert all(r["peak_host_rss_bytes"] > 0 for r in two.report["ranks"])
 

@@ -227,3 +227,22 @@ def test_cancel_deletes_the_multi_node_finetune_too(fake, tmp_path):
     launcher.cancel(cluster, "big", said.append)
     assert fake.objects("TrainJob") == {}
     assert "deleted TrainJob big-finetune and its pods" in said
+
+
+@pytest.mark.timeout(60)
+def test_status_shows_the_multi_node_finetune(fake, tmp_path):
+    from kubetune.k8s import launcher
+
+    cluster = connect(kubeconfig=str(fake.kubeconfig(tmp_path / "kubeconfig", namespace="ml")))
+    recipe = driven_recipe("pytorchjob")
+    cluster.create(render.recipe_configmap(recipe, "ml"))
+    cluster.create(render.stage_job(recipe, "finetune", "ml"))
+    fake.patch("PyTorchJob", "big-finetune", {"status": {"conditions": [RUNNING["PyTorchJob"]],
+                                                         "startTime": "2026-12-06T10:00:00Z"}})
+    fake.put("Pod", {"metadata": {"name": "big-finetune-master-0", "labels": render.labels(recipe, "stage", "finetune"),
+                                  "creationTimestamp": "2026-12-06T10:00:01Z"},
+                     "spec": {"nodeName": "gpu-node-7"}, "status": {"phase": "Running"}})
+    rows = {r.stage: r for r in launcher.status_rows(cluster, "big")}
+    assert rows["finetune"].phase == "Running" and rows["finetune"].pod == "big-finetune-master-0"
+    assert rows["finetune"].gpu == "2 nodes × 4× nvidia.com/gpu NVIDIA-H100-80GB-HBM3"
+    assert rows["merge"].phase == "not started"

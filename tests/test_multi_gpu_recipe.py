@@ -112,7 +112,7 @@ def test_a_four_gpu_finetune_starts_torchrun_with_four_processes(tiny_recipe, mo
             out = Path(command[command.index("--recipe") + 1]).parent / spread.RESULT_FILE
             out.write_text(json.dumps({"report": {"metrics": {"processes": 4}}}))
 
-        def wait(self):
+        def wait(self, timeout=None):
             return 0
 
     monkeypatch.setattr(spread.subprocess, "Popen", FinishedTorchrun)
@@ -177,7 +177,7 @@ def test_a_ranks_error_keeps_its_exit_code_through_torchrun(tiny_recipe, monkeyp
                 result = Path(command[command.index("--recipe") + 1]).parent / spread.RESULT_FILE
                 result.write_text(json.dumps(outcome))
 
-        def wait(self):
+        def wait(self, timeout=None):
             return code
 
     monkeypatch.setattr(spread.subprocess, "Popen", FailedTorchrun)
@@ -208,7 +208,7 @@ def test_sigterm_is_passed_to_torchrun_and_ends_the_stage_as_preempted(tiny_reci
         def send_signal(self, signum):
             passed_on.append(signum)
 
-        def wait(self):
+        def wait(self, timeout=None):
             os.kill(os.getpid(), signal.SIGTERM)  # the kubelet, while training runs
             return 1  # what torchrun exits with after a SIGTERM (SignalException)
 
@@ -221,3 +221,27 @@ def test_sigterm_is_passed_to_torchrun_and_ends_the_stage_as_preempted(tiny_reci
         spread.run_processes(ctx, 2)
     assert info.value.code == 143 and passed_on == [signal.SIGTERM]
     assert signal.getsignal(signal.SIGTERM) == before  # the stage's own handler is back
+
+
+def test_rank_zeros_progress_and_metrics_are_replayed_in_the_stage_process(tmp_path):
+    """The ranks cannot serve /metrics (the stage's process does): rank 0 writes what its trainer callbacks
+    report, the stage's process replays it onto its own StageState and progress callback, line by whole line."""
+    from types import SimpleNamespace
+
+    from kubetune.metrics.state import StageState
+    from kubetune.stages.spread import Relay, replay_relay
+
+    path = tmp_path / "relay.jsonl"
+    seen, state = [], StageState(labels={"run": "r", "stage": "finetune"})
+    ctx = SimpleNamespace(progress=lambda *args: seen.append(args), extras={"metrics": state})
+    relay = Relay(path, processes=4)
+    relay.train_step(3, 10, 1000)
+    relay.train_log(loss=1.5, learning_rate=1e-4)
+    relay.progress("finetune", 3, 10, "loss 1.500")
+    with open(path, "a") as fh:
+        fh.write('{"method": "progress", "args": ["finetune", 4')  # rank 0 still writing this line
+    offset = replay_relay(path, 0, ctx)
+    assert seen == [("finetune", 3, 10, "loss 1.500")]
+    assert (state.train.completed_steps, state.train.planned_steps, state.train.tokens) == (3, 10, 4000)
+    assert (state.train.loss, state.train.learning_rate) == (1.5, 1e-4)
+    assert replay_relay(path, offset, ctx) == offset and len(seen) == 1  # the partial line waits for its end

@@ -18,6 +18,7 @@ import logging
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,10 @@ from kubetune.distributed import node_rank, torchrun_command, world
 log = logging.getLogger(__name__)
 
 RESULT_FILE = "rank0-result.json"
+RELAY_FILE = "rank0-progress.jsonl"
 RECIPE_FILE = "recipe.json"
 PREEMPTED = 143
+RELAY_POLL_S = 1.0  # how often the stage's process replays rank 0's progress
 
 
 class TrainingProcessesError(errors.KubetuneError):
@@ -41,14 +44,20 @@ class TrainingProcessesError(errors.KubetuneError):
 def run_processes(ctx, nproc_per_node: int) -> dict[str, Any]:
     """Run the fine-tune as ``nproc_per_node`` processes on this pod (and as many on each other node of a
     multi-node run); return rank 0's part of the report. Only node 0's stage process commits the artifact."""
-    result_file = ctx.work / RESULT_FILE
+    result_file, relay_file = ctx.work / RESULT_FILE, ctx.work / RELAY_FILE
     result_file.unlink(missing_ok=True)
+    relay_file.unlink(missing_ok=True)
     recipe_file = ctx.work / RECIPE_FILE
     # the whole recipe, defaults included: the ranks compute the same fingerprint (checkpoint folder) from it
     recipe_file.write_text(json.dumps(ctx.recipe.model_dump(mode="json")), encoding="utf-8")
     command = torchrun_command(nproc_per_node, __name__, ["--recipe", str(recipe_file), "--out", str(ctx.out)])
     log.info("finetune: starting %d training process(es) on this node: %s", nproc_per_node, " ".join(command))
-    code, terminated = _run_forwarding_sigterm(command)
+    replayed = [0]  # bytes of the relay file already replayed
+
+    def replay() -> None:
+        replayed[0] = replay_relay(relay_file, replayed[0], ctx)
+
+    code, terminated = _run_forwarding_sigterm(command, replay)
     outcome = json.loads(result_file.read_text(encoding="utf-8")) if result_file.exists() else {}
     if terminated or code == PREEMPTED:
         # torchrun itself ends with 1 on SIGTERM, after its ranks checkpointed and exited 143 (finetune.Preemption):
@@ -62,8 +71,8 @@ def run_processes(ctx, nproc_per_node: int) -> dict[str, Any]:
     return outcome.get("report", {})
 
 
-def _run_forwarding_sigterm(command: list[str]) -> tuple[int, bool]:
-    """(torchrun's exit code, whether a SIGTERM came and was passed on to it)."""
+def _run_forwarding_sigterm(command: list[str], tick: Callable[[], None]) -> tuple[int, bool]:
+    """(torchrun's exit code, whether a SIGTERM came and was passed on to it); ``tick`` about once a second."""
     process = subprocess.Popen(command)
     terminated = []
 
@@ -76,10 +85,58 @@ def _run_forwarding_sigterm(command: list[str]) -> tuple[int, bool]:
     except ValueError:  # not the main thread: the embedding application handles its signals
         previous = None
     try:
-        return process.wait(), bool(terminated)
+        while True:
+            try:
+                code = process.wait(timeout=RELAY_POLL_S)
+            except subprocess.TimeoutExpired:
+                tick()
+                continue
+            tick()
+            return code, bool(terminated)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+class Relay:
+    """Rank 0's progress and training metrics as JSON lines, which the stage's process replays onto its own
+    progress callback and metrics state: it serves /metrics and pushes to the Pushgateway, the ranks do not.
+    Tokens are rank 0's times the processes (each trains as many rows a step)."""
+
+    def __init__(self, path: Path, processes: int):
+        self.path, self.processes = path, processes
+
+    def _write(self, method: str, *args: Any, **kwargs: Any) -> None:
+        with open(self.path, "a", encoding="utf-8") as fh:  # one whole line per write: the reader skips a partial one
+            fh.write(json.dumps({"method": method, "args": args, "kwargs": kwargs}) + "\n")
+
+    def progress(self, stage: str, completed: float, total: float | None, description: str) -> None:
+        self._write("progress", stage, completed, total, description)
+
+    def train_step(self, step: int, max_steps: int, tokens: int | None) -> None:
+        self._write("train_step", step, max_steps, None if tokens is None else tokens * self.processes)
+
+    def train_log(self, **values: Any) -> None:
+        self._write("train_log", **values)
+
+
+def replay_relay(path: Path, offset: int, ctx) -> int:
+    """Call ``ctx.progress`` and ``ctx.extras["metrics"]`` for each complete line after ``offset``; the new offset."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            data = fh.read()
+    except FileNotFoundError:
+        return offset
+    complete = data[:data.rfind(b"\n") + 1]
+    metrics = ctx.extras.get("metrics")
+    for line in complete.splitlines():
+        record = json.loads(line)
+        if record["method"] == "progress":
+            ctx.progress(*record["args"])
+        elif metrics is not None:
+            getattr(metrics, record["method"])(*record["args"], **record["kwargs"])
+    return offset + len(complete)
 
 
 def _rebuilt_error(error: dict[str, Any]) -> errors.KubetuneError:
@@ -127,6 +184,9 @@ def main(argv: list[str] | None = None) -> None:
         recipe = load_recipe(args.recipe)
         _use_local_gpu(me.local_rank)
         ctx = StageContext(recipe=recipe, layout=RunLayout.from_recipe(recipe), stage="finetune", out=args.out)
+        if me.main:
+            relay = Relay(args.recipe.parent / RELAY_FILE, me.size)
+            ctx.progress, ctx.extras["metrics"] = relay.progress, relay
         report = finetune.run(ctx)
         report["ranks"] = per_rank(report.pop("adapter_sha256", None))
     except errors.KubetuneError as exc:
