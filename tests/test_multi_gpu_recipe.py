@@ -245,3 +245,30 @@ def test_rank_zeros_progress_and_metrics_are_replayed_in_the_stage_process(tmp_p
     assert (state.train.completed_steps, state.train.planned_steps, state.train.tokens) == (3, 10, 4000)
     assert (state.train.loss, state.train.learning_rate) == (1.5, 1e-4)
     assert replay_relay(path, offset, ctx) == offset and len(seen) == 1  # the partial line waits for its end
+
+
+def test_a_pod_other_than_node_0_trains_without_the_lock_or_the_artifact(tiny_recipe, monkeypatch):
+    """Node 1 of a multi-node fine-tune: its ranks train, node 0 commits; this pod takes no lock (node 0 holds
+    it) and leaves the artifact layout as it found it."""
+    from kubetune.artifacts import RunLayout
+    from kubetune.stages import run_stage, spread
+
+    started = []
+
+    class Torchrun:
+        def __init__(self, command):
+            started.append(command)
+
+        def wait(self, timeout=None):
+            return 0
+
+    monkeypatch.setattr(spread.subprocess, "Popen", Torchrun)
+    monkeypatch.setenv("PET_NODE_RANK", "1")
+    monkeypatch.setenv("PET_NNODES", "2")
+    recipe = tiny_recipe(resources={"finetune": {"gpus": 2, "nodes": 2, "cpu": "2", "memory": "4Gi"}})
+    layout = RunLayout.from_recipe(recipe)
+    with layout.lock("finetune"):  # node 0 holds it
+        result = run_stage(recipe, "finetune")
+    assert result.report == {"node_rank": 1} and "--standalone" not in started[0]
+    assert "--nproc-per-node=2" in started[0]
+    assert layout.marker("finetune") is None and not layout.stage_dir("finetune").exists()
