@@ -1,5 +1,6 @@
 """A fine-tune across several nodes (``resources.finetune.nodes > 1``): a Kubeflow Trainer v2 TrainJob or a
-Training Operator v1 PyTorchJob, chosen by ``resources.finetune.multi_node``, and how to read their conditions.
+Training Operator v1 PyTorchJob, chosen by ``resources.finetune.multi_node`` (their conditions are read by
+kubetune.k8s.state.job_state, as a Job's are).
 
 Each of its pods runs what a single-pod fine-tune runs, ``kubetune stage finetune``; that starts torchrun with one
 process per GPU, and torchrun takes the node count, this node's rank and the rendezvous address from the PET_*
@@ -99,4 +100,3 @@ def _pytorch_job(recipe: Recipe, meta: dict[str, Any]) -> dict[str, Any]:
     return {"apiVersion": TRAINING_OPERATOR_API, "kind": "PyTorchJob", "metadata": meta,
             "spec": {"nprocPerNode": str(max(res.gpus, 1)), "runPolicy": run_policy,
                      "pytorchReplicaSpecs": {"Master": replicas(1), "Worker": replicas(res.nodes - 1)}}}
-
