@@ -246,3 +246,23 @@ def test_status_shows_the_multi_node_finetune(fake, tmp_path):
     assert rows["finetune"].phase == "Running" and rows["finetune"].pod == "big-finetune-master-0"
     assert rows["finetune"].gpu == "2 nodes × 4× nvidia.com/gpu NVIDIA-H100-80GB-HBM3"
     assert rows["merge"].phase == "not started"
+
+
+def test_the_chart_refuses_what_validate_and_render_refuse():
+    """`helm install` stops before the driver exists, with kubetune's line, instead of a driver failing with 3."""
+    from k8s import tools
+
+    chart = Path(__file__).parent.parent / "charts" / "kubetune"
+
+    def template(*sets: str):
+        args = [arg for s in sets for arg in ("--set", s)]
+        return tools.run("helm", "template", "ft", str(chart), "--namespace", "ml", "-f",
+                         str(chart / "ci" / "minimal-values.yaml"), *args, check=False)
+
+    merge = template("recipe.resources.merge.gpus=4")
+    assert merge.returncode != 0 and "recipe.resources.merge.gpus: merge runs on one GPU" in merge.stderr
+    assert template("recipe.resources.merge.gpus=4", "recipe.stages={finetune}").returncode == 0  # no merge stage
+    nodes = template("recipe.resources.finetune.nodes=2")
+    assert nodes.returncode != 0 and "it must be ReadWriteMany" in nodes.stderr
+    assert template("recipe.resources.finetune.nodes=2", "recipe.kubernetes.pvc.access_modes={ReadWriteMany}"
+                    ).returncode == 0

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from kubetune import __version__
-from kubetune.config import (FinetuneSection, InferSection, KubernetesSection, MergeSection, PromptSection,
-                             RunSection, ServeSection, load_recipe, recipe_json_schema)
+from kubetune.config import (SINGLE_GPU_STAGES, STAGE_NAMES, FinetuneSection, InferSection, KubernetesSection,
+                             MergeSection, PromptSection, RunSection, ServeSection, load_recipe, recipe_json_schema)
 from kubetune.errors import PERMANENT_EXIT_CODES
 from kubetune.k8s import render
 from kubetune.metrics.assets import monitoring_values_schema
@@ -59,6 +59,8 @@ def generated() -> dict[str, Any]:
         "permanent_exit_codes": list(PERMANENT_EXIT_CODES),
         "driver_rules": render.DRIVER_RULES,
         "multi_node_rules": render.MULTI_NODE_RULES,
+        "single_gpu_stages": list(SINGLE_GPU_STAGES),
+        "stage_names": list(STAGE_NAMES),
         "driver_backoff_limit": render.DRIVER_BACKOFF_LIMIT,
         "pod_security": render.POD_SECURITY,
         "container_security": render.CONTAINER_SECURITY,
