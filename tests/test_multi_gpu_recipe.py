@@ -272,3 +272,18 @@ def test_a_pod_other_than_node_0_trains_without_the_lock_or_the_artifact(tiny_re
     assert result.report == {"node_rank": 1} and "--standalone" not in started[0]
     assert "--nproc-per-node=2" in started[0]
     assert layout.marker("finetune") is None and not layout.stage_dir("finetune").exists()
+
+
+def test_auto_parallelism_is_fsdp_only_where_ddp_would_not_fit_a_gpu(tiny_recipe):
+    """The stage decides auto once, from the estimate of a DDP fine-tune on this pod's GPU (the tiny model needs
+    a few MiB: a 1 MiB card is too small, an 80 GiB one is not); a 4-bit base stays on DDP (FSDP cannot shard it)."""
+    from kubetune.stages.spread import chosen_parallelism
+
+    two = {"finetune": {"gpus": 2, "cpu": "2", "memory": "4Gi"}}
+    recipe = tiny_recipe(resources=two)
+    assert chosen_parallelism(recipe, 80 * 2**30) == "ddp"
+    assert chosen_parallelism(recipe, 2**20) == "fsdp"
+    assert chosen_parallelism(recipe, None) == "ddp"  # no GPU: nothing to fit
+    assert chosen_parallelism(tiny_recipe(resources=two, finetune={"base_precision": "4bit"}), 2**20) == "ddp"
+    chosen = tiny_recipe(resources={"finetune": {**two["finetune"], "parallelism": "ddp"}})
+    assert chosen_parallelism(chosen, 2**20) == "ddp"  # a choice in the recipe stands

@@ -381,7 +381,7 @@ class FinetuneResources(Resources):
     parallelism: Literal["auto", "ddp", "fsdp"] = "auto"
     """ddp: a whole copy of the model per GPU (fastest where it fits one GPU); fsdp: weights, gradients and
     optimizer state sharded across the GPUs (FSDP2; for models that do not fit one, not with a 4/8-bit base);
-    auto: ddp for now (`kubetune estimate` shows the memory per GPU under each, to choose fsdp by hand)."""
+    auto: fsdp where the estimator says a DDP fine-tune does not fit one of the pod's GPUs (16-bit base), else ddp."""
     multi_node: Literal["trainjob", "pytorchjob"] = "trainjob"
     """With nodes > 1: a Kubeflow Trainer v2 TrainJob (trainer.kubeflow.org) or a Training Operator v1 PyTorchJob
     (kubeflow.org), whichever the cluster has installed."""

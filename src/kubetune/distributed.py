@@ -37,8 +37,9 @@ def split_global_batch(batch_size: int, grad_accum: int, processes: int) -> tupl
 
 
 def resolved_parallelism(choice: str) -> str:
-    """ddp or fsdp for ``resources.finetune.parallelism``: auto is ddp (a whole model per GPU, the faster where it
-    fits); the estimator's per-GPU figures (`kubetune estimate`) say whether fsdp is needed."""
+    """ddp or fsdp for ``resources.finetune.parallelism`` where auto is still undecided (the estimator's table;
+    a rank given a recipe by hand): ddp. The stage decides auto before starting the ranks
+    (stages.spread.chosen_parallelism)."""
     return "ddp" if choice == "auto" else choice
 
 

@@ -49,7 +49,10 @@ def run_processes(ctx, nproc_per_node: int) -> dict[str, Any]:
     relay_file.unlink(missing_ok=True)
     recipe_file = ctx.work / RECIPE_FILE
     # the whole recipe, defaults included: the ranks compute the same fingerprint (checkpoint folder) from it
-    recipe_file.write_text(json.dumps(ctx.recipe.model_dump(mode="json")), encoding="utf-8")
+    # (resources are in no fingerprint), with parallelism: auto decided here, once for every rank
+    recipe = ctx.recipe.model_dump(mode="json")
+    recipe["resources"]["finetune"]["parallelism"] = chosen_parallelism(ctx.recipe, _gpu_memory_bytes())
+    recipe_file.write_text(json.dumps(recipe), encoding="utf-8")
     command = torchrun_command(nproc_per_node, __name__, ["--recipe", str(recipe_file), "--out", str(ctx.out)])
     log.info("finetune: starting %d training process(es) on this node: %s", nproc_per_node, " ".join(command))
     replayed = [0]  # bytes of the relay file already replayed
@@ -69,6 +72,37 @@ def run_processes(ctx, nproc_per_node: int) -> dict[str, Any]:
         raise TrainingProcessesError(f"finetune: torchrun ended with exit code {code} and no rank named a cause; "
                                      "the log above shows the rank that failed (out of memory, killed)")
     return outcome.get("report", {})
+
+
+def chosen_parallelism(recipe, gpu_memory_bytes: int | None) -> str:
+    """resources.finetune.parallelism, with auto decided: fsdp where `kubetune estimate` says that a DDP fine-tune
+    (the whole model on each GPU) does not fit one of this pod's GPUs and the base can be sharded (16-bit), else
+    ddp."""
+    choice = recipe.resources.finetune.parallelism
+    if choice != "auto":
+        return choice
+    if gpu_memory_bytes is None or recipe.finetune.base_precision != "none":
+        return "ddp"
+    from kubetune.config import recipe_from_dict
+    from kubetune.estimate import estimate_recipe
+
+    data = recipe.model_dump(mode="json") | {"stages": ["finetune"]}
+    data["resources"]["finetune"]["parallelism"] = "ddp"
+    try:
+        ddp = estimate_recipe(recipe_from_dict(data), suggest=False).stage("finetune")
+    except Exception as exc:  # noqa: BLE001 - a model the estimator cannot read: the default (ddp) stands
+        log.warning("finetune: parallelism auto: no estimate (%s); using ddp", exc)
+        return "ddp"
+    choice = "ddp" if ddp.fits(gpu_memory_bytes) else "fsdp"
+    log.info("finetune: parallelism auto → %s (estimated %.1f GiB per GPU under DDP, %.1f GiB on each GPU)",
+             choice, ddp.total_bytes / 2**30, gpu_memory_bytes / 2**30)
+    return choice
+
+
+def _gpu_memory_bytes() -> int | None:
+    import torch
+
+    return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
 
 
 def _run_forwarding_sigterm(command: list[str], tick: Callable[[], None]) -> tuple[int, bool]:
