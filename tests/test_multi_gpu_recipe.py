@@ -267,8 +267,12 @@ def test_a_pod_other_than_node_0_trains_without_the_lock_or_the_artifact(tiny_re
     monkeypatch.setenv("PET_NNODES", "2")
     recipe = tiny_recipe(resources={"finetune": {"gpus": 2, "nodes": 2, "cpu": "2", "memory": "4Gi"}})
     layout = RunLayout.from_recipe(recipe)
+    node_0_result = layout.work_dir("finetune") / spread.RESULT_FILE
+    node_0_result.parent.mkdir(parents=True)
+    node_0_result.write_text("{}")  # node 0's rank 0 may be writing its files on the shared claim
     with layout.lock("finetune"):  # node 0 holds it
         result = run_stage(recipe, "finetune")
+    assert node_0_result.read_text() == "{}"
     assert result.report == {"node_rank": 1} and "--standalone" not in started[0]
     assert "--nproc-per-node=2" in started[0]
     assert layout.marker("finetune") is None and not layout.stage_dir("finetune").exists()

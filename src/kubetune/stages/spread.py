@@ -45,9 +45,11 @@ def run_processes(ctx, nproc_per_node: int) -> dict[str, Any]:
     """Run the fine-tune as ``nproc_per_node`` processes on this pod (and as many on each other node of a
     multi-node run); return rank 0's part of the report. Only node 0's stage process commits the artifact."""
     result_file, relay_file = ctx.work / RESULT_FILE, ctx.work / RELAY_FILE
-    result_file.unlink(missing_ok=True)
-    relay_file.unlink(missing_ok=True)
-    recipe_file = ctx.work / RECIPE_FILE
+    node = node_rank()
+    if node == 0:  # node 0's files (the other nodes share the claim, and may start late or restart)
+        result_file.unlink(missing_ok=True)
+        relay_file.unlink(missing_ok=True)
+    recipe_file = ctx.work / (RECIPE_FILE if node == 0 else f"recipe-node{node}.json")
     # the whole recipe, defaults included: the ranks compute the same fingerprint (checkpoint folder) from it
     # (resources are in no fingerprint), with parallelism: auto decided here, once for every rank
     recipe = ctx.recipe.model_dump(mode="json")
@@ -68,7 +70,7 @@ def run_processes(ctx, nproc_per_node: int) -> dict[str, Any]:
         raise SystemExit(PREEMPTED)
     if "error" in outcome:
         raise _rebuilt_error(outcome["error"])
-    if code != 0 or (node_rank() == 0 and "report" not in outcome):
+    if code != 0 or (node == 0 and "report" not in outcome):
         raise TrainingProcessesError(f"finetune: torchrun ended with exit code {code} and no rank named a cause; "
                                      "the log above shows the rank that failed (out of memory, killed)")
     return outcome.get("report", {})
