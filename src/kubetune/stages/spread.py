@@ -5,7 +5,7 @@ The stage's own process keeps the artifact contract: it holds the lock, owns the
 once torchrun has ended well, renames it into place and writes ``report.json`` and ``_SUCCESS``
 (kubetune.stages.run_stage). Of the ranks, only global rank 0 writes: checkpoints (sealed as on one process),
 the adapter into the temporary folder, and its part of the report into ``.work/finetune/rank0-result.json``,
-which the stage's process reads back. A rank's error with an exit code of its own (docs/exit-codes.md) travels
+which the stage's process reads back. Rank 0's error with an exit code of its own (docs/exit-codes.md) travels
 the same way, so a bad data set is still exit 4 and not torchrun's 1. SIGTERM to the stage's process (PID 1 of
 the pod) is passed on to torchrun, which passes it to every rank: each checkpoints and exits 143.
 """
@@ -63,7 +63,8 @@ def run_processes(ctx, nproc_per_node: int) -> dict[str, Any]:
         replayed[0] = replay_relay(relay_file, replayed[0], ctx)
 
     code, terminated = _run_forwarding_sigterm(command, replay)
-    outcome = json.loads(result_file.read_text(encoding="utf-8")) if result_file.exists() else {}
+    # node 0's rank 0 writes it; another node's stage only needs torchrun's code (the file may be a past attempt's)
+    outcome = json.loads(result_file.read_text(encoding="utf-8")) if node == 0 and result_file.exists() else {}
     if terminated or code == PREEMPTED:
         # torchrun itself ends with 1 on SIGTERM, after its ranks checkpointed and exited 143 (finetune.Preemption):
         # end as a preempted stage does, and the Job's retry resumes
