@@ -152,7 +152,7 @@ def test_conditions_read_as_job_states(obj, state):
     assert job_state(obj)[0] == state
 
 
-# ---- the driver against a fake API server (kmock): created → running → succeeded / failed --------------------------
+# ---- the driver against a fake API server (kmock): created → running → succeeded / failed ------------------------
 # What each operator writes when its job ends (the fake has no controllers; the test plays them).
 FINISHED = {
     "TrainJob": ({"type": "Complete", "status": "True", "reason": "JobSetCompleted"},

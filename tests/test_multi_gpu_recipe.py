@@ -160,7 +160,8 @@ def test_the_estimate_is_per_gpu_with_the_micro_batch_and_the_parallelism():
 
 
 @pytest.mark.parametrize("outcome, code, expected, exit_code", [
-    ({"error": {"class": "DataError", "message": "data.source: no rows", "exit_code": 4}}, 1, "data.source: no rows", 4),
+    ({"error": {"class": "DataError", "message": "data.source: no rows", "exit_code": 4}}, 1, "data.source: no rows",
+     4),
     ({}, 1, "torchrun ended with exit code 1 and no rank named a cause", 1),
 ])
 def test_a_ranks_error_keeps_its_exit_code_through_torchrun(tiny_recipe, monkeypatch, outcome, code, expected,

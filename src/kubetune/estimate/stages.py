@@ -560,7 +560,8 @@ class Estimator:
             "base_precision": ft.base_precision, "batch_size": b, "grad_accum": ft.grad_accum,
             "max_length": ft.max_length, "padded_length": s, "labelled_tokens": worst.labelled,
             "gradient_checkpointing": ft.gradient_checkpointing, "lora_r": ft.lora.r, "lora_params": n_lora,
-            "precision": autocast or dtype, "processes": res.processes}, slack=FINETUNE_VARYING_SLACK if varying else FINETUNE_SLACK)
+            "precision": autocast or dtype, "processes": res.processes},
+            slack=FINETUNE_VARYING_SLACK if varying else FINETUNE_SLACK)
 
     def _loss_head(self, ft, trace: Trace, b: int, s: int, n: int, dtype: str, autocast) -> tuple[int, int]:
         """(saved, scratch) bytes of TRL 1.16's fused LM head for ``n`` labelled positions of a ``b × s`` batch.

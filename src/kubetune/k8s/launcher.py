@@ -254,7 +254,8 @@ def status_rows(cluster: Cluster, run: str) -> list[StageRow]:
         summary = view.summary if view else {}
         rows.append(StageRow(
             stage=stage, phase=phase, pod=view.name if view else "—", node=view.node if view else "—",
-            gpu=_multi_node_gpu(recipe) if multi_node else _gpu(job) if stage != render.DRIVER else "none", start=st.get("startTime") or "—",
+            gpu=_multi_node_gpu(recipe) if multi_node else _gpu(job) if stage != render.DRIVER else "none",
+            start=st.get("startTime") or "—",
             duration=human_seconds(elapsed(st.get("startTime"), st.get("completionTime"))),
             peak_vram=human_bytes(summary.get("peak_vram_bytes")) if summary else "—",
             # A failed Job's own reason ("…failed with exit code 5 matching FailJob rule…") says that, not why:
