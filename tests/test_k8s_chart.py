@@ -79,8 +79,8 @@ def test_scenarios_render_each_switch_of_the_generated_templates_both_ways():
     units = (*chartgen.HELPERS, chartgen.DRIVER_JOB, *chartgen.OBJECTS.values())
     switches = {s for unit in units for s in (*unit.switches, unit.when) if s is not None}
     for switch in switches:
-        on = [(value(r, switch.path) is not None) if switch.off is None else value(r, switch.path) != switch.off
-              for r in recipes]
+        on = [((value(r, switch.path) is not None) if switch.off is None else value(r, switch.path) != switch.off)
+              and all(value(r, path) == v for path, v in switch.also.items()) for r in recipes]
         assert any(on) and not all(on), f"{switch.path}: no scenario in {CHART / 'ci'} renders it " + (
             "off" if all(on) else "on")
 

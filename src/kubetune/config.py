@@ -20,6 +20,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, JsonValue, V
                       field_validator, model_validator)
 
 from kubetune import registry
+from kubetune.distributed import split_global_batch
 from kubetune.errors import RecipeError
 
 # The original notebook's template; the only change is that context and question are joined with ". ".
@@ -37,6 +38,9 @@ StageName = Literal[STAGE_NAMES]  # type: ignore[valid-type]
 # when the recipe names something on the hub (kubetune.sources.pod_stages), and `kubetune run` reads the hub directly.
 FETCH_STAGE = "fetch"
 POD_STAGES = registry.pod_stages()
+# Recipe stages that load their model onto one device (no `multi_process` in the registry): more than one GPU is
+# refused (docs/kubernetes.md).
+SINGLE_GPU_STAGES = registry.single_gpu_stages()
 # Which stage produces each model that infer/evaluate can use ("base" is the recipe's model itself).
 MODEL_PRODUCERS: dict[str, str | None] = registry.model_producers()
 ModelName = Literal[tuple(MODEL_PRODUCERS)]  # type: ignore[valid-type]
@@ -449,11 +453,38 @@ class Resources(Section):
     """Host memory request and limit (Kubernetes quantity: 32Gi); over it the pod is OOM-killed and retried."""
 
 
-# resources.<stage> for every stage of the registry, with the stage's defaults
+class FinetuneResources(Resources):
+    """The fine-tune's pods: one process per GPU (torchrun), on ``nodes`` pods (docs/kubernetes.md)."""
+
+    nodes: Annotated[int, Field(ge=1, le=64)] = 1
+    """Pods of the fine-tune, each with ``gpus`` GPUs; more than 1 renders a TrainJob or PyTorchJob (see
+    ``multi_node``) and needs a ReadWriteMany claim."""
+    parallelism: Literal["auto", "ddp", "fsdp"] = "auto"
+    """ddp: a whole copy of the model per GPU (fastest where it fits one GPU); fsdp: weights, gradients and
+    optimizer state sharded across the GPUs (FSDP2; for models that do not fit one, not with a 4/8-bit base);
+    auto: fsdp where the estimator says a DDP fine-tune does not fit one of the pod's GPUs (16-bit base), else ddp."""
+    multi_node: Literal["trainjob", "pytorchjob"] = "trainjob"
+    """With nodes > 1: a Kubeflow Trainer v2 TrainJob (trainer.kubeflow.org) or a Training Operator v1 PyTorchJob
+    (kubeflow.org), whichever the cluster has installed."""
+    training_runtime: DnsSubdomain = "torch-distributed"
+    """The ClusterTrainingRuntime a TrainJob runs on (Kubeflow Trainer installs torch-distributed)."""
+
+    @property
+    def processes(self) -> int:
+        """Training processes in all: one per GPU (one on a CPU-only pod), on every node."""
+        return max(self.gpus, 1) * self.nodes
+
+
+def _resources_model(spec: registry.StageSpec) -> type[Resources]:
+    """The class of ``resources.<stage>``: the spec's ``resources_model`` (a Resources subclass), else Resources."""
+    return registry.resolve(spec.resources_model) if spec.resources_model else Resources
+
+
+# resources.<stage> for every stage of the registry, with the stage's defaults and its own model where it has one
 ResourcesSection = create_model(
     "ResourcesSection", __base__=Section, __module__=__name__,
-    **{spec.name: (Resources, Field(Resources(**spec.resources), description=spec.resources_note))
-       for spec in registry.specs()})
+    **{spec.name: (model, Field(model(**spec.resources), description=spec.resources_note))
+       for spec in registry.specs() for model in [_resources_model(spec)]})
 
 
 class PvcSection(Section):
@@ -719,9 +750,31 @@ class Recipe(Section):
                                 "make the training rows; choose another seed")
         if self.resources.fetch.gpus:
             problems.append("resources.fetch.gpus: the fetch stage only downloads; it takes no GPU (set 0)")
+        problems += self._multi_gpu_problems()
         if problems:
             raise ValueError("\n".join(problems))  # one problem a line, each starting with its field path
         return self
+
+    def _multi_gpu_problems(self) -> list[str]:
+        """Only the fine-tune spreads over several GPUs; the other stages refuse more than one before anything is
+        submitted, so that no GPU is paid for and left idle."""
+        problems = []
+        for stage in SINGLE_GPU_STAGES:
+            if stage in self.stages and getattr(self.resources, stage).gpus > 1:
+                problems.append(f"resources.{stage}.gpus: {stage} runs on one GPU (it loads the model onto a single "
+                                "device), so more would sit idle; set 1, or 0 for the CPU")
+        res, ft = self.resources.finetune, self.finetune
+        if res.nodes > 1 and res.gpus == 0:
+            problems.append("resources.finetune.nodes: several nodes need resources.finetune.gpus >= 1 (NCCL)")
+        if split_global_batch(ft.batch_size, ft.grad_accum, res.processes) is None:
+            problems.append(f"finetune.batch_size: the global batch (batch_size {ft.batch_size} × grad_accum "
+                            f"{ft.grad_accum}) does not divide among {res.processes} processes (gpus × nodes); "
+                            "make batch_size × grad_accum a multiple of it")
+        if res.parallelism == "fsdp" and ft.base_precision != "none":
+            problems.append(f"resources.finetune.parallelism: fsdp cannot shard a {ft.base_precision} bitsandbytes "
+                            "base (QLoRA under FSDP2 is not supported by peft/bitsandbytes here); use ddp, or "
+                            "finetune.base_precision: none")
+        return problems
 
     # ---- derived facts -------------------------------------------------------------------------------
     def upstream(self, stage: str) -> list[str]:

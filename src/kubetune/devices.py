@@ -62,9 +62,12 @@ def require_gpus(stage: str, gpus: int) -> int:
         else:
             if count == 0:
                 reason = "torch sees no CUDA device (is the NVIDIA device plugin giving this pod its GPU?)"
+    if reason is None and count < gpus and gpus > 1:
+        # the fine-tune starts one process per GPU: the extra ones would share a device or fail to find theirs
+        raise DeviceError(f"{stage}: resources.{stage}.gpus is {gpus} but torch sees {count} CUDA device(s), and a "
+                          "fine-tune on several GPUs runs one process per GPU; check CUDA_VISIBLE_DEVICES and that "
+                          f"the pod was given all {gpus}, or lower resources.{stage}.gpus")
     if reason is None:
-        if count < gpus:
-            log.warning("%s: resources.%s.gpus is %d but torch sees %d CUDA device(s)", stage, stage, gpus, count)
         return count
     needs = ""
     if cuda is not None:

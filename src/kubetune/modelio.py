@@ -122,8 +122,10 @@ def bnb_config(finetune_section, compute_dtype):
                               bnb_4bit_use_double_quant=bnb.double_quant, bnb_4bit_compute_dtype=cdtype)
 
 
-def load_base_model(model_section, *, dtype=None, quantization_config=None, path: str | Path | None = None):
-    """The base causal LM on this machine's device. ``path`` loads a saved stage output instead of the base."""
+def load_base_model(model_section, *, dtype=None, quantization_config=None, path: str | Path | None = None,
+                    on: str | None = None):
+    """The base causal LM on this machine's device (or ``on``: "cpu" for a model FSDP shards onto the GPUs
+    afterwards). ``path`` loads a saved stage output instead of the base."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -132,7 +134,7 @@ def load_base_model(model_section, *, dtype=None, quantization_config=None, path
         name, kwargs = _source(model_section)
     else:
         name, kwargs = str(path), {"trust_remote_code": model_section.trust_remote_code}
-    dev = device()
+    dev = on or device()
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
     if path is not None or not (model_section.gguf_file or model_section.allow_pickle):

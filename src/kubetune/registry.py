@@ -31,6 +31,12 @@ class StageSpec:
     """Default ``resources.<stage>`` (gpus, cpu, memory); unset keys take the Resources model's defaults."""
     resources_note: str | None = None
     """The description of ``resources.<stage>`` in the recipe schema, when it needs one."""
+    resources_model: str | None = None
+    """The class of ``resources.<stage>`` ("module:Class", a subclass of ``kubetune.config.Resources`` with the
+    stage's own settings), None for Resources itself."""
+    multi_process: bool = False
+    """Runs as several processes, one per GPU (torchrun; kubetune.distributed). A recipe stage without it loads its
+    model onto one device, so more than one GPU is refused (``config.SINGLE_GPU_STAGES``)."""
     report: str = "kubetune.stage_report:StageReport"
     """The report model ("module:Class"): what report.json holds, and the stage's headline figure."""
     estimate: str | None = None
@@ -65,7 +71,9 @@ _DECLARED = (
     StageSpec("finetune", "kubetune.stages.finetune", lambda recipe: [],
               report="kubetune.stage_report:FinetuneReport",
               estimate="kubetune.estimate.finetune:estimate_memory",
-              resources_note="The fine-tune's pod.", produces="adapter", reads_data=True),
+              resources_note="The fine-tune's pods: one process per GPU (torchrun), on ``nodes`` pods.",
+              resources_model="kubetune.config:FinetuneResources", multi_process=True,
+              produces="adapter", reads_data=True),
     StageSpec("merge", "kubetune.stages.merge", lambda recipe: ["finetune"],
               report="kubetune.stage_report:MergeReport",
               estimate="kubetune.estimate.merge:estimate_memory",
@@ -107,6 +115,11 @@ def pod_stages() -> tuple[str, ...]:
 def recipe_stages() -> tuple[str, ...]:
     """The stages a recipe lists (``stages:``), in pipeline order."""
     return tuple(s.name for s in _STAGES.values() if s.in_recipe)
+
+
+def single_gpu_stages() -> tuple[str, ...]:
+    """The recipe stages that run as one process on one device (all but those declared ``multi_process``)."""
+    return tuple(s.name for s in _STAGES.values() if s.in_recipe and not s.multi_process)
 
 
 def gpu_stages() -> tuple[str, ...]:

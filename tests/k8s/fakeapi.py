@@ -28,7 +28,8 @@ RESOURCES = {"Job": "batch/v1/jobs", "Pod": "v1/pods", "ConfigMap": "v1/configma
              "PersistentVolumeClaim": "v1/persistentvolumeclaims", "ServiceAccount": "v1/serviceaccounts",
              "Role": "rbac.authorization.k8s.io/v1/roles", "RoleBinding": "rbac.authorization.k8s.io/v1/rolebindings",
              "Deployment": "apps/v1/deployments", "Service": "v1/services",
-             "InferenceService": "serving.kserve.io/v1beta1/inferenceservices"}
+             "InferenceService": "serving.kserve.io/v1beta1/inferenceservices",
+             "TrainJob": "trainer.kubeflow.org/v1alpha1/trainjobs", "PyTorchJob": "kubeflow.org/v1/pytorchjobs"}
 _counter = itertools.count(1000)
 
 

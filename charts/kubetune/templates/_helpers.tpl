@@ -88,6 +88,28 @@ block's indentation (nindent) does not survive; Go's JSON escapes U+2028. toYaml
 {{- end -}}
 {{- end -}}
 
+{{/* recipe.resources with defaults, as JSON (every stage's, resources.finetune's nodes and multi_node among them). */}}
+{{- define "kubetune.resources" -}}
+{{- include "kubetune.section" (dict "ctx" . "name" "resources") -}}
+{{- end -}}
+
+{{/* Refuse what kubetune validate and render refuse for several GPUs (config.Recipe._multi_gpu_problems,
+     k8s/multinode.py): the driver would stop on it with exit 3 after `helm install`, before any GPU is asked for.
+     generated.json's single_gpu_stages are the registry's stages without multi_process. */}}
+{{- define "kubetune.checkGpus" -}}
+{{- $gen := include "kubetune.generated" . | fromJson -}}
+{{- $res := include "kubetune.resources" . | fromJson -}}
+{{- $stages := dig "stages" $gen.stage_names (.Values.recipe | default dict) -}}
+{{- range $stage := $gen.single_gpu_stages -}}
+{{- if and (has $stage $stages) (gt (int (get $res $stage).gpus) 1) -}}
+{{- fail (printf "recipe.resources.%s.gpus: %s runs on one GPU (it loads the model onto a single device), so more would sit idle; set 1, or 0 for the CPU" $stage $stage) -}}
+{{- end -}}
+{{- end -}}
+{{- if and (gt (int $res.finetune.nodes) 1) (not (has "ReadWriteMany" (include "kubetune.k" . | fromJson).pvc.access_modes)) -}}
+{{- fail "recipe.kubernetes.pvc.access_modes: resources.finetune.nodes > 1 mounts the claim on several nodes at once; it must be ReadWriteMany" -}}
+{{- end -}}
+{{- end -}}
+
 {{/* recipe.<name> with the model's defaults, as JSON: call with (dict "ctx" $ "name" "serve"). */}}
 {{- define "kubetune.section" -}}
 {{- $gen := include "kubetune.generated" .ctx | fromJson -}}

@@ -3,14 +3,17 @@ model, the base at 16/32 bits or k-bit (bitsandbytes), AdamW on the adapter.
 
 Two parts, added up: what the process holds for the whole run (:func:`model_state`: the base, the adapter, its
 gradients and AdamW's states) and what the largest micro-batch adds (:func:`micro_batch`: the activations
-autograd saves, TRL's fused loss head, backward's scratch). Data-parallel training over several GPUs keeps both
-per process; sharding the optimizer (ZeRO/FSDP) divides only the first part's gradients and AdamW states.
+autograd saves, TRL's fused loss head, backward's scratch). On several GPUs (resources.finetune.gpus × nodes) the
+micro-batch is one process's share of the global batch, and the first part is what one GPU holds under DDP or
+FSDP2 (kubetune.estimate.processes).
 """
 
 from __future__ import annotations
 
+from kubetune.distributed import resolved_parallelism, split_global_batch
 from kubetune.estimate.components import GIB, MIB, Component, StageEstimate, dtype_bytes
 from kubetune.estimate.estimator import Estimator
+from kubetune.estimate.processes import per_gpu_state
 from kubetune.estimate.storage import lora_params, weight_bytes
 from kubetune.estimate.trace import Trace
 
@@ -26,13 +29,19 @@ TRL_PER_TOKEN_FP32 = 7  # running max, sums, target logit ... (fp32 vectors of N
 
 
 def estimate_memory(est: Estimator, recipe=None) -> StageEstimate:
-    """The fine-tune of ``recipe`` (default ``est.recipe``) at its largest micro-batch."""
-    ft = (recipe or est.recipe).finetune
+    """The fine-tune of ``recipe`` (default ``est.recipe``) at its largest micro-batch, on one of its GPUs: each
+    of ``resources.finetune.processes`` processes trains on its share of the global batch
+    (distributed.split_global_batch) and holds the model state its parallelism leaves it (estimate.processes)."""
+    recipe = recipe or est.recipe
+    ft, res = recipe.finetune, recipe.resources.finetune
     shape = est.shape
     dtype, autocast = est.precision(ft)
     worst = est.worst_batch(ft)
-    state = model_state(est, ft)
-    batch, trace = micro_batch(est, ft, worst.length, worst.labelled)
+    b = split_global_batch(ft.batch_size, ft.grad_accum, res.processes)[0]  # per process; validated in config
+    n_lora = lora_params(shape, ft.lora.target_modules, ft.lora.r)
+    state = per_gpu_state(model_state(est, ft), resolved_parallelism(res.parallelism), res.processes,
+                          dtype_bytes(est.lora_dtype(ft)) * n_lora, weight_bytes(shape, dtype)[1] // shape.num_layers)
+    batch, trace = micro_batch(est, ft, worst.length, worst.labelled, batch_size=b)
     notes = [f"padded length {worst.length}: {worst.why}",
              f"{shape.architecture}, {shape.attn_implementation} attention, load {dtype}, "
              + (f"{autocast} autocast" if autocast else "no autocast")]
@@ -41,11 +50,11 @@ def estimate_memory(est: Estimator, recipe=None) -> StageEstimate:
                      "or a shorter max_length helps most")
     varying = not (ft.group_by_length or ft.packing)
     return StageEstimate("finetune", state + batch, notes, settings={
-        "base_precision": ft.base_precision, "batch_size": ft.batch_size, "grad_accum": ft.grad_accum,
+        "base_precision": ft.base_precision, "batch_size": b, "grad_accum": ft.grad_accum,
         "max_length": ft.max_length, "padded_length": worst.length, "labelled_tokens": worst.labelled,
-        "gradient_checkpointing": ft.gradient_checkpointing, "lora_r": ft.lora.r,
-        "lora_params": lora_params(shape, ft.lora.target_modules, ft.lora.r),
-        "precision": autocast or dtype}, slack=FINETUNE_VARYING_SLACK if varying else FINETUNE_SLACK)
+        "gradient_checkpointing": ft.gradient_checkpointing, "lora_r": ft.lora.r, "lora_params": n_lora,
+        "precision": autocast or dtype, "processes": res.processes},
+        slack=FINETUNE_VARYING_SLACK if varying else FINETUNE_SLACK)
 
 
 def kbit_upcast(est: Estimator, ft) -> bool:
@@ -88,13 +97,15 @@ def model_state(est: Estimator, ft) -> list[Component]:
     return comps
 
 
-def micro_batch(est: Estimator, ft, length: int, labelled: int) -> tuple[list[Component], Trace]:
+def micro_batch(est: Estimator, ft, length: int, labelled: int,
+                batch_size: int | None = None) -> tuple[list[Component], Trace]:
     """(what one ``batch_size × length`` micro-batch adds at its peak, the trace it came from): the tensors
     autograd saves (all of them, or under gradient checkpointing each layer's input and one layer again), the
-    loss head's, and the larger of the head's and a layer's backward scratch."""
+    loss head's, and the larger of the head's and a layer's backward scratch. ``batch_size``: one process's rows
+    (default ``ft.batch_size``, a single process's)."""
     shape = est.shape
     dtype, autocast = est.precision(ft)
-    b, s = ft.batch_size, length
+    b, s = batch_size or ft.batch_size, length
     trace = est.train_trace(ft, b, s)
     if ft.gradient_checkpointing:
         act = trace.outside + sum(trace.layer_input) + max(trace.per_layer)

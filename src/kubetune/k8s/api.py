@@ -46,6 +46,8 @@ KINDS: dict[str, tuple[str, str, str, str]] = {
 # kind -> (group, version, plural) of the custom resources kubetune creates (kubetune.k8s.serving)
 CUSTOM_KINDS: dict[str, tuple[str, str, str]] = {
     "InferenceService": ("serving.kserve.io", "v1beta1", "inferenceservices"),
+    "TrainJob": ("trainer.kubeflow.org", "v1alpha1", "trainjobs"),  # Kubeflow Trainer v2
+    "PyTorchJob": ("kubeflow.org", "v1", "pytorchjobs"),  # Kubeflow Training Operator v1
 }
 
 
@@ -200,12 +202,22 @@ class KubeCluster:
             return None
 
     def list(self, kind: str, selector: str) -> list[dict[str, Any]]:
-        response = self._call("list", kind, None, f"list_namespaced_{KINDS[kind][3]}", self.namespace,
-                              label_selector=selector)
+        if kind in CUSTOM_KINDS:
+            group, version, plural = CUSTOM_KINDS[kind]
+            response = self._call("list", kind, None, "list_namespaced_custom_object", group, version,
+                                  self.namespace, plural, label_selector=selector)
+        else:
+            response = self._call("list", kind, None, f"list_namespaced_{KINDS[kind][3]}", self.namespace,
+                                  label_selector=selector)
         return list(self._json(response).get("items") or [])
 
     def delete(self, kind: str, name: str) -> None:
         # Jobs default to orphaning their pods when deleted through the API; Background deletes them too.
+        if kind in CUSTOM_KINDS:
+            group, version, plural = CUSTOM_KINDS[kind]
+            self._call("delete", kind, name, "delete_namespaced_custom_object", group, version, self.namespace,
+                       plural, name, propagation_policy="Background")
+            return
         self._call("delete", kind, name, f"delete_namespaced_{KINDS[kind][3]}", name, self.namespace,
                    propagation_policy="Background")
 

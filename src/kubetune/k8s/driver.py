@@ -56,11 +56,14 @@ class Driver:
             self.echo(f"{stage}: {what}")
 
     def _jobs(self) -> dict[str, dict]:
+        """Each stage's object: a Job, or a multi-node fine-tune's TrainJob or PyTorchJob (render.stage_kind)."""
         jobs = {}
-        for job in self.cluster.list("Job", render.selector(self.recipe.run.name)):
-            stage = (job["metadata"].get("labels") or {}).get(render.LABEL_STAGE)
-            if stage:
-                jobs[stage] = job
+        kinds = dict.fromkeys(["Job", *(render.stage_kind(self.recipe, s) for s in self.stages)])
+        for kind in kinds:
+            for job in self.cluster.list(kind, render.selector(self.recipe.run.name)):
+                stage = (job["metadata"].get("labels") or {}).get(render.LABEL_STAGE)
+                if stage:
+                    jobs[stage] = {"kind": kind, **job}  # list items carry no kind of their own
         return jobs
 
     def step(self) -> Step:
@@ -104,7 +107,7 @@ class Driver:
             self.cluster.create(job)
         except AlreadyExistsError:  # another driver (or an earlier life of this one) was quicker
             return Step(stage, "waiting")
-        self._say(stage, f"Job {self.cluster.namespace}/{job['metadata']['name']} created")
+        self._say(stage, f"{job['kind']} {self.cluster.namespace}/{job['metadata']['name']} created")
         return Step(stage, "created")
 
     def run(self, poll_s: float | None = None, sleep: Callable[[float], None] = time.sleep) -> None:
@@ -125,8 +128,9 @@ class Driver:
 
     def _start_ttl(self) -> None:
         """The run has ended: its stage Jobs may now expire (an owned Job expires with its owner instead)."""
-        if self.owner is None:
-            start_ttl(self.cluster, self.recipe, [job["metadata"]["name"] for job in self._jobs().values()])
+        if self.owner is None:  # Jobs only: a TrainJob has no TTL field, a PyTorchJob's is set when rendered
+            start_ttl(self.cluster, self.recipe, [job["metadata"]["name"] for job in self._jobs().values()
+                                                  if job["kind"] == "Job"])
 
 
 def start_ttl(cluster: Cluster, recipe: Recipe, job_names: list[str]) -> None:

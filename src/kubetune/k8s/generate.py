@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from kubetune import __version__
-from kubetune.config import (FinetuneSection, InferSection, KubernetesSection, MergeSection, PromptSection,
-                             RunSection, ServeSection, load_recipe, recipe_json_schema)
+from kubetune.config import (SINGLE_GPU_STAGES, STAGE_NAMES, FinetuneSection, InferSection, KubernetesSection,
+                             MergeSection, PromptSection, ResourcesSection, RunSection, ServeSection, load_recipe,
+                             recipe_json_schema)
 from kubetune.k8s import chartgen, render, valuestable
 from kubetune.metrics.assets import monitoring_values_schema
 from kubetune.k8s.ui_values import ui_values_schema
@@ -60,10 +61,15 @@ def generated() -> dict[str, Any]:
         "version": __version__,
         "defaults": {"run": RunSection().model_dump(),
                      "kubernetes": KubernetesSection().model_dump(),
+                     # what rbac.yaml and checkGpus read (resources.finetune.nodes, multi_node; gpus)
+                     "resources": ResourcesSection().model_dump(),
                      # what the serving objects read (kubetune.k8s.serving)
                      **{name: section().model_dump() for name, section in (
                          ("serve", ServeSection), ("prompt", PromptSection), ("finetune", FinetuneSection),
                          ("infer", InferSection), ("merge", MergeSection))}},
+        # what _helpers.tpl's checkGpus refuses, as config.Recipe does: more than one GPU for a single-GPU stage
+        "single_gpu_stages": list(SINGLE_GPU_STAGES),
+        "stage_names": list(STAGE_NAMES),
         "container_security": render.CONTAINER_SECURITY,
     }
 

@@ -191,6 +191,12 @@ def _gpu(job: dict[str, Any]) -> str:
     return " ".join(gpus + product) or "none"
 
 
+def _multi_node_gpu(recipe: Recipe) -> str:
+    res = recipe.resources.finetune
+    return f"{res.nodes} nodes × {res.gpus}× {recipe.kubernetes.gpu_resource}" + (f" {res.gpu_type}" if res.gpu_type
+                                                                                   else "")
+
+
 def run_recipe(cluster: Cluster, run: str) -> Recipe | None:
     """The run's recipe, read back from its ConfigMap (None if it is gone or cannot be read)."""
     import yaml
@@ -211,6 +217,9 @@ def status_rows(cluster: Cluster, run: str) -> list[StageRow]:
     jobs = cluster.list("Job", render.selector(run))
     pods = cluster.list("Pod", render.selector(run))
     recipe = run_recipe(cluster, run)
+    if recipe is not None and render.stage_kind(recipe, "finetune") != "Job":  # a fine-tune across nodes
+        kind = render.stage_kind(recipe, "finetune")
+        jobs += [{"kind": kind, **obj} for obj in cluster.list(kind, render.selector(run))]
     if not jobs and recipe is None:
         raise NotFoundError(f"no run '{run}' in namespace {cluster.namespace} (see `kubetune list`)")
     events = cluster.list("Event", "") if jobs else []  # Events carry no run label: one list for every stage
@@ -227,7 +236,10 @@ def status_rows(cluster: Cluster, run: str) -> list[StageRow]:
             rows.append(StageRow(stage, "not started"))
             continue
         state, reason = job_state(job)
-        pod = newest_pod_of(job, pods)
+        multi_node = job.get("kind") in ("TrainJob", "PyTorchJob")
+        # its pods belong to the operator's Jobs (or none): the stage's newest pod says what is happening
+        pod = newest([p for p in pods if (p["metadata"].get("labels") or {}).get(render.LABEL_STAGE) == stage]
+                     ) if multi_node else newest_pod_of(job, pods)
         view: PodView | None = pod_view(pod) if pod else None
         phase = {"done": "Succeeded", "failed": "Failed", "queued": "Queued"}.get(state) or (
             view.phase if view else "Pending")
@@ -242,7 +254,8 @@ def status_rows(cluster: Cluster, run: str) -> list[StageRow]:
         summary = view.summary if view else {}
         rows.append(StageRow(
             stage=stage, phase=phase, pod=view.name if view else "—", node=view.node if view else "—",
-            gpu=_gpu(job) if stage != render.DRIVER else "none", start=st.get("startTime") or "—",
+            gpu=_multi_node_gpu(recipe) if multi_node else _gpu(job) if stage != render.DRIVER else "none",
+            start=st.get("startTime") or "—",
             duration=human_seconds(elapsed(st.get("startTime"), st.get("completionTime"))),
             peak_vram=human_bytes(summary.get("peak_vram_bytes")) if summary else "—",
             # A failed Job's own reason ("…failed with exit code 5 matching FailJob rule…") says that, not why:
@@ -290,13 +303,18 @@ def cancel(cluster: Cluster, run: str, echo: Echo) -> int:
     with the driver's Job (its owner) meanwhile counts as deleted."""
     jobs = cluster.list("Job", render.selector(run))
     jobs.sort(key=lambda j: render.LABEL_STAGE in (j["metadata"].get("labels") or {}))  # driver first
+    recipe = run_recipe(cluster, run)  # read before its ConfigMap goes: a multi-node fine-tune is no Job
+    multi_node = render.stage_kind(recipe, "finetune") if recipe is not None else "Job"
+    if multi_node != "Job":
+        jobs += [{"kind": multi_node, **obj} for obj in cluster.list(multi_node, render.selector(run))]
     removed = 0
     for job in jobs:
+        kind = job.get("kind") or "Job"
         try:
-            cluster.delete("Job", job["metadata"]["name"])
+            cluster.delete(kind, job["metadata"]["name"])
         except NotFoundError:
             pass
-        echo(f"deleted Job {job['metadata']['name']} and its pods")
+        echo(f"deleted {kind} {job['metadata']['name']} and its pods")
         removed += 1
     names = render.Names(run)
     for kind, name in (("ConfigMap", names.recipe), ("RoleBinding", names.driver), ("Role", names.driver),

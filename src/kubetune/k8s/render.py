@@ -40,6 +40,13 @@ DRIVER_RULES = [
     {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["create", "get", "list", "delete"]},
 ]
 DRIVER_ADMISSION_VERBS = {("batch", "jobs", "delete")}  # granted for admission, never called
+# resources.finetune.multi_node → what a driver of a multi-node fine-tune also needs (kubetune.k8s.multinode)
+MULTI_NODE_RULES = {
+    "trainjob": [{"apiGroups": ["trainer.kubeflow.org"], "resources": ["trainjobs"],
+                  "verbs": ["create", "get", "list", "delete"]}],
+    "pytorchjob": [{"apiGroups": ["kubeflow.org"], "resources": ["pytorchjobs"],
+                    "verbs": ["create", "get", "list", "delete"]}],
+}
 # What a person running `submit`, `status`, `logs`, `cancel` needs in the namespace (docs/kubernetes.md).
 USER_RULES = [
     {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create", "get", "delete"]},
@@ -223,13 +230,22 @@ def driver_rbac(recipe: Recipe, namespace: str) -> list[dict[str, Any]]:
     name = Names(recipe.run.name).driver
     sa = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(recipe, name, namespace, DRIVER),
           "automountServiceAccountToken": False}  # mounted only into the driver pod, which asks for it
+    rules = [dict(r) for r in DRIVER_RULES] + [dict(r) for r in multi_node_rules(recipe)]
     role = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-            "metadata": _meta(recipe, name, namespace, DRIVER), "rules": [dict(r) for r in DRIVER_RULES]}
+            "metadata": _meta(recipe, name, namespace, DRIVER), "rules": rules}
     binding = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
                "metadata": _meta(recipe, name, namespace, DRIVER),
                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
                "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}]}
     return [sa, role, binding]
+
+
+def multi_node_rules(recipe: Recipe) -> list[dict[str, Any]]:
+    """What the driver (and the person submitting) also needs for a multi-node fine-tune: its TrainJob or
+    PyTorchJob, with the verbs DRIVER_RULES grants on Jobs. The chart's rbac.yaml is generated from it
+    (chartgen.MULTI_NODE)."""
+    res = recipe.resources.finetune
+    return [dict(r) for r in MULTI_NODE_RULES[res.multi_node]] if res.nodes > 1 else []
 
 
 def _volumes(recipe: Recipe, shm: bool, claim_read_only: bool | None) -> tuple[list, list]:
@@ -284,22 +300,67 @@ def placement(recipe: Recipe, res) -> dict[str, Any]:
     return out
 
 
+def stage_kind(recipe: Recipe, stage: str) -> str:
+    """The kind of object that runs ``stage``: a Job, or for a fine-tune on several nodes a TrainJob or PyTorchJob
+    (kubetune.k8s.multinode)."""
+    res = recipe.resources.finetune
+    if stage == "finetune" and res.nodes > 1:
+        from kubetune.k8s.multinode import KIND_OF
+
+        return KIND_OF[res.multi_node]
+    return "Job"
+
+
 def stage_job(recipe: Recipe, stage: str, namespace: str, owner: dict[str, Any] | None = None,
               driven: bool = True) -> dict[str, Any]:
-    """One stage's Job. ``driven``: made by a driver, which keeps the run's TTL for the end of the run (a stage
-    Job deleted meanwhile would be made again, forever where the driver cannot read the markers); ``owner``: the
-    in-cluster driver's Job, whose deletion (TTL, `helm uninstall`, `kubetune cancel`) takes this one with it."""
+    """One stage's Job (a TrainJob or PyTorchJob for a fine-tune on several nodes: stage_kind). ``driven``: made
+    by a driver, which keeps the run's TTL for the end of the run (a stage Job deleted meanwhile would be made
+    again, forever where the driver cannot read the markers); ``owner``: the in-cluster driver's Job, whose
+    deletion (TTL, `helm uninstall`, `kubetune cancel`) takes this one with it."""
     stages = pod_stages(recipe)
     if stage not in stages:
         raise RecipeError("--stage", [f"{stage}: not a stage of this recipe ({', '.join(stages)})"])
     _artifacts_check(recipe)
+    if stage_kind(recipe, stage) != "Job":
+        from kubetune.k8s.multinode import training_job
+
+        return training_job(recipe, namespace, owner)
+    pod = stage_pod(recipe, stage)
+    k = recipe.kubernetes
+    spec: dict[str, Any] = {"backoffLimit": k.backoff_limit, "podFailurePolicy": _failure_policy(STAGE_CONTAINER),
+                            "template": {"metadata": _pod_metadata(recipe, "stage", stage), "spec": pod}}
+    if k.active_deadline_s is not None:
+        spec["activeDeadlineSeconds"] = k.active_deadline_s
+    if k.ttl_after_finished_s is not None and not driven:
+        spec["ttlSecondsAfterFinished"] = k.ttl_after_finished_s
+    meta = stage_meta(recipe, stage, namespace, owner)
+    if k.queue:  # Kueue admits a suspended Job when its quota allows, then unsuspends it
+        meta["labels"][KUEUE_QUEUE_LABEL] = k.queue
+        spec["suspend"] = True
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": spec}
+
+
+def stage_meta(recipe: Recipe, stage: str, namespace: str, owner: dict[str, Any] | None) -> dict[str, Any]:
+    """Name, labels, fingerprint annotations and (in the cluster) the driver's ownerReference of a stage's object."""
+    meta = _meta(recipe, Names(recipe.run.name).job(stage), namespace, "stage", stage,
+                 annotations={ANN_FINGERPRINT: recipe.job_fingerprint(stage), ANN_RECIPE_SHA: recipe_sha256(recipe)})
+    if owner is not None:
+        # Not a controller reference: Kueue treats a Job whose controller is another Kueue-managed Job as part of
+        # that Job's workload and would never admit it. Nor blockOwnerDeletion (it needs jobs/finalizers rights).
+        meta["ownerReferences"] = [{"apiVersion": "batch/v1", "kind": "Job", "name": owner["metadata"]["name"],
+                                    "uid": owner["metadata"]["uid"]}]
+    return meta
+
+
+def stage_pod(recipe: Recipe, stage: str) -> dict[str, Any]:
+    """The pod spec that runs ``stage`` (one container, STAGE_CONTAINER), restricted like every pod of the run."""
     k, res = recipe.kubernetes, getattr(recipe.resources, stage)
     requests: dict[str, str] = {"cpu": res.cpu, "memory": res.memory}
     limits: dict[str, str] = {"memory": res.memory}  # no CPU limit: throttling a data loader only slows the GPU
     if res.gpus:
         requests[k.gpu_resource] = limits[k.gpu_resource] = str(res.gpus)
     env = _cache_env(k.pvc.mount_path) + [{"name": IN_POD_ENV, "value": "1"}]  # /metrics on all interfaces
-    if stage != FETCH_STAGE and FETCH_STAGE in stages:
+    if stage != FETCH_STAGE and FETCH_STAGE in pod_stages(recipe):
         env += [dict(e) for e in OFFLINE_ENV]
     if k.hf_token_secret:
         env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": k.hf_token_secret.name,
@@ -320,23 +381,7 @@ def stage_job(recipe: Recipe, stage: str, namespace: str, owner: dict[str, Any] 
     pod.update({"automountServiceAccountToken": False, "terminationGracePeriodSeconds": k.termination_grace_s,
                 "containers": [container], "volumes": volumes})
     pod.update(placement(recipe, res))
-    spec: dict[str, Any] = {"backoffLimit": k.backoff_limit, "podFailurePolicy": _failure_policy(STAGE_CONTAINER),
-                            "template": {"metadata": _pod_metadata(recipe, "stage", stage), "spec": pod}}
-    if k.active_deadline_s is not None:
-        spec["activeDeadlineSeconds"] = k.active_deadline_s
-    if k.ttl_after_finished_s is not None and not driven:
-        spec["ttlSecondsAfterFinished"] = k.ttl_after_finished_s
-    meta = _meta(recipe, Names(recipe.run.name).job(stage), namespace, "stage", stage,
-                 annotations={ANN_FINGERPRINT: recipe.job_fingerprint(stage), ANN_RECIPE_SHA: recipe_sha256(recipe)})
-    if owner is not None:
-        # Not a controller reference: Kueue treats a Job whose controller is another Kueue-managed Job as part of
-        # that Job's workload and would never admit it. Nor blockOwnerDeletion (it needs jobs/finalizers rights).
-        meta["ownerReferences"] = [{"apiVersion": "batch/v1", "kind": "Job", "name": owner["metadata"]["name"],
-                                    "uid": owner["metadata"]["uid"]}]
-    if k.queue:  # Kueue admits a suspended Job when its quota allows, then unsuspends it
-        meta["labels"][KUEUE_QUEUE_LABEL] = k.queue
-        spec["suspend"] = True
-    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": spec}
+    return pod
 
 
 def driver_reads_claim(recipe: Recipe) -> bool:

@@ -25,6 +25,8 @@ def condition(obj: dict[str, Any], kind: str) -> dict[str, Any] | None:
 
 def job_state(job: dict[str, Any]) -> tuple[JobState, str]:
     """(state, reason). FailureTarget (1.31+) counts as failed: the Job is already terminating its pods."""
+    if job.get("kind") in ("TrainJob", "PyTorchJob"):
+        return training_job_state(job)
     if condition(job, "Complete"):
         return "done", ""
     for kind in ("Failed", "FailureTarget"):
@@ -32,6 +34,22 @@ def job_state(job: dict[str, Any]) -> tuple[JobState, str]:
         if cond:
             return "failed", ": ".join(x for x in (cond.get("reason"), cond.get("message")) if x)
     if (job.get("spec") or {}).get("suspend"):
+        return "queued", "suspended until Kueue admits it"
+    return "running", ""
+
+
+def training_job_state(obj: dict[str, Any]) -> tuple[JobState, str]:
+    """A multi-node fine-tune's object: a TrainJob (conditions Complete, Failed, Suspended) or a PyTorchJob
+    (Succeeded, Failed; runPolicy.suspend while Kueue holds it)."""
+    trainjob = obj.get("kind") == "TrainJob"
+    if condition(obj, "Complete" if trainjob else "Succeeded"):
+        return "done", ""
+    failed = condition(obj, "Failed")
+    if failed:
+        return "failed", ": ".join(x for x in (failed.get("reason"), failed.get("message")) if x)
+    spec = obj.get("spec") or {}
+    suspended = spec.get("suspend") if trainjob else (spec.get("runPolicy") or {}).get("suspend")
+    if suspended or (trainjob and condition(obj, "Suspended")):
         return "queued", "suspended until Kueue admits it"
     return "running", ""
 

@@ -22,6 +22,7 @@ from typing import Any
 from kubetune.artifacts import RunLayout
 from kubetune import registry
 from kubetune.config import HELDOUT_SET, Recipe
+from kubetune.distributed import node_rank, world
 from kubetune.errors import ArtifactError, GateError, KubetuneError, storage_error
 from kubetune.stage_report import report_model
 
@@ -107,6 +108,29 @@ def run_stage(recipe: Recipe, stage: str, progress: ProgressFn = _no_progress) -
     return StageResult(stage, status, first.path, first.report, sets=results)
 
 
+def _stage_function(recipe: Recipe, stage: str) -> Callable[[StageContext], dict[str, Any]]:
+    """The stage's ``run``; a fine-tune on several processes is started through torchrun (stages/spread.py),
+    unless this process already is one of them."""
+    if stage == "finetune" and recipe.resources.finetune.processes > 1 and not world().distributed:
+        from kubetune.stages import spread
+
+        return lambda ctx: spread.run_processes(ctx, max(recipe.resources.finetune.gpus, 1))
+    return stage_module(stage).run
+
+
+def _train_on_other_node(recipe: Recipe, layout: RunLayout, where: Path) -> StageResult:
+    """Node 1, 2… of a multi-node fine-tune: train as its ranks and end; node 0 holds the lock and commits (its
+    rank 0 writes everything), so this pod takes no lock and writes nothing into the artifact layout."""
+    import tempfile
+
+    from kubetune.stages import spread
+
+    with tempfile.TemporaryDirectory(prefix="kubetune-finetune-") as scratch:  # no rank > 0 writes into it
+        ctx = StageContext(recipe=recipe, layout=layout, stage="finetune", out=Path(scratch))
+        spread.run_processes(ctx, max(recipe.resources.finetune.gpus, 1))
+    return StageResult("finetune", "done", where, {"node_rank": node_rank()})
+
+
 def _run_unit(recipe: Recipe, stage: str, eval_set: str, progress: ProgressFn) -> StageResult:
     from kubetune.measure import Stopwatch, library_versions, track_peak_memory
     from kubetune.metrics.exporter import StageMonitor
@@ -115,6 +139,8 @@ def _run_unit(recipe: Recipe, stage: str, eval_set: str, progress: ProgressFn) -
     fingerprint = recipe.fingerprint(stage, eval_set)
     state = layout.state(stage, fingerprint, eval_set)
     where = layout.stage_dir(stage, eval_set)
+    if state != "done" and stage == "finetune" and node_rank() != 0:
+        return _train_on_other_node(recipe, layout, where)
     if state == "done":
         return _checked(recipe, StageResult(stage, "skipped", where, layout.read_report(stage, eval_set) or {},
                                             eval_set))
@@ -143,7 +169,7 @@ def _run_unit(recipe: Recipe, stage: str, eval_set: str, progress: ProgressFn) -
             watch = Stopwatch()
             try:
                 with track_peak_memory() as peak:
-                    extras = stage_module(stage).run(ctx) or {}
+                    extras = _stage_function(recipe, stage)(ctx) or {}
             except BaseException as exc:
                 # Judged before the cleanup below frees space: torch.save gives no reason, the volume does.
                 storage = None if isinstance(exc, KubetuneError) else storage_error(exc, volume=layout.run_dir)

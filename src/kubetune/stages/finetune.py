@@ -18,11 +18,13 @@ import logging
 import math
 import os
 import signal
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from kubetune import modelio
 from kubetune.data import load_splits, prompt_completion
+from kubetune.distributed import resolved_parallelism, split_global_batch, world
 from kubetune.errors import DataError, ModelError, RecipeError
 from kubetune.measure import Stopwatch, count_parameters, memory_footprint_bytes
 from kubetune.metrics.callbacks import StepTimes, metrics_callback
@@ -57,8 +59,9 @@ def run(ctx) -> dict[str, Any]:
     train = prompt_completion(splits.train, prompt, tokenizer.eos_token)
     evaluation = prompt_completion(splits.eval, prompt, tokenizer.eos_token) if ft.eval_steps else None
 
-    checkpoints = checkpoint_dir(ctx)
-    resume = latest_complete_checkpoint(checkpoints, ctx.layout)
+    with main_process_first():  # rank 0 alone moves incomplete or foreign checkpoints aside; the others then look
+        checkpoints = checkpoint_dir(ctx) if world().main else ctx.work / "checkpoints"
+        resume = latest_complete_checkpoint(checkpoints, ctx.layout)
     trainer = build_trainer(recipe, model, tokenizer, train, evaluation, checkpoints, precision, dev, ctx)
     check_truncation(trainer, len(train), ft)
     preemption = Preemption()
@@ -82,10 +85,11 @@ def run(ctx) -> dict[str, Any]:
     train_seconds = watch.seconds
     eval_loss = final_eval_loss(trainer) if evaluation is not None else None
 
-    trainer.model.save_pretrained(ctx.out, safe_serialization=True)
-    tokenizer.save_pretrained(ctx.out)
-    prompt.save(ctx.out)
-    (ctx.out / LOG_FILE).write_text(json.dumps(trainer.state.log_history, indent=1) + "\n", encoding="utf-8")
+    if world().main:  # every rank holds the same adapter (DDP keeps them equal); one writes it
+        trainer.model.save_pretrained(ctx.out, safe_serialization=True)
+        tokenizer.save_pretrained(ctx.out)
+        prompt.save(ctx.out)
+        (ctx.out / LOG_FILE).write_text(json.dumps(trainer.state.log_history, indent=1) + "\n", encoding="utf-8")
 
     state = trainer.state
     return {
@@ -100,9 +104,16 @@ def run(ctx) -> dict[str, Any]:
             "train_examples": len(train),
             "train_sequences": len(trainer.train_dataset),  # fewer than examples when packed
             "packing": packing.packing_layout(trainer.model) if ft.packing else None,
+            "processes": trainer.args.world_size,
+            "parallelism": resolved_parallelism(recipe.resources.finetune.parallelism)
+            if trainer.args.world_size > 1 else None,
+            # rows per optimizer step = per-process micro-batch × accumulation × processes (distributed.py)
+            "global_batch": trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps
+            * trainer.args.world_size,
         },
         "throughput": {
-            # This process only: after a resume, the steps run before the restart are not in these figures.
+            # This process only (rank 0: its share of each global batch): after a resume, the steps run before the
+            # restart are not in these figures.
             "train_tokens": trainer.tokens_seen,
             "train_tokens_per_s": trainer.tokens_seen / train_seconds,
             "samples_per_s": trainer.examples_seen / train_seconds,  # training examples, not packed sequences
@@ -117,6 +128,7 @@ def run(ctx) -> dict[str, Any]:
         "memory_footprint_bytes": memory_footprint_bytes(trainer.model),
         "precision": precision,
         "base_precision": ft.base_precision,
+        **({"adapter_sha256": adapter_sha256(trainer.model)} if world().distributed else {}),
         "device": dev,
     }
 
@@ -134,12 +146,50 @@ def training_precision(choice: str, dev: str) -> str:
     return choice
 
 
+def distributed_arguments(recipe, processes: int) -> dict[str, Any]:
+    """The trainer's settings for several processes: DDP (LoRA touches every adapter weight, so no search for
+    unused parameters each step) or FSDP2 (torch.distributed.fsdp.fully_shard through accelerate)."""
+    if processes <= 1:
+        return {}
+    if resolved_parallelism(recipe.resources.finetune.parallelism) == "fsdp":
+        return {"fsdp": "full_shard auto_wrap", "fsdp_config": {"version": 2, "reshard_after_forward": True}}
+    return {"ddp_find_unused_parameters": False}
+
+
+def adapter_sha256(model) -> str:
+    """Hash of the trainable (adapter) weights this process holds: the ranks of a run compare theirs."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters()):
+        if param.requires_grad:
+            digest.update(name.encode())
+            digest.update(param.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+@contextmanager
+def main_process_first():
+    """Rank 0 runs the block first and the other ranks after it (one process: just the block)."""
+    if not world().distributed:
+        yield
+        return
+    from accelerate import PartialState
+
+    with PartialState().main_process_first():
+        yield
+
+
 def load_model(recipe, precision: str):
     """The frozen base, in the model dtype or (QLoRA) in 4/8 bits, ready for a LoRA adapter."""
     ft = recipe.finetune
     dtype = modelio.resolve_dtype(recipe.model.dtype)
     quantization = modelio.bnb_config(ft, dtype)
-    model = modelio.load_base_model(recipe.model, dtype=dtype, quantization_config=quantization)
+    # FSDP shards the model as it moves it to the GPUs: loaded whole onto each GPU first, one too large for a
+    # single GPU would not get that far
+    sharded = world().distributed and resolved_parallelism(recipe.resources.finetune.parallelism) == "fsdp"
+    model = modelio.load_base_model(recipe.model, dtype=dtype, quantization_config=quantization,
+                                    on="cpu" if sharded else None)
     if quantization is not None:
         prepare_kbit_base(model, ft.gradient_checkpointing, upcast=modelio.upcasts_kbit_rest(precision))
     check_target_modules(model, ft.lora.target_modules, recipe.model.name_or_path)
@@ -191,6 +241,8 @@ def build_trainer(recipe, model, tokenizer, train, evaluation, checkpoints: Path
     from trl import SFTConfig
 
     ft = recipe.finetune
+    processes = world().size
+    micro_batch, accumulation = split_global_batch(ft.batch_size, ft.grad_accum, processes)  # validated in config
     args = SFTConfig(
         output_dir=str(checkpoints),
         max_length=ft.max_length,
@@ -202,9 +254,10 @@ def build_trainer(recipe, model, tokenizer, train, evaluation, checkpoints: Path
         bf16=precision == "bf16",  # SFTConfig defaults bf16 to True: always set both
         fp16=precision == "fp16",
         use_cpu=dev == "cpu",
-        per_device_train_batch_size=ft.batch_size,
-        per_device_eval_batch_size=ft.batch_size,
-        gradient_accumulation_steps=ft.grad_accum,
+        per_device_train_batch_size=micro_batch,
+        per_device_eval_batch_size=micro_batch,
+        gradient_accumulation_steps=accumulation,
+        **distributed_arguments(recipe, processes),
         learning_rate=ft.learning_rate,
         lr_scheduler_type=ft.lr_scheduler,
         # A float in [0, 1) is a ratio: the trainer turns it into ceil(ratio × planned steps) once it knows the
@@ -405,7 +458,8 @@ def _checkpoint_callback(preemption: Preemption):
                 control.should_training_stop = True
 
         def on_save(self, args, state, control, **kwargs):
-            seal_checkpoint(Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}")
+            if state.is_world_process_zero:  # the process that wrote it (transformers saves on rank 0)
+                seal_checkpoint(Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}")
 
     return Checkpoints()
 
