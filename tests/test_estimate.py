@@ -587,7 +587,7 @@ def test_fused_head_saved_bytes_are_what_trls_head_saves(tmp_path):
     from transformers import AutoModelForCausalLM
     from trl.trainer.utils import add_fused_lm_head
 
-    from kubetune.stages.finetune import _score_only_labelled_positions
+    from kubetune.stages.finetune import _choose_scored_positions
 
     config = tiny_config("llama")
     recipe = recipe_for(tmp_path, config)
@@ -598,7 +598,7 @@ def test_fused_head_saved_bytes_are_what_trls_head_saves(tmp_path):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))  # as SFTTrainer adds it
-    _score_only_labelled_positions()
+    _choose_scored_positions(compact=True)
     ids = torch.randint(0, config.vocab_size, (3, 24))
     labels = torch.full_like(ids, -100)
     for row, answer in enumerate((17, 17, 16)):  # 50 labelled positions once the labels are shifted
