@@ -31,8 +31,8 @@ Each record pins the case: its resolved recipe (``settings``, machine paths as n
 lock's hash and every installed distribution's version.
 
 The original's recipe packed with TRL's "wrapped" strategy (rows of 2048 tokens cut mid-example, attention
-across examples). kubetune's ``finetune.packing`` keeps examples apart instead, and is refused for BLOOM (its
-mask ignores position_ids). The baseline cases make the wrapped rows as data (``wrapped_rows``) and train
+across examples). kubetune's ``finetune.packing`` keeps examples apart instead (BLOOM through its document
+attention, stages/document_attention.py). The baseline cases make the wrapped rows as data (``wrapped_rows``) and train
 them unpacked at batch 1: the same tokens per step and the same attention work as the original, with nothing
 of kubetune changed.
 """
@@ -74,7 +74,7 @@ JOBS = {"bloom-1b1": "jobs/bloom-1b1-lora.yaml", "bloom-7b1": "jobs/bloom-7b1-ql
 # (query_key_value), batch 1, rows of 2048 tokens made by TRL's "wrapped" packing, loss on the whole sequence,
 # gradient checkpointing; bloom-1b1 loaded and trained in fp32, bloom-7b1 on a 4-bit nf4 base, falcon-7b on an
 # 8-bit base. The wrapped rows are made here as data ("data": "wrapped", see wrapped_rows) and trained unpacked:
-# kubetune's finetune.packing keeps examples apart, which BLOOM's attention mask cannot do (exit 3).
+# kubetune's finetune.packing keeps examples apart, which is not what the original trained.
 ORIGINAL = ["finetune.lora.r=16", "finetune.lora.alpha=32", "finetune.lora.dropout=0.05",
             "finetune.lora.target_modules=[query_key_value]", "finetune.batch_size=1", "finetune.grad_accum=1",
             f"finetune.max_length={WRAPPED_LENGTH}", "finetune.packing=false", "finetune.group_by_length=false",
