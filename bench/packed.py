@@ -111,7 +111,7 @@ def table(figures: dict[str, dict], compared: dict) -> str:
             continue
 
         def fmt(value, spec):
-            return format(value, spec) if value is not None else "-"
+            return format(value, spec) if value is not None else format("-", ">" + spec.lstrip(">").split(".")[0])
 
         lines.append(f"{case:34} {fmt(f['tokens_per_s'], '9.0f')} {fmt(f['step_ms_median'], '8.1f')} "
                      f"{fmt(f['allocated_gib'], '9.2f')} {fmt(f['mfu_4nt'] and 100 * f['mfu_4nt'], '5.1f')}% "
