@@ -168,6 +168,22 @@ def test_llama_packing_trains_on_rows(recipe_dict_for, tiny_model_dir):
     assert report["throughput"]["padding_fraction"] < 0.5  # rows are full but for the last example's gap
 
 
+def test_bloom_packed_finetune_trains_through_document_attention(recipe_dict_for, tiny_bloom_dir, monkeypatch):
+    """Every training micro-batch of a packed BLOOM fine-tune reaches the model as a document mask (through peft's
+    wrapper and TRL's fused loss head), not as BLOOM's own causal mask."""
+    from kubetune.stages import document_attention
+
+    shapes = []
+    build = document_attention.dense_document_mask
+    monkeypatch.setattr(document_attention, "dense_document_mask", lambda ids: shapes.append(ids.shape) or build(ids))
+    recipe = recipe_dict_for(tiny_bloom_dir, finetune={"packing": True, "max_steps": 2, "max_length": 256,
+                                                       "batch_size": 2})
+    report = run_stage(recipe, "finetune").report
+    assert report["metrics"]["attention"] == "flex-document"
+    assert len(shapes) == sum(report["step_times"]["rows"]) // 2 == 2  # one mask per micro-batch of 2 rows
+    assert all(shape[0] == 2 for shape in shapes)
+
+
 def _compiled_finetune(recipe_dict_for, model_dir):
     recipe = recipe_dict_for(model_dir, finetune={"packing": True, "compile": True, "max_steps": 4,
                                                   "max_length": 256, "batch_size": 2})
