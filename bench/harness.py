@@ -31,8 +31,8 @@ Each record pins the case: its resolved recipe (``settings``, machine paths as n
 lock's hash and every installed distribution's version.
 
 The original's recipe packed with TRL's "wrapped" strategy (rows of 2048 tokens cut mid-example, attention
-across examples). kubetune's ``finetune.packing`` keeps examples apart instead, and is refused for BLOOM (its
-mask ignores position_ids). The baseline cases make the wrapped rows as data (``wrapped_rows``) and train
+across examples). kubetune's ``finetune.packing`` keeps examples apart instead (BLOOM through its document
+attention, stages/document_attention.py). The baseline cases make the wrapped rows as data (``wrapped_rows``) and train
 them unpacked at batch 1: the same tokens per step and the same attention work as the original, with nothing
 of kubetune changed.
 """
@@ -64,20 +64,26 @@ MODELS = {
     "bloom-7b1": "bigscience--bloom-7b1.json",
     "falcon-7b": "tiiuae--falcon-7b.json",
     "codegen2-1b": "Salesforce--codegen2-1B.json",
+    "gemma3-270m": "google--gemma-3-270m.json",
 }
 JOBS = {"bloom-1b1": "jobs/bloom-1b1-lora.yaml", "bloom-7b1": "jobs/bloom-7b1-qlora.yaml",
-        "falcon-7b": "jobs/falcon-7b-8bit.yaml", "codegen2-1b": "jobs/codegen2-1b-lora.yaml"}
+        "falcon-7b": "jobs/falcon-7b-8bit.yaml", "codegen2-1b": "jobs/codegen2-1b-lora.yaml",
+        "gemma3-270m": "jobs/gemma3-270m-text2sql.yaml"}
 
 # The original notebook's fine-tune: LoRA r16/alpha32 on peft's default modules for these architectures
 # (query_key_value), batch 1, rows of 2048 tokens made by TRL's "wrapped" packing, loss on the whole sequence,
 # gradient checkpointing; bloom-1b1 loaded and trained in fp32, bloom-7b1 on a 4-bit nf4 base, falcon-7b on an
 # 8-bit base. The wrapped rows are made here as data ("data": "wrapped", see wrapped_rows) and trained unpacked:
-# kubetune's finetune.packing keeps examples apart, which BLOOM's attention mask cannot do (exit 3).
+# kubetune's finetune.packing keeps examples apart, which is not what the original trained.
 ORIGINAL = ["finetune.lora.r=16", "finetune.lora.alpha=32", "finetune.lora.dropout=0.05",
             "finetune.lora.target_modules=[query_key_value]", "finetune.batch_size=1", "finetune.grad_accum=1",
             f"finetune.max_length={WRAPPED_LENGTH}", "finetune.packing=false", "finetune.group_by_length=false",
             "finetune.completion_only_loss=false", "finetune.gradient_checkpointing=true"]
 GPTQ = {"set": ["finetune.max_steps=2"], "stages": ["finetune", "merge", "quantize"]}  # the adapter only: 2 steps
+# Issue 22's path (bench/packed.py): examples packed into rows of max_length, every micro-batch batch_size rows ×
+# max_length tokens, the model's forward and backward compiled once (finetune.packing + finetune.compile).
+PACKED = ["finetune.packing=true", "finetune.group_by_length=false"]
+COMPILED = PACKED + ["finetune.compile=true"]
 
 # A case is a recipe: jobs/<model>.yaml with the settings below, nothing else (no code of kubetune or of a
 # library replaced). "env": environment variables of the case's processes (a library's documented switch).
@@ -142,6 +148,18 @@ CASES: dict[str, dict] = {
     "codegen2-1b/ours-grouped-bs64-gc": {"model": "codegen2-1b",
                                          "set": ["finetune.batch_size=64", "finetune.group_by_length=true",
                                                  "finetune.gradient_checkpointing=true"]},
+    # 5. issue 22: packed, fixed-shape, compiled (bench/packed.py). bloom-1b1: 8 rows × 1024 tokens (~8.2k real
+    # tokens a micro-batch), recomputation on to stay under the original's 5.5 GiB; -nogc: 4 × 1024 without it
+    "bloom-1b1/packed-compiled": {"model": "bloom-1b1", "set": COMPILED + [
+        "finetune.batch_size=8", "finetune.max_length=1024", "finetune.gradient_checkpointing=true"]},
+    "bloom-1b1/packed-compiled-nogc": {"model": "bloom-1b1", "set": COMPILED + [
+        "finetune.batch_size=4", "finetune.max_length=1024", "finetune.gradient_checkpointing=false"]},
+    "bloom-1b1/packed": {"model": "bloom-1b1", "set": PACKED + [  # the same batches, not compiled
+        "finetune.batch_size=8", "finetune.max_length=1024", "finetune.gradient_checkpointing=true"]},
+    # gemma3-270m: the shipped recipe (32 rows grouped by length) and 8 rows × 1024 packed and compiled
+    "gemma3-270m/ours": {"model": "gemma3-270m", "set": []},
+    "gemma3-270m/packed-compiled": {"model": "gemma3-270m", "set": COMPILED + [
+        "finetune.batch_size=8", "finetune.max_length=1024"]},
     # where the memory of an 8-bit load goes (no training): the base as the fine-tune loads it, then prepared
     "falcon-7b/probe-8bit": {"model": "falcon-7b", "set": ["finetune.base_precision=8bit"], "probe": True},
 }
@@ -160,7 +178,10 @@ def model_config(model: str, tiny: bool):
     if tiny:  # same architecture and vocabulary, 2 small layers: the CPU check of the code path
         shrink = {"bloom": {"hidden_size": 64, "n_layer": 2, "n_head": 4},
                   "falcon": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4},
-                  "codegen": {"n_embd": 64, "n_layer": 2, "n_head": 4, "rotary_dim": 8}}[raw["model_type"]]
+                  "codegen": {"n_embd": 64, "n_layer": 2, "n_head": 4, "rotary_dim": 8},
+                  "gemma3_text": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                                  "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 16,
+                                  "layer_types": ["sliding_attention", "full_attention"]}}[raw["model_type"]]
         raw.update(shrink)
     return AutoConfig.for_model(raw.pop("model_type"), **raw)
 

@@ -29,7 +29,7 @@ from kubetune.cli import cli
 from kubetune.config import recipe_from_dict
 from kubetune.errors import EXIT_CODES
 from kubetune.stages import run_stage
-from tiny import build_tiny_bloom, tiny_recipe_dict
+from tiny import build_tiny_mpt, tiny_recipe_dict
 
 DOC = (Path(__file__).resolve().parents[1] / "docs" / "exit-codes.md").read_text()
 
@@ -324,13 +324,14 @@ def test_unknown_lora_target_module(write, artifacts):
 
 
 def test_packing_a_model_whose_attention_ignores_position_ids(write, artifacts, tmp_path):
-    """BLOOM would let packed examples attend to each other: refused after the load, before the data is read."""
-    bloom = build_tiny_bloom(tmp_path / "bloom")
+    """MPT (ALiBi, no document attention in kubetune) would let packed examples attend to each other: refused after
+    the load, before the data is read. (BLOOM packs: tests/test_packing.py.)"""
+    mpt = build_tiny_mpt(tmp_path / "mpt")
     before = snapshot(artifacts)
-    recipe = write(model={"name_or_path": str(bloom), "dtype": "float32"},
-                   finetune={"max_steps": 2, "packing": True})
+    recipe = write(model={"name_or_path": str(mpt), "dtype": "float32"},
+                   finetune={"max_steps": 2, "packing": True, "lora": {"r": 4, "alpha": 8, "target_modules": ["Wqkv"]}})
     handled(kubetune("stage", "finetune", "--recipe", recipe), 3,
-            "finetune.packing: " + str(bloom) + " (BloomForCausalLM, eager attention) would attend across packed "
+            "finetune.packing: " + str(mpt) + " (MptForCausalLM, eager attention) would attend across packed "
             "examples: its attention mask ignores position_ids; use finetune.group_by_length instead",
             artifacts, before, stage="finetune")
 

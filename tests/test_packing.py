@@ -9,13 +9,13 @@ import torch
 from kubetune.stages import packing, run_stage
 
 
-def _packed_batch(pad_token_id: int, rows: list[list[list[int]]]):
+def _packed_batch(pad_token_id: int, rows: list[list[list[int]]], static: tuple[int, int] | None = None):
     """TRL's packed dataset rows (input_ids + seq_lengths) through the row collator."""
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     examples = [{"input_ids": [t for ex in row for t in ex], "seq_lengths": [len(ex) for ex in row]} for row in rows]
     collator = packing.RowPackedCollator(DataCollatorForLanguageModeling(pad_token_id=pad_token_id,
-                                                                         padding_free=True))
+                                                                         padding_free=True), static)
     return collator(examples)
 
 
@@ -44,32 +44,107 @@ def test_rows_keep_examples_apart(tiny_llama):
 
 
 def _tiny(architecture: str):
+    """A 2-layer random model of each shipped architecture (jobs/*.yaml: Llama-likes, Gemma 3, Falcon, CodeGen,
+    BLOOM with ALiBi)."""
     import transformers
 
     torch.manual_seed(0)
-    config = {"gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
+    config = {"llama": ("LlamaConfig", "LlamaForCausalLM",
+                        {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                         "num_key_value_heads": 2}),
+              "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
                          {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
                           "num_key_value_heads": 1, "head_dim": 16, "sliding_window": 4}),
               "falcon": ("FalconConfig", "FalconForCausalLM",
                          {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4}),
               "codegen": ("CodeGenConfig", "CodeGenForCausalLM", {"n_embd": 32, "n_layer": 2, "n_head": 4,
-                                                                  "rotary_dim": 4})}[architecture]
+                                                                  "rotary_dim": 4}),
+              # 6 heads: ALiBi slopes of a non-power-of-2 head count take BLOOM's second formula too
+              "bloom": ("BloomConfig", "BloomForCausalLM", {"hidden_size": 48, "n_layer": 2, "n_head": 6})}[architecture]
     cfg = getattr(transformers, config[0])(vocab_size=100, bos_token_id=1, eos_token_id=2, pad_token_id=0,
                                            **config[2])
     return getattr(transformers, config[1])(cfg).eval()
 
 
-@pytest.mark.parametrize("architecture", ["gemma3", "falcon", "codegen"])
-def test_accepted_architectures_really_keep_examples_apart(architecture):
-    # what the check accepts must hold numerically: the second example's logits as if it ran alone
+SHIPPED_ARCHITECTURES = ["llama", "gemma3", "falcon", "codegen", "bloom"]
+
+
+def _summed_loss(logits, labels):
+    """Next-token cross-entropy summed over labelled positions (float64 for the comparison)."""
+    return torch.nn.functional.cross_entropy(logits[:, :-1].double().flatten(0, 1), labels[:, 1:].flatten(),
+                                             ignore_index=-100, reduction="sum")
+
+
+@pytest.mark.parametrize("architecture", SHIPPED_ARCHITECTURES)
+def test_packed_rows_equal_each_example_alone(architecture):
+    """For every shipped architecture, a fixed-shape packed batch (what finetune.compile trains on) gives each
+    example the logits, the loss and the gradients it gets alone; BLOOM through document attention (FlexAttention
+    block mask + ALiBi score_mod). Tolerance: 1e-5 absolute / 1e-4 relative on fp32 logits."""
     model = _tiny(architecture)
     packing.check_examples_kept_apart(model, architecture)
+    if packing.document_attention_needed(model):
+        from kubetune.stages import document_attention
+
+        document_attention.use_document_attention(model)
+    examples = [[5, 9, 14, 30, 7, 8], [11, 12, 40, 41, 42, 43, 44], [60, 61, 62], [70, 71, 72, 73, 74]]
+    rows = [examples[:3], examples[3:]]  # 16 tokens, then 5 + padding, then an empty row
+    batch = _packed_batch(0, rows, static=(3, 20))
+    assert batch["input_ids"].shape == (3, 20)
+
+    packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    packed_loss = _summed_loss(packed, batch["labels"])
+    packed_grads = torch.autograd.grad(packed_loss, [p for p in model.parameters() if p.requires_grad],
+                                       allow_unused=True)
+    alone_loss = 0
+    offsets = [(0, 0), (0, 6), (0, 13), (1, 0)]
+    for (row, start), example in zip(offsets, examples):
+        ids = torch.tensor([example])
+        alone = model(input_ids=ids, use_cache=False).logits
+        torch.testing.assert_close(packed[row, start:start + len(example)], alone[0], atol=1e-5, rtol=1e-4)
+        labels = ids.clone()
+        labels[0, 0] = -100
+        alone_loss = alone_loss + _summed_loss(alone, labels)
+    torch.testing.assert_close(packed_loss, alone_loss, atol=1e-4, rtol=1e-5)
+    alone_grads = torch.autograd.grad(alone_loss, [p for p in model.parameters() if p.requires_grad],
+                                      allow_unused=True)
+    for got, want in zip(packed_grads, alone_grads):
+        if want is not None:
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_bloom_flex_attention_path_equals_each_example_alone():
+    """The CUDA path (FlexAttention block mask + ALiBi score_mod), forward only: FlexAttention has no CPU backward."""
+    from kubetune.stages import document_attention
+
+    model = _tiny("bloom")
+    document_attention.use_document_attention(model, flex=True)
+    first, second = [5, 9, 14, 30, 7, 8], [11, 12, 40, 41, 42, 43, 44]
+    batch = _packed_batch(0, [[first, second]], static=(1, 16))
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        for start, example in ((0, first), (6, second)):
+            alone = model(input_ids=torch.tensor([example]), use_cache=False).logits
+            torch.testing.assert_close(packed[0, start:start + len(example)], alone[0], atol=1e-5, rtol=1e-4)
+
+
+def test_bloom_packed_without_document_attention_would_mix_examples():
+    """Why BLOOM needs document attention: its own mask lets the second example see the first."""
+    model = _tiny("bloom")
     first, second = [5, 9, 14, 30, 7, 8], [11, 12, 40, 41, 42, 43]
     batch = _packed_batch(0, [[first, second]])
     with torch.no_grad():
         packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
         alone = model(input_ids=torch.tensor([second]), use_cache=False).logits
-    torch.testing.assert_close(packed[0, 6:], alone[0], atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(packed[0, 6:], alone[0], atol=1e-3)
+
+
+def test_static_batches_have_one_shape():
+    """finetune.compile: every batch is batch_size rows × max_length tokens, the short last one included (empty
+    rows: padding, position 0, no label)."""
+    batch = _packed_batch(0, [[[5, 9, 14], [11, 12]]], static=(3, 8))
+    assert batch["input_ids"].tolist() == [[5, 9, 14, 11, 12, 0, 0, 0]] + [[0] * 8] * 2
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 0, 0]] + [[0] * 8] * 2
+    assert batch["labels"].tolist() == [[-100, 9, 14, -100, 12] + [-100] * 3] + [[-100] * 8] * 2
 
 
 def test_counts_tokens_and_examples_not_padding():
@@ -91,6 +166,56 @@ def test_llama_packing_trains_on_rows(recipe_dict_for, tiny_model_dir):
     assert report["metrics"]["packing"] == packing.ROWS
     assert report["metrics"]["train_sequences"] < report["metrics"]["train_examples"]
     assert report["throughput"]["padding_fraction"] < 0.5  # rows are full but for the last example's gap
+
+
+def test_bloom_packed_finetune_trains_through_document_attention(recipe_dict_for, tiny_bloom_dir, monkeypatch):
+    """Every training micro-batch of a packed BLOOM fine-tune reaches the model as a document mask (through peft's
+    wrapper and TRL's fused loss head), not as BLOOM's own causal mask."""
+    from kubetune.stages import document_attention
+
+    shapes = []
+    build = document_attention.dense_document_mask
+    monkeypatch.setattr(document_attention, "dense_document_mask", lambda ids: shapes.append(ids.shape) or build(ids))
+    recipe = recipe_dict_for(tiny_bloom_dir, finetune={"packing": True, "max_steps": 2, "max_length": 256,
+                                                       "batch_size": 2})
+    report = run_stage(recipe, "finetune").report
+    assert report["metrics"]["attention"] == "flex-document"
+    assert len(shapes) == sum(report["step_times"]["rows"]) // 2 == 2  # one mask per micro-batch of 2 rows
+    assert all(shape[0] == 2 for shape in shapes)
+
+
+def _compiled_finetune(recipe_dict_for, model_dir):
+    recipe = recipe_dict_for(model_dir, finetune={"packing": True, "compile": True, "max_steps": 4,
+                                                  "max_length": 256, "batch_size": 2})
+    return run_stage(recipe, "finetune").report
+
+
+def test_compiled_packed_bloom_never_recompiles(recipe_dict_for, tiny_bloom_dir, monkeypatch):
+    """finetune.compile on packed BLOOM (document attention): static batches, so torch.compile compiles in the
+    first step only, and the report says so. aot_eager: Dynamo's guards, what decides a recompile, are the same as
+    under inductor (test_inductor_compiled_finetune_never_recompiles, `make test-slow`)."""
+    from kubetune.stages import finetune
+
+    monkeypatch.setattr(finetune, "COMPILE_BACKEND", "aot_eager")
+    report = _compiled_finetune(recipe_dict_for, tiny_bloom_dir)
+    assert report["metrics"]["attention"] == "flex-document" and report["metrics"]["packing"] == packing.ROWS
+    assert report["compile"]["frames_first_step"] > 0  # it did compile
+    assert report["compile"]["frames_after_warmup"] == 0, report["compile"]
+    assert set(report["step_times"]["padded_tokens"]) == {2 * 256}  # one shape: batch_size × max_length
+
+
+@pytest.mark.slow  # inductor generates and builds C++ for the forward and backward: ~2 min on 2 shared cores
+def test_inductor_compiled_finetune_never_recompiles(recipe_dict_for, tiny_model_dir):
+    report = _compiled_finetune(recipe_dict_for, tiny_model_dir)
+    assert report["compile"]["frames_first_step"] > 0
+    assert report["compile"]["frames_after_warmup"] == 0, report["compile"]
+
+
+@pytest.fixture(scope="module")
+def tiny_bloom_dir(tmp_path_factory):
+    from tiny import build_tiny_bloom
+
+    return build_tiny_bloom(tmp_path_factory.mktemp("bloom") / "model")
 
 
 @pytest.fixture

@@ -71,14 +71,23 @@ def build_tiny_gemma3(path: Path, seed: int = 0) -> Path:
 
 def build_tiny_bloom(path: Path, seed: int = 0) -> Path:
     """A 1-layer BLOOM (ALiBi; its attention mask ignores position_ids) saved with the tiny tokenizer."""
+    return _build_tiny("BloomConfig", "BloomForCausalLM", path, seed, hidden_size=32, n_layer=1, n_head=4)
+
+
+def build_tiny_mpt(path: Path, seed: int = 0) -> Path:
+    """A 1-layer MPT (ALiBi, like BLOOM, but no document attention in kubetune: packing it is refused)."""
+    return _build_tiny("MptConfig", "MptForCausalLM", path, seed, d_model=32, n_layers=1, n_heads=4)
+
+
+def _build_tiny(config_class: str, model_class: str, path: Path, seed: int, **dims) -> Path:
     import torch
-    from transformers import BloomConfig, BloomForCausalLM
+    import transformers
 
     torch.manual_seed(seed)
     tok = build_tokenizer()
-    cfg = BloomConfig(vocab_size=len(tok), hidden_size=32, n_layer=1, n_head=4, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    BloomForCausalLM(cfg).save_pretrained(path)
+    cfg = getattr(transformers, config_class)(vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **dims)
+    getattr(transformers, model_class)(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return path
 

@@ -250,8 +250,12 @@ class FinetuneSection(Section):
     """Tokens per sequence (prompt + answer); longer rows are truncated."""
     packing: bool = False
     """Pack several examples into each max_length sequence (TRL's best-fit packing), each example attending only to
-    itself: fewer, fuller sequences when rows are short. Refused for models whose attention mask ignores
-    position_ids (BLOOM); group_by_length is the alternative there."""
+    itself: fewer, fuller sequences when rows are short. BLOOM (ALiBi) packs through FlexAttention with a block
+    mask per example; other models whose attention mask ignores position_ids are refused."""
+    compile: bool = False
+    """torch.compile the model's forward and backward. Needs packing: every micro-batch is then batch_size rows
+    × max_length tokens, one shape, so it compiles once (the report's compile.frames_after_warmup says 0); the
+    first step pays the compile (tens of seconds to minutes), later ones fuse LoRA's elementwise work."""
     completion_only_loss: bool = True
     """Learn only the answer tokens, not the prompt."""
     group_by_length: bool = False
@@ -748,6 +752,9 @@ class Recipe(Section):
             if spec.source.startswith("builtin:") and spec.source == self.data.source and spec.seed == self.data.seed:
                 problems.append(f"evaluate.sets.{name}.seed: equals data.seed, so the builtin generator would "
                                 "make the training rows; choose another seed")
+        if self.finetune.compile and not self.finetune.packing:
+            problems.append("finetune.compile: needs finetune.packing=true (one batch shape); unpacked batches vary "
+                            "in length and would recompile")
         if self.resources.fetch.gpus:
             problems.append("resources.fetch.gpus: the fetch stage only downloads; it takes no GPU (set 0)")
         problems += self._multi_gpu_problems()

@@ -254,10 +254,10 @@ class Estimator:
         return cfg
 
     def _packs_apart(self) -> bool | None:
-        from kubetune.modelio import mask_reads_position_ids
+        from kubetune.stages.packing import keeps_examples_apart
 
         try:
-            return mask_reads_position_ids(self.meta)
+            return keeps_examples_apart(self.meta)
         except Exception:  # a model whose forward does not run on meta: the fine-tune stage checks it for real
             return None
 

@@ -29,7 +29,7 @@ from kubetune.errors import DataError, ModelError, RecipeError
 from kubetune.measure import Stopwatch, count_parameters, memory_footprint_bytes
 from kubetune.metrics.callbacks import StepTimes, metrics_callback
 from kubetune.prompt import PromptTemplate
-from kubetune.stages import packing
+from kubetune.stages import compiled, packing
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,10 @@ CHECKPOINT_MARKER = "kubetune-checkpoint.json"
 CHECKPOINT_FILES = ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json",
                     CHECKPOINT_MARKER)
 FINGERPRINT_FILE = "fingerprint"
+# torch.compile's backend under finetune.compile. Dynamo's guards, which decide every recompile, are the same for
+# any backend; tests swap in "aot_eager" (forward and backward traced, no code generated) where inductor's C++
+# code generation would take minutes on 2 shared cores.
+COMPILE_BACKEND = "inductor"
 LOG_FILE = "training_log.json"
 
 
@@ -110,7 +114,12 @@ def run(ctx) -> dict[str, Any]:
             # rows per optimizer step = per-process micro-batch × accumulation × processes (distributed.py)
             "global_batch": trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps
             * trainer.args.world_size,
+            # "flex-document": BLOOM's packed rows through stages/document_attention.py
+            "attention": "flex-document" if ft.packing and packing.document_attention_needed(trainer.model)
+            else trainer.model.config._attn_implementation,
         },
+        # finetune.compile: frames torch.compile compiled in training steps; frames_after_warmup must be 0
+        "compile": trainer.compile_count.report() if trainer.compile_count else None,
         "throughput": {
             # This process only (rank 0: its share of each global batch): after a resume, the steps run before the
             # restart are not in these figures.
@@ -273,19 +282,23 @@ def build_trainer(recipe, model, tokenizer, train, evaluation, checkpoints: Path
         eval_strategy="steps" if evaluation is not None else "no",
         eval_steps=ft.eval_steps,
         seed=ft.seed,
+        torch_compile=ft.compile,  # the model's forward and backward; the optimizer step stays eager
+        torch_compile_backend=COMPILE_BACKEND if ft.compile else None,
         report_to="none",
         disable_tqdm=True,  # progress goes through ctx.progress; tqdm bars garble pod logs
     )
-    if dev == "cpu":
-        _score_only_labelled_positions()
+    _choose_scored_positions(compact=not ft.compile)
     trainer_class = _counting_trainer_class()
     step_times = StepTimes(cuda=dev == "cuda")
     trainer = trainer_class(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
                             processing_class=tokenizer, peft_config=lora_config(ft.lora),
                             callbacks=[_progress_callback(ctx), step_times.callback()])
     trainer.step_times = step_times
+    trainer.compile_count = compiled.CompileCount() if ft.compile else None
+    if trainer.compile_count:
+        trainer.add_callback(trainer.compile_count.callback())
     if ft.packing and packing.packing_layout(model) == packing.ROWS:
-        packing.use_row_packing(trainer)
+        packing.use_row_packing(trainer, static=(micro_batch, ft.max_length) if ft.compile else None)
     trainer.remove_callback(PrinterCallback)  # it prints raw dicts; the progress callback logs the same figures
     metrics = metrics_callback(ctx, trainer)  # loss, learning rate, tokens/s, ETA for Prometheus (docs/monitoring.md)
     if metrics is not None:
@@ -465,24 +478,26 @@ def _checkpoint_callback(preemption: Preemption):
 
 
 # ---- trainer pieces ------------------------------------------------------------------------------------------
-def _score_only_labelled_positions() -> None:
-    """Let TRL's chunked LM head score only the positions that carry a label on the CPU too.
+def _choose_scored_positions(compact: bool) -> None:
+    """Which positions TRL's chunked LM head scores: only those that carry a label (``compact``), or every one.
 
-    TRL 1.16 projects through the LM head only the labelled positions (the answer, with completion-only loss) on
-    Triton devices, and every position elsewhere, so that the tile shapes stay fixed for compiling backends such as
-    Neuron. Nothing is compiled on a CPU, and there the head over Gemma 3's 262k-token vocabulary is ~2/3 of a demo
-    step, mostly spent on prompt positions whose loss is zero anyway. The loss and the gradients are the same
-    either way. Only the compact/full choice changes: the kernels keep choosing Triton or torch for themselves
-    (their own ``_use_triton`` in trl.kernels.chunked_logprob)."""
+    TRL 1.16 scores only the labelled positions (the answer, with completion-only loss) on Triton devices, and
+    every position elsewhere, so that the tile shapes stay fixed for compiling backends such as Neuron. On a CPU
+    nothing is compiled unless finetune.compile, and there the head over Gemma 3's 262k-token vocabulary is ~2/3 of
+    a demo step, mostly spent on prompt positions whose loss is zero anyway: compact. Under finetune.compile the
+    number of labelled positions changes every batch and recompiled the loss at each step (3 of 4 steps on the
+    tiny Llama): every position, on every device, one shape. The loss and the gradients are the same either way.
+    Only the compact/full choice changes: the kernels keep choosing Triton or torch for themselves (their own
+    ``_use_triton`` in trl.kernels.chunked_logprob)."""
     import trl.trainer.utils as trl_utils
 
-    if callable(getattr(trl_utils, "_use_triton", None)) and not getattr(trl_utils._use_triton, "kubetune", False):
-        def compact_on_every_device(device) -> bool:
-            return True
+    if not callable(getattr(trl_utils, "_use_triton", None)):
+        return
 
-        compact_on_every_device.kubetune = True
-        trl_utils._use_triton = compact_on_every_device
+    def scored_positions(device) -> bool:
+        return compact
 
+    trl_utils._use_triton = scored_positions
 
 
 def example_lengths(inputs) -> list[int]:

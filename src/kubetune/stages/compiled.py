@@ -1,0 +1,65 @@
+"""What torch.compile did during a fine-tune (``finetune.compile``): frames compiled, and how many of them after
+the first optimizer step. A static-shape step compiles in its first step and never again; a frame compiled later
+is a recompile (a new shape, dtype or mode reached the compiled code) and costs seconds to minutes each.
+
+Dynamo counts every frame it compiles (``torch._dynamo.utils.counters["frames"]["ok"]``, process-wide: a first
+compile, a recompile, or the code after a graph break). Only the frames compiled *inside* training steps are
+counted here, so that an evaluation pass (eval mode: a recompile by design) is not mistaken for one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def frames_compiled() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["frames"]["ok"])
+
+
+def graph_breaks() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(sum(counters["graph_break"].values()))
+
+
+@dataclass
+class CompileCount:
+    """Frames compiled per optimizer step of this process; ``report()`` is the finetune report's ``compile``."""
+
+    per_step: list[int] = field(default_factory=list)
+    _at_begin: int = 0
+    _breaks_at_start: int | None = None
+
+    def step_begins(self) -> None:
+        if self._breaks_at_start is None:
+            self._breaks_at_start = graph_breaks()
+        self._at_begin = frames_compiled()
+
+    def step_ends(self) -> None:
+        self.per_step.append(frames_compiled() - self._at_begin)
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "frames_first_step": self.per_step[0] if self.per_step else None,
+            # the figure that must stay 0: frames compiled by training steps after the first (warm-up) one
+            "frames_after_warmup": sum(self.per_step[1:]),
+            "steps_with_compiles": [i + 1 for i, n in enumerate(self.per_step) if n],
+            "graph_breaks": graph_breaks() - (self._breaks_at_start or 0),
+        }
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        count = self
+
+        class CountCompiles(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                count.step_begins()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                count.step_ends()
+
+        return CountCompiles()
