@@ -267,52 +267,6 @@ def test_fused_head_saved_bytes_are_what_trls_head_saves(tmp_path):
     from transformers import AutoModelForCausalLM
     from trl.trainer.utils import add_fused_lm_head
 
-    from kubetune.stages.finetune import _score_only_labelled_positions
-
-    config = tiny_config("llama")
-    recipe = recipe_for(tmp_path, config)
-    est = Estimator(recipe, load_config(recipe.model), target="cpu")
-    trace = est.train_trace(recipe.finetune, 3, 24)
-    estimated, _ = finetune_memory.loss_head(est, recipe.finetune, trace, 3, 24, 50, "float32", None)
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))  # as SFTTrainer adds it
-    _score_only_labelled_positions()
-    ids = torch.randint(0, config.vocab_size, (3, 24))
-    labels = torch.full_like(ids, -100)
-    for row, answer in enumerate((17, 17, 16)):  # 50 labelled positions once the labels are shifted
-        labels[row, -answer:] = ids[row, -answer:]
-    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
-    after_backbone = {"on": False}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if after_backbone["on"] and storage.data_ptr() not in parameters:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    model.model.register_forward_pre_hook(lambda *_: after_backbone.update(on=False))
-    model.model.register_forward_hook(lambda *_: after_backbone.update(on=True))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        model(input_ids=ids, labels=labels, fused_lm_head=True)
-    measured = sum(saved.values())
-    assert measured > 50 * 64 * 4  # the copy of the labelled hidden states is there
-    # Two differences, both known: the estimator adds two int64 index vectors (2 × 50 × 8 bytes) for the
-    # boolean-mask selection, where on the CPU autograd keeps the boolean mask itself (counted already,
-    # b × (s - 1) bytes); and it leaves out the 8-byte count of labelled positions that the loss divides by.
-    assert estimated == measured + 2 * 50 * 8 - 8
-
-
-def test_fused_head_saved_bytes_are_what_trls_head_saves(tmp_path):
-    """The loss head's saved-for-backward bytes as the estimator counts them, against the tensors autograd really
-    saves in TRL 1.16's fused head (compact, as the stage runs it on every device) after the backbone's forward of
-    a tiny model: 50 labelled positions of a 3 × 24 batch, parameters left out, each storage counted once."""
-    import torch
-    from transformers import AutoModelForCausalLM
-    from trl.trainer.utils import add_fused_lm_head
-
     from kubetune.stages.finetune import _choose_scored_positions
 
     config = tiny_config("llama")
