@@ -232,6 +232,18 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(exc.exit_code)
     if me.main:
         write_atomic(result_file, json.dumps({"report": report}, default=str))
+    _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Close the process group before the interpreter exits, every rank together. A gloo group left open at exit
+    can abort a rank while its threads are torn down ("terminate called without an active exception", exit -6,
+    seen once in CI on rank 1 after its last step), and torchrun then fails the whole stage."""
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def _use_local_gpu(local_rank: int) -> None:
