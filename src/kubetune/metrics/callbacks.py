@@ -90,15 +90,19 @@ class StepTimes:
         return out
 
     def callback(self):
-        from transformers import TrainerCallback
+        return step_callback(self.begin, self.end)
 
-        times = self
 
-        class StepTimesCallback(TrainerCallback):
-            def on_step_begin(self, args, state, control, **kwargs):
-                times.begin()
+def step_callback(on_begin, on_end):
+    """A TrainerCallback that calls ``on_begin()`` and ``on_end()`` around every optimizer step (transformers is
+    imported here, not at module load: the CLI imports this package)."""
+    from transformers import TrainerCallback
 
-            def on_step_end(self, args, state, control, **kwargs):
-                times.end()
+    class StepCallback(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            on_begin()
 
-        return StepTimesCallback()
+        def on_step_end(self, args, state, control, **kwargs):
+            on_end()
+
+    return StepCallback()

@@ -51,15 +51,6 @@ class CompileCount:
         }
 
     def callback(self):
-        from transformers import TrainerCallback
+        from kubetune.metrics.callbacks import step_callback
 
-        count = self
-
-        class CountCompiles(TrainerCallback):
-            def on_step_begin(self, args, state, control, **kwargs):
-                count.step_begins()
-
-            def on_step_end(self, args, state, control, **kwargs):
-                count.step_ends()
-
-        return CountCompiles()
+        return step_callback(self.step_begins, self.step_ends)
