@@ -160,6 +160,19 @@ CASES: dict[str, dict] = {
     "gemma3-270m/ours": {"model": "gemma3-270m", "set": []},
     "gemma3-270m/packed-compiled": {"model": "gemma3-270m", "set": COMPILED + [
         "finetune.batch_size=8", "finetune.max_length=1024"]},
+    # one lever each on the compiled path: CUDA graphs (inductor's documented switch: each compiled graph replayed
+    # as one launch) and LoRA dropout off (the dropout's mask and multiply over every LoRA input is gone; quality
+    # must show it costs nothing before a recipe drops it)
+    "gemma3-270m/packed-compiled-cudagraphs": {"model": "gemma3-270m", "set": COMPILED + [
+        "finetune.batch_size=8", "finetune.max_length=1024"], "env": {"TORCHINDUCTOR_CUDAGRAPHS": "1"}},
+    "gemma3-270m/packed-compiled-nodropout": {"model": "gemma3-270m", "set": COMPILED + [
+        "finetune.batch_size=8", "finetune.max_length=1024", "finetune.lora.dropout=0.0"]},
+    "bloom-1b1/packed-compiled-cudagraphs": {"model": "bloom-1b1", "set": COMPILED + [
+        "finetune.batch_size=8", "finetune.max_length=1024", "finetune.gradient_checkpointing=true"],
+        "env": {"TORCHINDUCTOR_CUDAGRAPHS": "1"}},
+    "bloom-1b1/packed-compiled-nodropout": {"model": "bloom-1b1", "set": COMPILED + [
+        "finetune.batch_size=8", "finetune.max_length=1024", "finetune.gradient_checkpointing=true",
+        "finetune.lora.dropout=0.0"]},
     # where the memory of an 8-bit load goes (no training): the base as the fine-tune loads it, then prepared
     "falcon-7b/probe-8bit": {"model": "falcon-7b", "set": ["finetune.base_precision=8bit"], "probe": True},
 }

@@ -87,6 +87,11 @@ def comparisons(figures: dict[str, dict]) -> dict:
             row["speedup"] = fig["tokens_per_s"] / ref["tokens_per_s"]
             row["memory_ratio"] = (fig["allocated_gib"] / ref["allocated_gib"]
                                    if fig.get("allocated_gib") and ref.get("allocated_gib") else None)
+        # a lever on the compiled path (packed-compiled-<lever>) against the compiled path of the same call
+        lever_reference = f"{model}/packed-compiled"
+        if variant.startswith("packed-compiled-") and figures.get(lever_reference, {}).get("tokens_per_s"):
+            ref = figures[lever_reference]
+            row["vs_packed_compiled"] = fig["tokens_per_s"] / ref["tokens_per_s"]
         target = TARGETS.get(model, {})
         checks = {}
         if "speedup_min" in target and reference is not None and reference.endswith("/baseline"):
@@ -103,20 +108,21 @@ def comparisons(figures: dict[str, dict]) -> dict:
 
 
 def table(figures: dict[str, dict], compared: dict) -> str:
-    lines = [f"{'case':34} {'tok/s':>9} {'step ms':>8} {'alloc GiB':>9} {'MFU':>6} {'1st step s':>10} "
-             f"{'recompiles':>10} {'× ref':>6}"]
+    lines = [f"{'case':40} {'tok/s':>9} {'step ms':>8} {'alloc GiB':>9} {'MFU':>6} {'1st step s':>10} "
+             f"{'recompiles':>10} {'× ref':>6} {'× compiled':>10}"]
     for case, f in figures.items():
         if "error" in f:
-            lines.append(f"{case:34} {f['error']}")
+            lines.append(f"{case:40} {f['error']}")
             continue
 
         def fmt(value, spec):
             return format(value, spec) if value is not None else format("-", ">" + spec.lstrip(">").split(".")[0])
 
-        lines.append(f"{case:34} {fmt(f['tokens_per_s'], '9.0f')} {fmt(f['step_ms_median'], '8.1f')} "
+        lines.append(f"{case:40} {fmt(f['tokens_per_s'], '9.0f')} {fmt(f['step_ms_median'], '8.1f')} "
                      f"{fmt(f['allocated_gib'], '9.2f')} {fmt(f['mfu_4nt'] and 100 * f['mfu_4nt'], '5.1f')}% "
                      f"{fmt(f['first_step_s'], '10.1f')} {fmt(f['recompiles'], '>10')} "
-                     f"{fmt(compared.get(case, {}).get('speedup'), '6.2f')}")
+                     f"{fmt(compared.get(case, {}).get('speedup'), '6.2f')} "
+                     f"{fmt(compared.get(case, {}).get('vs_packed_compiled'), '10.2f')}")
     return "\n".join(lines)
 
 
