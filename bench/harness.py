@@ -256,7 +256,8 @@ def wrapped_data_path(work: Path, model: str, tiny: bool) -> Path:
     return work / "data" / f"wrapped-{model}{'-tiny' if tiny else ''}-{WRAPPED_LENGTH}.jsonl"
 
 
-def recipe_for(case: str, spec: dict, folder: Path, work: Path, steps: int, warmup: int, tiny: bool):
+def recipe_for(case: str, spec: dict, folder: Path, work: Path, steps: int, warmup: int, tiny: bool,
+               profile: bool = False):
     import yaml
 
     from kubetune.config import recipe_from_dict
@@ -266,8 +267,10 @@ def recipe_for(case: str, spec: dict, folder: Path, work: Path, steps: int, warm
     common = [f"run.name={case.replace('/', '-')}", f"run.artifacts_root={work / 'artifacts'}",
               f"model.name_or_path={folder}", "model.revision=null", "model.trust_remote_code=false",
               "data.source=builtin:text2sql", "data.builtin_examples=4000", "data.train_fraction=1.0",
-              f"finetune.max_steps={warmup + steps}", "finetune.save_steps=100000", "finetune.logging_steps=5",
-              "metrics.enabled=false", f"stages={json.dumps(stages)}"]
+              f"finetune.max_steps={warmup + steps + profile}", "finetune.save_steps=100000",
+              "finetune.logging_steps=5", "metrics.enabled=false", f"stages={json.dumps(stages)}"]
+    if profile:  # one more step after the measured ones, under torch.profiler (finetune.profile_step)
+        common.append(f"finetune.profile_step={warmup + steps + 1}")
     if tiny:
         common += ["merge.dtype=float32", "quantize.group_size=32", "quantize.calibration.samples=16"]
     if spec.get("data") == "wrapped":
@@ -452,7 +455,7 @@ def run_case(case: str, args) -> dict:
     cuda = torch.cuda.is_available()
     work = Path(args.work)
     folder = work / "models" / (spec["model"] + ("-tiny" if args.tiny else ""))
-    recipe = recipe_for(case, spec, folder, work, args.steps, args.warmup, args.tiny)
+    recipe = recipe_for(case, spec, folder, work, args.steps, args.warmup, args.tiny, args.profile)
     settings = case_settings(case, recipe)
     config = model_config(spec["model"], args.tiny)
     text = config.get_text_config()
@@ -479,7 +482,7 @@ def run_case(case: str, args) -> dict:
     if "finetune" in reports:
         record["steps"] = report_steps(reports["finetune"])
         record["summary"] = step_summary(record["steps"], args.warmup, record["n_matmul_params"], record["layers"],
-                                         record["hidden"])
+                                         record["hidden"], measured_steps=args.steps)  # not the profiled one
     return record
 
 
@@ -564,7 +567,7 @@ def cmd_run(args) -> int:
     deadline = time.monotonic() + args.budget_s
     base = [sys.executable, str(Path(__file__).resolve())]
     common = ["--work", str(work), "--steps", str(args.steps), "--warmup", str(args.warmup)] + \
-        (["--tiny"] if args.tiny else [])
+        (["--tiny"] if args.tiny else []) + (["--profile"] if args.profile else [])
     for case in cases:
         left = deadline - time.monotonic()
         if left < (120 if "7b" in CASES[case]["model"] else 45):  # a case cut short by the deadline measures nothing
@@ -687,6 +690,9 @@ def main(argv=None) -> int:
         q.add_argument("--tiny", action="store_true", help="2-layer, hidden-64 models: the CPU check")
         q.add_argument("--steps", type=int, default=10, help="optimizer steps measured")
         q.add_argument("--warmup", type=int, default=3, help="optimizer steps dropped first")
+        q.add_argument("--profile", action="store_true",
+                       help="one more fine-tune step after the measured ones, under torch.profiler: the report's "
+                            "profile (finetune.profile_step)")
         if name == "run":
             q.add_argument("--out", required=True)
             q.add_argument("--cases", required=True, help=f"comma-separated, of: {', '.join(CASES)}")

@@ -66,6 +66,8 @@ def case_figures(record: dict) -> dict:
         "frames_first_step": compiled.get("frames_first_step"),
         "graph_breaks": compiled.get("graph_breaks"),
         "attention": report.get("metrics", {}).get("attention"),
+        # one more step after the measured ones under torch.profiler (finetune.profile_step): where its time went
+        "profile": report.get("profile"),
         "settings_sha256": record.get("settings_sha256"),
     }
 
@@ -123,6 +125,12 @@ def table(figures: dict[str, dict], compared: dict) -> str:
                      f"{fmt(f['first_step_s'], '10.1f')} {fmt(f['recompiles'], '>10')} "
                      f"{fmt(compared.get(case, {}).get('speedup'), '6.2f')} "
                      f"{fmt(compared.get(case, {}).get('vs_packed_compiled'), '10.2f')}")
+    for case, f in figures.items():
+        prof = f.get("profile") or {}
+        if prof.get("device") == "cuda":
+            top = "; ".join(f"{k['name'][:48]} {k['ms']:.1f} ms ×{k['calls']}" for k in prof["top"][:3])
+            lines.append(f"  profile {case}: step {prof['wall_ms']:.1f} ms, GPU busy "
+                         f"{100 * prof['busy_fraction']:.0f}%, {prof['kernel_launches']} kernels; top: {top}")
     return "\n".join(lines)
 
 
@@ -136,6 +144,8 @@ def main(argv=None) -> int:
     p.add_argument("--budget-s", type=float, default=None,
                    help="stop starting cases after this (default 330 with --quick, 900 without)")
     p.add_argument("--work", default=os.environ.get("BENCH_WORK", "/tmp/kubetune-bench"))
+    p.add_argument("--no-profile", dest="profile", action="store_false",
+                   help="skip the profiled step after the measured ones (finetune.profile_step)")
     args = p.parse_args(argv)
 
     cases = args.cases.split(",") if args.cases else (QUICK if args.quick else FULL)
@@ -143,7 +153,8 @@ def main(argv=None) -> int:
     budget = args.budget_s or (330 if args.quick else 900)
     out = Path(args.out)
     command = [sys.executable, str(HERE / "harness.py"), "run", "--out", str(out), "--work", args.work,
-               "--cases", ",".join(cases), "--steps", str(steps), "--warmup", str(warmup), "--budget-s", str(budget)]
+               "--cases", ",".join(cases), "--steps", str(steps), "--warmup", str(warmup), "--budget-s", str(budget)] + \
+        (["--profile"] if args.profile else [])
     env = dict(os.environ)
     if args.device == "cpu":
         command.append("--tiny")

@@ -456,3 +456,23 @@ def test_on_the_cpu_the_lm_head_projects_only_the_answer_positions(recipe, monke
     assert seen and report["metrics"]["steps_run"] == 1
     # the answers (~12 of each row's ~100 tokens): not the prompts, not the padding (all of them: 412 > 415 / 2)
     assert seen[0] < report["throughput"]["train_tokens"] / 2
+
+
+def test_a_profiled_step_reports_where_its_time_went(recipe):
+    import gzip
+
+    result = run_stage(recipe(finetune={"max_steps": 3, "profile_step": 2}), "finetune")
+    profile = json.loads((result.path / "report.json").read_text())["profile"]
+    assert profile["step"] == 2 and profile["device"] == "cpu" and profile["wall_ms"] > 0
+    assert profile["device_busy_ms"] is None  # no kernels on a CPU: the operators stand in
+    names = [op["name"] for op in profile["top"]]
+    assert any(n in ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear") for n in names), names
+    assert all(op["calls"] >= 1 and op["ms"] >= 0 for op in profile["top"])
+    trace = json.loads(gzip.decompress((result.path / "profile-step-2.json.gz").read_bytes()))
+    assert trace["traceEvents"]  # the whole step, for Perfetto
+
+
+def test_a_profile_step_past_the_last_step_profiles_nothing(recipe):
+    result = run_stage(recipe(finetune={"max_steps": 2, "profile_step": 5}), "finetune")
+    assert json.loads((result.path / "report.json").read_text())["profile"] is None
+    assert not list(result.path.glob("profile-step-*"))

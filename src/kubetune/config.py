@@ -256,6 +256,11 @@ class FinetuneSection(Section):
     """torch.compile the model's forward and backward. Needs packing: every micro-batch is then batch_size rows
     × max_length tokens, one shape, so it compiles once (the report's compile.frames_after_warmup says 0); the
     first step pays the compile (tens of seconds to minutes), later ones fuse LoRA's elementwise work."""
+    profile_step: Annotated[int, Field(ge=1)] | None = None
+    """Run this optimizer step (counted from 1) under torch.profiler: the report's profile says where its time went
+    (wall and GPU-busy milliseconds, kernel launches, the costliest kernels) and the whole trace is saved next to the
+    adapter as profile-step-N.json.gz. Pick a step after the first (which compiles, under compile); that step
+    runs a little slower. null = no profile."""
     completion_only_loss: bool = True
     """Learn only the answer tokens, not the prompt."""
     group_by_length: bool = False

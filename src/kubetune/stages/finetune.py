@@ -29,7 +29,7 @@ from kubetune.errors import DataError, ModelError, RecipeError
 from kubetune.measure import Stopwatch, count_parameters, memory_footprint_bytes
 from kubetune.metrics.callbacks import StepTimes, metrics_callback
 from kubetune.prompt import PromptTemplate
-from kubetune.stages import compiled, packing
+from kubetune.stages import compiled, packing, profiled
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +120,8 @@ def run(ctx) -> dict[str, Any]:
         },
         # finetune.compile: frames torch.compile compiled in training steps; frames_after_warmup must be 0
         "compile": trainer.compile_count.report() if trainer.compile_count else None,
+        # finetune.profile_step: that step's wall and GPU-busy time, kernel launches, costliest kernels (profiled.py)
+        "profile": trainer.step_profile.report() if trainer.step_profile else None,
         "throughput": {
             # This process only (rank 0: its share of each global batch): after a resume, the steps run before the
             # restart are not in these figures.
@@ -294,6 +296,10 @@ def build_trainer(recipe, model, tokenizer, train, evaluation, checkpoints: Path
                             processing_class=tokenizer, peft_config=lora_config(ft.lora),
                             callbacks=[_progress_callback(ctx), step_times.callback()])
     trainer.step_times = step_times
+    trainer.step_profile = (profiled.StepProfile(ft.profile_step, Path(ctx.out), cuda=dev == "cuda")
+                            if ft.profile_step and world().main else None)
+    if trainer.step_profile:
+        trainer.add_callback(trainer.step_profile.callback())
     trainer.compile_count = compiled.CompileCount() if ft.compile else None
     if trainer.compile_count:
         trainer.add_callback(trainer.compile_count.callback())
