@@ -167,6 +167,10 @@ CASES: dict[str, dict] = {
         "finetune.batch_size=8", "finetune.max_length=1024"], "env": {"TORCHINDUCTOR_CUDAGRAPHS": "1"}},
     "gemma3-270m/packed-compiled-nodropout": {"model": "gemma3-270m", "set": COMPILED + [
         "finetune.batch_size=8", "finetune.max_length=1024", "finetune.lora.dropout=0.0"]},
+    # Liger's fused norm, rotary and GeGLU kernels (finetune.liger_kernels), compiled and on the shipped eager recipe
+    "gemma3-270m/packed-compiled-liger": {"model": "gemma3-270m", "set": COMPILED + [
+        "finetune.batch_size=8", "finetune.max_length=1024", "finetune.liger_kernels=true"]},
+    "gemma3-270m/ours-liger": {"model": "gemma3-270m", "set": ["finetune.liger_kernels=true"]},
     "bloom-1b1/packed-compiled-cudagraphs": {"model": "bloom-1b1", "set": COMPILED + [
         "finetune.batch_size=8", "finetune.max_length=1024", "finetune.gradient_checkpointing=true"],
         "env": {"TORCHINDUCTOR_CUDAGRAPHS": "1"}},

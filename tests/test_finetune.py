@@ -319,6 +319,15 @@ def test_unknown_target_module_is_a_model_error(recipe):
                   "finetune")
 
 
+def test_liger_kernels_without_liger_is_a_model_error_before_training(recipe):
+    import importlib.util
+
+    if importlib.util.find_spec("liger_kernel") is not None:
+        pytest.skip("liger-kernel is installed here")
+    with pytest.raises(ModelError, match=r"finetune\.liger_kernels: liger-kernel cannot be imported here"):
+        run_stage(recipe(finetune={"liger_kernels": True}), "finetune")
+
+
 def test_fp16_needs_a_gpu(recipe):
     import torch
 

@@ -256,6 +256,11 @@ class FinetuneSection(Section):
     """torch.compile the model's forward and backward. Needs packing: every micro-batch is then batch_size rows
     × max_length tokens, one shape, so it compiles once (the report's compile.frames_after_warmup says 0); the
     first step pays the compile (tens of seconds to minutes), later ones fuse LoRA's elementwise work."""
+    liger_kernels: bool = False
+    """Run the model's RMSNorm, rotary embedding and gated MLP through Liger's fused Triton kernels (liger-kernel:
+    a CUDA GPU, Gemma 3 and Llama-likes; BLOOM, Falcon and CodeGen have none). The LM head and loss stay TRL's
+    chunked ones, which never hold the whole logits. Under compile, inductor fuses much of the same work itself:
+    bench/packed.py measures both before a recipe turns this on."""
     profile_step: Annotated[int, Field(ge=1)] | None = None
     """Run this optimizer step (counted from 1) under torch.profiler: the report's profile says where its time went
     (wall and GPU-busy milliseconds, kernel launches, the costliest kernels) and the whole trace is saved next to the

@@ -204,6 +204,8 @@ def load_model(recipe, precision: str):
     if quantization is not None:
         prepare_kbit_base(model, ft.gradient_checkpointing, upcast=modelio.upcasts_kbit_rest(precision))
     check_target_modules(model, ft.lora.target_modules, recipe.model.name_or_path)
+    if ft.liger_kernels:
+        check_liger_kernels(model, recipe.model.name_or_path)
     return model
 
 
@@ -237,6 +239,20 @@ def check_target_modules(model, targets, model_name: str) -> None:
                          if isinstance(m, torch.nn.Linear) or "Linear" in type(m).__name__} - {"lm_head"})
         raise ModelError(f"finetune.lora.target_modules: {missing} not found in {model_name}; "
                          f"its linear layers are {linear} (or use all-linear)")
+
+
+def check_liger_kernels(model, model_name: str) -> None:
+    """finetune.liger_kernels needs liger-kernel (and Triton, hence a CUDA GPU) and an architecture it patches;
+    transformers would otherwise log a warning and train without them."""
+    try:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except ImportError as exc:
+        raise ModelError(f"finetune.liger_kernels: liger-kernel cannot be imported here ({exc}); it needs "
+                         "`pip install liger-kernel` and Triton, which ships with CUDA builds of torch") from None
+    model_type = model.config.model_type
+    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        raise ModelError(f"finetune.liger_kernels: Liger has no kernels for {model_name} ({model_type}); "
+                         "set it to false")
 
 
 def lora_config(lora):
@@ -284,6 +300,9 @@ def build_trainer(recipe, model, tokenizer, train, evaluation, checkpoints: Path
         eval_strategy="steps" if evaluation is not None else "no",
         eval_steps=ft.eval_steps,
         seed=ft.seed,
+        # norms, rotary embedding, gated MLP; never Liger's fused cross-entropy, which TRL refuses (its own
+        # chunked LM head does that job)
+        use_liger_kernel=ft.liger_kernels,
         torch_compile=ft.compile,  # the model's forward and backward; the optimizer step stays eager
         torch_compile_backend=COMPILE_BACKEND if ft.compile else None,
         report_to="none",
