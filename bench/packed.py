@@ -168,7 +168,7 @@ def main(argv=None) -> int:
                "warmup": warmup, "card": results.get("environment", {}).get("card"),
                "git_commit": results.get("environment", {}).get("git_commit"),
                "cases": figures, "compared": compared, "targets": TARGETS,
-               "environment_in": "results.json"}
+               "environment": results.get("environment", {})}  # commit, lock hash, versions, card, date
     (out / "packed.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     print(table(figures, compared), flush=True)
     failed = [c for c, f in figures.items() if "error" in f and not f["error"].startswith("not run")]

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from bench_report import GIB, error_pct, est_cells, estimator_version, gib  # bench/bench_report.py
 from harness import MODELS  # bench/harness.py (stdlib imports only at module level)
+from packed_md import section as packed_section  # bench/packed_md.py: issue 22's packed.json files
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("finetune", "merge", "quantize")
@@ -675,7 +676,7 @@ def generate(results_dir: Path, out: Path, readme: Path | None = None) -> str:
     quality = load_sources(results_dir, "quality-*.json")
     lines = (header(res, quality) + original_table(res) + gptq_table(res) + block_update_section(results_dir)
              + levers_table(res)
-             + profile_section(res) + estimator_table(res) + quality_table(quality) + chart_section(res, results_dir, out)
+             + profile_section(res) + packed_section(results_dir) + estimator_table(res) + quality_table(quality) + chart_section(res, results_dir, out)
              + targets(res, quality))
     text = "\n".join(lines).rstrip() + "\n"
     out.write_text(text)

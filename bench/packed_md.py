@@ -1,0 +1,88 @@
+"""RESULTS.md's issue 22 section: the packed, fixed-shape, compiled fine-tune against the original's recipe.
+
+Reads ``bench/results/packed-*.json`` (bench/packed.py's ``packed.json``, one device call each; the harness's raw
+``results.json`` of the same call sits next to it as ``*.results.json`` and is not read here). Every figure comes
+from those files; the targets are bench/packed.py's ``TARGETS``, recorded in each file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+COLUMNS = ["case", "tokens/s", "step ms", "allocated GiB", "MFU (4·N·T)", "first step s (compile)",
+           "frames compiled after it", "graph breaks", "× the original's recipe", "× packed-compiled"]
+
+
+def sources(results_dir: Path) -> list[tuple[str, dict]]:
+    """(file name, packed.json) per device call, oldest first."""
+    files = [p for p in sorted(results_dir.glob("packed-*.json")) if not p.name.endswith(".results.json")]
+    loaded = [(p.name, json.loads(p.read_text())) for p in files]
+    return sorted(loaded, key=lambda item: ((item[1].get("environment") or {}).get("date") or "", item[0]))
+
+
+def _num(value, spec: str, scale: float = 1.0) -> str:
+    return format(value * scale, spec) if isinstance(value, (int, float)) else "–"
+
+
+def case_rows(data: dict) -> list[list[str]]:
+    rows = []
+    for case, fig in data["cases"].items():
+        if "error" in fig:
+            rows.append([f"`{case}`", fig["error"]] + [""] * (len(COLUMNS) - 2))
+            continue
+        cmp = data.get("compared", {}).get(case, {})
+        rows.append([f"`{case}`", _num(fig.get("tokens_per_s"), ",.0f"), _num(fig.get("step_ms_median"), ".1f"),
+                     _num(fig.get("allocated_gib"), ".2f"), _num(fig.get("mfu_4nt"), ".1f", 100) + "%",
+                     _num(fig.get("first_step_s"), ".1f"), _num(fig.get("recompiles"), "d"),
+                     _num(fig.get("graph_breaks"), "d"),
+                     _num(cmp.get("speedup"), ".2f") + ("×" if cmp.get("against", "").endswith("/baseline")
+                                                        else " (vs ours)" if cmp.get("against") else ""),
+                     _num(cmp.get("vs_packed_compiled"), ".2f")])
+    return rows
+
+
+def profile_lines(data: dict) -> list[str]:
+    lines = []
+    for case, fig in data["cases"].items():
+        prof = fig.get("profile") or {}
+        if prof.get("device") != "cuda":
+            continue
+        top = "; ".join(f"`{k['name'][:60]}` {k['ms']:.1f} ms × {k['calls']}" for k in prof["top"][:4])
+        lines.append(f"- `{case}`, step {prof['step']}: {prof['wall_ms']:.1f} ms wall, GPU busy "
+                     f"{prof['device_busy_ms']:.1f} ms ({100 * prof['busy_fraction']:.0f}%), "
+                     f"{prof['kernel_launches']:,} kernels. Costliest: {top}")
+    return lines
+
+
+def target_lines(data: dict) -> list[str]:
+    lines = []
+    for case, cmp in data.get("compared", {}).items():
+        for name, met in (cmp.get("targets_met") or {}).items():
+            lines.append(f"- `{case}` {name}: {'met' if met else '**missed**'}")
+    return lines
+
+
+def section(results_dir: Path) -> list[str]:
+    found = sources(results_dir)
+    if not found:
+        return []
+    out = ["## Issue 22: packed, fixed-shape, compiled fine-tuning", "",
+           "Each table is one device call of `bench/packed.py` (the original's recipe and kubetune's paths in the "
+           "same call, random-weight models of the published shapes, builtin Text-to-SQL rows). tokens/s: real "
+           "(non-padding) tokens over the measured steps; allocated: torch's peak; MFU: 4·N·T over 989 TFLOP/s; "
+           "the first step pays torch.compile; frames compiled after it must be 0. The profile is one more step "
+           "under torch.profiler (`finetune.profile_step`).", ""]
+    for name, data in found:
+        env = data.get("environment") or {}
+        out += [f"### {env.get('card') or data.get('device')}, {(env.get('date') or '')[:10]} (`results/{name}`)",
+                "", f"Commit `{env.get('git_commit')}`, lock `{((env.get('lock') or {}).get('sha256') or '')[:12]}`, "
+                f"torch {(env.get('versions') or {}).get('torch')}; {data.get('warmup')} warm-up + "
+                f"{data.get('steps')} measured steps per case. Command: `{data.get('command')}`", ""]
+        out += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+        out += ["| " + " | ".join(row) + " |" for row in case_rows(data)]
+        for title, lines in (("Profiles", profile_lines(data)), ("Targets", target_lines(data))):
+            if lines:
+                out += ["", f"{title}:", ""] + lines
+        out.append("")
+    return out
