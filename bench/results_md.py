@@ -396,6 +396,15 @@ def quality_metrics(run: dict) -> dict:
     return metrics if isinstance(metrics, dict) else {}
 
 
+def shipped_quality(quality: list[dict]) -> list[dict]:
+    """The quality runs of the shipped Gemma recipe's settings, oldest first: the targets and README quote those.
+    jobs/gemma3-270m-text2sql.yaml neither packs nor compiles; runs of issue 22's packed, compiled path (bench/
+    quality.py --set finetune.packing=true ...) are in the quality tables, not in the targets."""
+    def settings(src):
+        return ((src["data"].get("recipe") or {}).get("finetune") or {})
+    return [src for src in quality if not settings(src).get("packing") and not settings(src).get("compile")]
+
+
 def fine_tuned(runs: dict) -> tuple[str, dict]:
     """The fine-tuned model every delta is taken against: the first run's merged model (as bench/quality.py's
     targets; a later run scores only its quantized model), else adapter on base; ("", {}) when none was scored."""
@@ -583,7 +592,8 @@ def targets(res: Results, quality: list[dict]) -> list[str]:
     rows.append(["estimator", f"within {ESTIMATE_MAX_ERROR_PCT:g}% on every stage",
                  *verdict(worst and f"max abs error {worst[0]:.0f}% ({worst[1]}, {worst[2]}, {worst[3]})",
                           worst and worst[0] <= ESTIMATE_MAX_ERROR_PCT)])
-    runs = (quality[-1]["data"].get("runs") or {}) if quality else {}
+    shipped = shipped_quality(quality)
+    runs = (shipped[-1]["data"].get("runs") or {}) if shipped else {}
     ref_name, ref = fine_tuned(runs)
     acc = ref.get("execution_accuracy")
     rows.append(["quality: fine-tuned" + (f" ({ref_name})" if ref_name else ""),
@@ -597,7 +607,8 @@ def targets(res: Results, quality: list[dict]) -> list[str]:
                      f"within {limit:g} point{'s' if limit > 1 else ''} of the fine-tuned",
                      *verdict(drop is not None and f"{drop:+.2f} points lost", drop is not None and drop <= limit)])
     return ["## Targets (issue 8)", "", "From the rows above: kubetune's case per model is `DEFAULT_CASE` / "
-            "`DEFAULT_GPTQ_CASE` at the top of `bench/results_md.py`; quality from the newest `quality-*.json`.",
+            "`DEFAULT_GPTQ_CASE` at the top of `bench/results_md.py`; quality from the newest `quality-*.json` of the "
+            "shipped settings (`shipped_quality`).",
             ""] + table(["what", "target", "measured", "verdict"], rows) + [""]
 
 
@@ -627,6 +638,7 @@ def speed_phrase(row: Row, base: Row, mark: str) -> str:
 def readme_headlines(res: Results, quality: list[dict]) -> list[str]:
     """The figures README.md quotes, each from the rows RESULTS.md shows, with the file it comes from."""
     lines = []
+    quality = shipped_quality(quality)
     if quality:
         src = quality[-1]
         runs = src["data"].get("runs") or {}

@@ -150,3 +150,25 @@ def test_merge_refuses_an_adapter_trained_with_another_template_unless_allowed(t
     result = run_stage(allowed, "merge")
     # The merged model still records the template it was trained with, not the recipe's.
     assert json.loads((result.path / PROMPT_FILE).read_text())["template"] == other
+
+
+def test_the_merge_verifies_in_ieee_float32_when_the_process_runs_tf32(tiny_recipe, monkeypatch):
+    """`kubetune run` merges in the process that fine-tuned; a compiled fine-tune leaves TF32 on there, whose
+    rounding (0.068 on Gemma 3 270M, H100) broke the 0.05 check of a correct merge. The verification's forward
+    passes run in IEEE fp32 anyway, and the process gets its TF32 back afterwards."""
+    import torch
+
+    from kubetune import precision
+    from kubetune.stages import merge
+
+    seen = []
+    logits = merge._logits
+    monkeypatch.setattr(merge, "_logits", lambda model, ids: seen.append(precision.settings()["cuda.matmul"])
+                        or logits(model, ids))
+    recipe = tiny_recipe(stages=["finetune", "merge"])
+    commit_adapter(recipe)
+    with precision.kept():
+        torch.backends.fp32_precision = "tf32"
+        assert run_stage(recipe, "merge").status == "done"
+        assert precision.settings()[""] == "tf32"
+    assert seen and set(seen) == {"ieee"}

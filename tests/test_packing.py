@@ -204,6 +204,27 @@ def test_compiled_packed_bloom_never_recompiles(recipe_dict_for, tiny_bloom_dir,
     assert set(report["step_times"]["padded_tokens"]) == {2 * 256}  # one shape: batch_size × max_length
 
 
+def test_a_compiled_finetune_leaves_the_float32_precision_as_it_found_it(recipe_dict_for, tiny_model_dir,
+                                                                          monkeypatch):
+    """transformers turns TF32 on process-wide under torch_compile (on a GPU that has it: faked here); the stages
+    that `kubetune run` runs next in the same process must not inherit it (the merge's fp32 check failed so)."""
+    import transformers.training_args
+
+    from kubetune import precision
+    from kubetune.stages import finetune
+
+    monkeypatch.setattr(finetune, "COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setattr(transformers.training_args, "is_torch_tf32_available", lambda: True)
+    before = precision.settings()
+    seen = []
+    monkeypatch.setattr(finetune, "final_eval_loss", lambda trainer: seen.append(precision.settings()[""]) or 0.0)
+    recipe = recipe_dict_for(tiny_model_dir, finetune={"packing": True, "compile": True, "max_steps": 2,
+                                                       "max_length": 256, "batch_size": 2, "eval_steps": 2})
+    run_stage(recipe, "finetune")
+    assert seen == ["tf32"]  # transformers did turn it on while training
+    assert precision.settings() == before
+
+
 @pytest.mark.slow  # inductor generates and builds C++ for the forward and backward: ~2 min on 2 shared cores
 def test_inductor_compiled_finetune_never_recompiles(recipe_dict_for, tiny_model_dir):
     report = _compiled_finetune(recipe_dict_for, tiny_model_dir)

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from kubetune import modelio
+from kubetune import modelio, precision
 from kubetune.data import load_splits, prompt_completion
 from kubetune.distributed import resolved_parallelism, split_global_batch, world
 from kubetune.errors import DataError, ModelError, RecipeError
@@ -50,6 +50,13 @@ LOG_FILE = "training_log.json"
 
 
 def run(ctx) -> dict[str, Any]:
+    # transformers turns TF32 on process-wide under torch_compile; the stages after this one in the same process
+    # (kubetune run) get the float32 precision they would have had in their own pod
+    with precision.kept():
+        return _run(ctx)
+
+
+def _run(ctx) -> dict[str, Any]:
     recipe, ft = ctx.recipe, ctx.recipe.finetune
     dev = modelio.device()
     precision = training_precision(ft.precision, dev)

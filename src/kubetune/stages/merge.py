@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from kubetune import modelio
+from kubetune import modelio, precision
 from kubetune.errors import VerificationError
 from kubetune.measure import count_parameters, memory_footprint_bytes
 from kubetune.prompt import template_for
@@ -56,6 +56,13 @@ def run(ctx: StageContext) -> dict:
 
 
 def merge_adapter(recipe, adapter_dir: Path, progress=lambda i, description: None):
+    """See :func:`_merge_adapter`; computed in IEEE float32 matmuls whatever the process set before (a compiled
+    fine-tune in the same process, ``kubetune run``, leaves TF32 on: kubetune.precision)."""
+    with precision.ieee():
+        return _merge_adapter(recipe, adapter_dir, progress)
+
+
+def _merge_adapter(recipe, adapter_dir: Path, progress):
     """``(merged model in merge.dtype, tokenizer, verify metrics)``: the adapter in ``adapter_dir`` folded into the
     unquantized base.
 
