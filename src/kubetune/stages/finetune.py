@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from kubetune import modelio
+from kubetune import modelio, torchao_base
 from kubetune.data import load_splits, prompt_completion
 from kubetune.distributed import resolved_parallelism, split_global_batch, world
 from kubetune.errors import DataError, ModelError, RecipeError
@@ -137,6 +137,7 @@ def run(ctx) -> dict[str, Any]:
         "memory_footprint_bytes": memory_footprint_bytes(trainer.model),
         "precision": precision,
         "base_precision": ft.base_precision,
+        "base_quantizer": ft.base_quantizer if ft.base_precision != "none" else None,
         **({"adapter_sha256": adapter_sha256(trainer.model)} if world().distributed else {}),
         "device": dev,
     }
@@ -192,14 +193,12 @@ def main_process_first():
 def load_model(recipe, precision: str):
     """The frozen base, in the model dtype or (QLoRA) in 4/8 bits, ready for a LoRA adapter."""
     ft = recipe.finetune
-    dtype = modelio.resolve_dtype(recipe.model.dtype)
-    quantization = modelio.bnb_config(ft, dtype)
     # FSDP shards the model as it moves it to the GPUs: loaded whole onto each GPU first, one too large for a
     # single GPU would not get that far
     sharded = world().distributed and resolved_parallelism(recipe.resources.finetune.parallelism) == "fsdp"
-    model = modelio.load_base_model(recipe.model, dtype=dtype, quantization_config=quantization,
-                                    on="cpu" if sharded else None)
-    if quantization is not None:
+    model = modelio.load_finetune_base(recipe.model, ft, dtype=modelio.resolve_dtype(recipe.model.dtype),
+                                       on="cpu" if sharded else None)
+    if ft.base_precision != "none":
         prepare_kbit_base(model, ft.gradient_checkpointing, upcast=modelio.upcasts_kbit_rest(precision))
     check_target_modules(model, ft.lora.target_modules, recipe.model.name_or_path)
     return model
@@ -208,14 +207,20 @@ def load_model(recipe, precision: str):
 def prepare_kbit_base(model, gradient_checkpointing: bool, upcast: bool) -> None:
     """Freeze a 4/8-bit base for LoRA; with ``upcast`` (modelio.upcasts_kbit_rest), also turn its 16-bit rest
     (norms, embeddings, lm_head) into fp32 (peft's prepare_model_for_kbit_training, the QLoRA recipe). Measured
-    without it: bench/results, cases *-noupcast."""
-    if upcast:
+    without it: bench/results, cases *-noupcast. A torchao base is upcast here, not by peft, whose cast would
+    dequantize its NF4/int8 weights to fp32 (their dtype reads as the 16-bit one they dequantize to)."""
+    torchao = any(torchao_base.is_quantized_weight(p) for p in model.parameters())
+    if upcast and not torchao:
         from peft import prepare_model_for_kbit_training
 
         prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
         return
+    import torch
+
     for param in model.parameters():
         param.requires_grad_(False)
+        if upcast and param.dtype in (torch.float16, torch.bfloat16) and not torchao_base.is_quantized_weight(param):
+            param.data = param.data.to(torch.float32)
     if gradient_checkpointing:
         # the checkpointed blocks' inputs must carry gradients, or no gradient reaches the LoRA weights in them
         model.enable_input_require_grads()
@@ -294,6 +299,8 @@ def build_trainer(recipe, model, tokenizer, train, evaluation, checkpoints: Path
                             processing_class=tokenizer, peft_config=lora_config(ft.lora),
                             callbacks=[_progress_callback(ctx), step_times.callback()])
     trainer.step_times = step_times
+    if ft.base_precision != "none" and ft.base_quantizer == "torchao":
+        adapters_in_bf16(trainer.model)
     trainer.compile_count = compiled.CompileCount() if ft.compile else None
     if trainer.compile_count:
         trainer.add_callback(trainer.compile_count.callback())
@@ -304,6 +311,17 @@ def build_trainer(recipe, model, tokenizer, train, evaluation, checkpoints: Path
     if metrics is not None:
         trainer.add_callback(metrics)
     return trainer
+
+
+def adapters_in_bf16(model) -> None:
+    """The LoRA weights in bf16, as TRL's SFTTrainer makes them on a bitsandbytes base (the QLoRA paper's choice;
+    TRL recognises only bitsandbytes' is_loaded_in_4bit/8bit): both quantizers then train the same adapter, and
+    bench/packed.py compares the libraries alone."""
+    import torch
+
+    for name, param in model.named_parameters():
+        if param.requires_grad and "lora_magnitude_vector" not in name:  # TRL leaves DoRA's vector in fp32
+            param.data = param.data.to(torch.bfloat16)
 
 
 def final_eval_loss(trainer) -> float:
