@@ -35,9 +35,14 @@ QUANTIZED_WEIGHTS = {"NF4Tensor": "nf4", "Int8Tensor": "int8"}
 def quantize_base(model, base_precision: str) -> None:
     """Quantize ``model``'s decoder linears in place: 4bit → NF4, 8bit → int8 weight-only (see the module docstring).
     Layers NF4 cannot hold (a weight whose size is not a multiple of 64) stay 16-bit; check_kbit_quantized names them."""
+    quantize_linears(model, linear_layers_to_quantize(model), base_precision)
+
+
+def quantize_linears(model, names, base_precision: str) -> None:
+    """Quantize the nn.Linear modules ``names`` of ``model`` in place (see quantize_base)."""
     import torch
 
-    names = set(linear_layers_to_quantize(model))
+    names = set(names)
     if base_precision == "4bit":
         from torchao.quantization import to_nf4
 
