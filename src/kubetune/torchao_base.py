@@ -33,8 +33,9 @@ QUANTIZED_WEIGHTS = {"NF4Tensor": "nf4", "Int8Tensor": "int8"}
 
 
 def quantize_base(model, base_precision: str) -> None:
-    """Quantize ``model``'s decoder linears in place: 4bit → NF4, 8bit → int8 weight-only (see the module docstring).
-    Layers NF4 cannot hold (a weight whose size is not a multiple of 64) stay 16-bit; check_kbit_quantized names them."""
+    """Quantize ``model``'s decoder linears in place: 4bit → NF4, 8bit → int8 weight-only (module docstring).
+    Layers NF4 cannot hold (a weight whose size is not a multiple of 64) stay 16-bit; check_kbit_quantized names
+    them."""
     quantize_linears(model, linear_layers_to_quantize(model), base_precision)
 
 
