@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from kubetune import modelio, torchao_base
+from kubetune import modelio
 from kubetune.data import load_splits, prompt_completion
 from kubetune.distributed import resolved_parallelism, split_global_batch, world
 from kubetune.errors import DataError, ModelError, RecipeError
@@ -207,20 +207,15 @@ def load_model(recipe, precision: str):
 def prepare_kbit_base(model, gradient_checkpointing: bool, upcast: bool) -> None:
     """Freeze a 4/8-bit base for LoRA; with ``upcast`` (modelio.upcasts_kbit_rest), also turn its 16-bit rest
     (norms, embeddings, lm_head) into fp32 (peft's prepare_model_for_kbit_training, the QLoRA recipe). Measured
-    without it: bench/results, cases *-noupcast. A torchao base is upcast here, not by peft, whose cast would
-    dequantize its NF4/int8 weights to fp32 (their dtype reads as the 16-bit one they dequantize to)."""
-    torchao = any(torchao_base.is_quantized_weight(p) for p in model.parameters())
-    if upcast and not torchao:
+    without it: bench/results, cases *-noupcast. On a torchao base peft's cast leaves the NF4/int8 weights
+    quantized (an NF4 weight then dequantizes to fp32, the dtype its matmul casts to anyway)."""
+    if upcast:
         from peft import prepare_model_for_kbit_training
 
         prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
         return
-    import torch
-
     for param in model.parameters():
         param.requires_grad_(False)
-        if upcast and param.dtype in (torch.float16, torch.bfloat16) and not torchao_base.is_quantized_weight(param):
-            param.data = param.data.to(torch.float32)
     if gradient_checkpointing:
         # the checkpointed blocks' inputs must carry gradients, or no gradient reaches the LoRA weights in them
         model.enable_input_require_grads()
