@@ -132,9 +132,14 @@ def load_finetune_base(model_section, finetune_section, *, dtype, on: str | None
                                on=on)
     from kubetune import torchao_base
 
+    # Loaded into host memory and quantized one layer at a time on the device, as bitsandbytes quantizes while
+    # loading: the whole 16-bit model on the GPU first would be the stage's peak (bloom-7b1: 13 GiB, for an 8.9 GiB
+    # fine-tune).
     with plain_linear_layers():  # Falcon's layers as nn.Linear: the layers bitsandbytes would quantize
-        model = load_base_model(model_section, dtype=dtype, on=on)
-    torchao_base.quantize_base(model, precision)
+        model = load_base_model(model_section, dtype=dtype, on="cpu")
+    dev = on or device()
+    torchao_base.quantize_base(model, precision, dev)
+    model.to(dev)
     check_kbit_quantized(model, precision, model_section.name_or_path)
     return model
 

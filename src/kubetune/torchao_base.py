@@ -21,10 +21,6 @@ stage loads the base unquantized.
 
 from __future__ import annotations
 
-import logging
-
-log = logging.getLogger(__name__)
-
 # NF4: weights per absmax scale, and scales per block of their own (int8) quantization; QLoRA's and torchtune's
 NF4_BLOCK = 64
 NF4_SCALER_BLOCK = 256
@@ -32,33 +28,34 @@ NF4_SCALER_BLOCK = 256
 QUANTIZED_WEIGHTS = {"NF4Tensor": "nf4", "Int8Tensor": "int8"}
 
 
-def quantize_base(model, base_precision: str) -> None:
-    """Quantize ``model``'s decoder linears in place: 4bit → NF4, 8bit → int8 weight-only (module docstring).
-    Layers NF4 cannot hold (a weight whose size is not a multiple of 64) stay 16-bit; check_kbit_quantized names
-    them."""
-    quantize_linears(model, linear_layers_to_quantize(model), base_precision)
+def quantize_base(model, base_precision: str, device=None) -> None:
+    """Quantize ``model``'s decoder linears in place: 4bit → NF4, 8bit → int8 weight-only (module docstring), each
+    on ``device`` (its quantized weight stays there; the rest of the model is left where it is). Layers NF4 cannot
+    hold (a weight whose size is not a multiple of 64) stay 16-bit; check_kbit_quantized names them."""
+    quantize_linears(model, linear_layers_to_quantize(model), base_precision, device)
 
 
-def quantize_linears(model, names, base_precision: str) -> None:
+def quantize_linears(model, names, base_precision: str, device=None) -> None:
     """Quantize the nn.Linear modules ``names`` of ``model`` in place (see quantize_base)."""
     import torch
 
     names = set(names)
-    if base_precision == "4bit":
-        from torchao.quantization import to_nf4
-
-        for name, module in model.named_modules():
-            weight = getattr(module, "weight", None)
-            if name in names and weight.numel() % NF4_BLOCK == 0:
-                blocks = weight.numel() // NF4_BLOCK
-                nf4 = to_nf4(weight.detach().contiguous(), NF4_BLOCK, scaler_block_size(blocks))
-                module.weight = torch.nn.Parameter(nf4, requires_grad=False)
-        return
-    from torchao.quantization import Int8WeightOnlyConfig, quantize_
-
-    quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda module, name: name in names)
     for name, module in model.named_modules():
-        if name in names:
+        weight = getattr(module, "weight", None)
+        if name not in names or (base_precision == "4bit" and weight.numel() % NF4_BLOCK):
+            continue
+        if device is not None:
+            module.to(device)
+        if base_precision == "4bit":
+            from torchao.quantization import to_nf4
+
+            blocks = weight.numel() // NF4_BLOCK
+            nf4 = to_nf4(module.weight.detach().contiguous(), NF4_BLOCK, scaler_block_size(blocks))
+            module.weight = torch.nn.Parameter(nf4, requires_grad=False)
+        else:
+            from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+            quantize_(module, Int8WeightOnlyConfig())
             module.forward = _int8_forward(module)
 
 
