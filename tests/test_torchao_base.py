@@ -50,7 +50,8 @@ def test_lora_on_a_torchao_base_learns_saves_and_merges(model, precision, tiny_m
     recipe = recipe_from_dict(tiny_recipe_dict(
         model_dir, tmp_path / "artifacts", data={"source": str(one_row_repeated), "eval_size": 4},
         finetune={"max_steps": 5, "base_precision": precision, "base_quantizer": "torchao", "learning_rate": 1e-2,
-                  "warmup_ratio": 0.0, "lora": {"r": 4, "alpha": 8, "dropout": 0.0}}))
+                  "warmup_ratio": 0.0, "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
+        infer={"models": ["adapter"], "max_new_tokens": 4}))
     result = run_stage(recipe, "finetune")
     report = result.report
 
@@ -71,6 +72,9 @@ def test_lora_on_a_torchao_base_learns_saves_and_merges(model, precision, tiny_m
 
     merged = run_stage(recipe, "merge").report["metrics"]  # verify compares on the unquantized base, or raises
     assert merged["verify_max_abs_logit_diff"] <= recipe.merge.verify.tolerance
+    # the adapter is evaluated on the base it was trained on: torchao's again
+    inferred = run_stage(recipe, "infer").report
+    assert inferred["parameters"]["adapter"]["by_dtype"][kind] == linear
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
