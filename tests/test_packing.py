@@ -204,22 +204,25 @@ def test_compiled_packed_bloom_never_recompiles(recipe_dict_for, tiny_bloom_dir,
     assert set(report["step_times"]["padded_tokens"]) == {2 * 256}  # one shape: batch_size × max_length
 
 
-def test_compiled_packed_finetune_on_a_torchao_nf4_base_never_recompiles(recipe_dict_for, tiny_model_dir,
-                                                                         monkeypatch):
-    """finetune.base_quantizer torchao: the NF4 weights are tensors Dynamo traces (their dequantize inside the
-    compiled graph), so the static packed step compiles in the first step only, into the same frames and with the
-    same graph breaks (TRL's chunked loss, peft's forward) as on the 16-bit base: torchao adds none."""
+def test_compiled_packed_finetune_on_a_torchao_base_never_recompiles(recipe_dict_for, tiny_model_dir, monkeypatch):
+    """finetune.base_quantizer torchao: the NF4 and int8 weights are tensors Dynamo traces (their dequantize inside
+    the compiled graph), so the static packed step compiles in the first step only, into the same frames and with
+    the same graph breaks (TRL's chunked loss, peft's forward) as on the 16-bit base: torchao adds none."""
     from kubetune.stages import finetune
 
     monkeypatch.setattr(finetune, "COMPILE_BACKEND", "aot_eager")
-    torch._dynamo.reset()  # each run compiles from scratch: Dynamo's cache of an earlier test's code would not
-    report = _compiled_finetune(recipe_dict_for, tiny_model_dir, base_precision="4bit", base_quantizer="torchao")
-    assert report["parameters"]["by_dtype"]["nf4"] > 0 and report["base_quantizer"] == "torchao"
-    assert report["compile"]["frames_first_step"] > 0
-    assert report["compile"]["frames_after_warmup"] == 0, report["compile"]
-    torch._dynamo.reset()
-    unquantized = _compiled_finetune(recipe_dict_for, tiny_model_dir, run="unquantized")
-    assert report["compile"] == unquantized["compile"]
+    reports = {}
+    for precision in ("none", "4bit", "8bit"):
+        torch._dynamo.reset()  # each run compiles from scratch: Dynamo's cache of the one before would not
+        quantizer = {"base_quantizer": "torchao"} if precision != "none" else {}
+        reports[precision] = _compiled_finetune(recipe_dict_for, tiny_model_dir, run=f"base-{precision}",
+                                                base_precision=precision, **quantizer)
+    for precision, kind in (("4bit", "nf4"), ("8bit", "int8")):
+        report = reports[precision]
+        assert report["parameters"]["by_dtype"][kind] > 0 and report["base_quantizer"] == "torchao"
+        assert report["compile"]["frames_first_step"] > 0
+        assert report["compile"]["frames_after_warmup"] == 0, report["compile"]
+        assert report["compile"] == reports["none"]["compile"], precision
 
 
 @pytest.mark.slow  # inductor generates and builds C++ for the forward and backward: ~2 min on 2 shared cores

@@ -158,6 +158,19 @@ def test_an_int8_layer_keeps_its_int8_weight_for_the_backward_not_a_16bit_copy()
     assert (layer.weight.dequantize(torch.float32) - dense.float()).abs().max() < dense.abs().max() / 100
 
 
+def test_an_int8_layer_output_can_be_added_into_in_place():
+    """Falcon adds into a layer's output in place (``mlp_output += attention_output``), also where no LoRA wraps the
+    layer (target_modules [query_key_value]); torchao's linear returns a view, which autograd forbids modifying as
+    the output of a custom Function. kubetune's int8 layer returns its own storage."""
+    layer = torch.nn.Sequential(torch.nn.Linear(64, 32, bias=False)).requires_grad_(False)
+    torchao_base.quantize_linears(layer, ["0"], "8bit")
+    x = torch.randn(2, 3, 64, requires_grad=True)
+    out = layer(x)
+    out += 1.0
+    out.sum().backward()
+    assert x.grad.shape == x.shape and torch.isfinite(x.grad).all()
+
+
 def test_nf4_scales_are_quantized_in_blocks_that_divide_them():
     assert torchao_base.scaler_block_size(4096 * 4096 // 64) == 256  # bloom-7b1: QLoRA's 256
     assert torchao_base.scaler_block_size(4544 * 4672 // 64) == 146  # falcon-7b's fused qkv: 71 · 73 · 64 blocks

@@ -84,8 +84,15 @@ def is_quantized_weight(tensor) -> bool:
 
 
 def _int8_forward(module):
+    import torch
+
+    function = _int8_linear_function()
+
     def forward(x):
-        out = _int8_linear_function().apply(x, module.weight)
+        if torch.is_grad_enabled() and x.requires_grad:  # the input gradient needs W: keep it in int8
+            out = function.apply(x, module.weight)
+        else:  # nothing is kept for a backward: torchao's own linear
+            out = torch.nn.functional.linear(x, module.weight)
         return out if module.bias is None else out + module.bias
 
     return forward
@@ -108,7 +115,11 @@ def _int8_linear_function():
             @staticmethod
             def forward(ctx, x, weight):
                 ctx.save_for_backward(weight)
-                return torch.nn.functional.linear(x, weight)
+                out = torch.nn.functional.linear(x, weight)
+                # torchao returns a view (a reshape of its product), and autograd forbids modifying a custom
+                # Function's view output in place, which Falcon does (``mlp_output += attention_output``): a copy of
+                # the output (not of the weight; asking _is_view() would break torch.compile's graph)
+                return out.clone()
 
             @staticmethod
             def backward(ctx, grad):
