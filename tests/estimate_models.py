@@ -75,17 +75,17 @@ def saved_storages(backbone, batch: int, length: int, autocast=None,
 
     import torch
 
-    params = {t.untyped_storage().data_ptr() for t in (*backbone.parameters(), *backbone.buffers())}
+    params = {s.data_ptr() for t in (*backbone.parameters(), *backbone.buffers()) for s in _storages(t)}
     where: dict[str, int | None] = {"layer": None}
     outside: dict[int, int] = {}
     per_layer: list[dict[int, int]] = [{} for _ in layers]
     seen: set[int] = set()
 
     def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in params and st.data_ptr() not in seen:
-            seen.add(st.data_ptr())
-            (outside if where["layer"] is None else per_layer[where["layer"]])[st.data_ptr()] = st.nbytes()
+        for st in _storages(t):
+            if st.data_ptr() not in params and st.data_ptr() not in seen:
+                seen.add(st.data_ptr())
+                (outside if where["layer"] is None else per_layer[where["layer"]])[st.data_ptr()] = st.nbytes()
         return t.detach()  # t itself, when an op saves its own output, is a cycle through grad_fn: never freed
 
     hooks = [h for i, layer in enumerate(layers) for h in (
@@ -100,6 +100,15 @@ def saved_storages(backbone, batch: int, length: int, autocast=None,
             hook.remove()
     assert out.last_hidden_state.requires_grad
     return outside, per_layer
+
+
+def _storages(tensor) -> list:
+    """The storages holding a tensor's data: a wrapper subclass's (torchao's NF4Tensor, Int8Tensor) are those of
+    its inner tensors; it has none of its own."""
+    flatten = getattr(tensor, "__tensor_flatten__", None)
+    if flatten is None:
+        return [tensor.untyped_storage()]
+    return [s for name in flatten()[0] if getattr(tensor, name) is not None for s in _storages(getattr(tensor, name))]
 
 
 def saved_bytes(model, batch: int, length: int, autocast=None) -> int:

@@ -146,6 +146,11 @@ RECIPES = {
     "artifacts-root-climbs-out": ({"run": {"artifacts_root": "../../outside"}},
                                   "run.artifacts_root: ../../outside climbs out of the working directory"),
     "run-name-starts-with-digit": ({"run": {"name": "1run"}}, "run.name: String should match pattern '^[a-z]"),
+    # torchao has NF4 only; and a quantizer for a base that is not quantized is a slip, not a choice
+    "torchao-fp4": ({"finetune": {"base_precision": "4bit", "base_quantizer": "torchao", "bnb": {"quant_type": "fp4"}}},
+                    "finetune.bnb.quant_type: fp4 is a bitsandbytes data type; torchao"),
+    "torchao-without-kbit-base": ({"finetune": {"base_quantizer": "torchao"}},
+                                  "finetune.base_quantizer: torchao quantizes a 4bit or 8bit base"),
     # read by transformers only when the merge saves, after the fine-tune and the merge itself
     "merge-shard-size-unreadable": ({"merge": {"max_shard_size": "2 gigabytes"}},
                                     "merge.max_shard_size: String should match pattern"),

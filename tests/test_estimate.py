@@ -72,6 +72,26 @@ def test_quantized_bytes_equal_bitsandbytes_storage(tiny_model_dir):
         assert (quantized, rest) == weight_bytes(shape, "float32", precision, dq), (precision, dq)
 
 
+@pytest.mark.parametrize("precision", ["4bit", "8bit"])
+@pytest.mark.parametrize("rows, columns", [(4096, 4096), (4672, 4544)])  # bloom-7b1's attention, falcon-7b's qkv
+def test_torchao_bytes_are_bitsandbytes_bytes_within_a_tenth_of_a_percent(precision, rows, columns):
+    """The estimator counts a torchao base (finetune.base_quantizer: torchao) with bitsandbytes' formulas: nf4 with
+    double quantization, LLM.int8. Checked against the bytes torchao's own tensors hold for 7B layer shapes."""
+    import torch
+
+    from kubetune.estimate.modelshape import Linear
+    from kubetune.estimate.storage import int8_bytes, nf4_bytes
+    from kubetune.measure import stored_bytes
+    from kubetune.torchao_base import quantize_linears
+
+    layer = torch.nn.Sequential(torch.nn.Linear(columns, rows, bias=False, dtype=torch.bfloat16))
+    quantize_linears(layer, ["0"], precision)
+    real = stored_bytes(layer[0].weight)
+    estimated = (nf4_bytes(rows * columns, True) if precision == "4bit"
+                 else int8_bytes(Linear("0", columns, rows, False)))
+    assert abs(estimated - real) <= real / 1000, (estimated, real)
+
+
 # ---- published 7B shapes ---------------------------------------------------------------------------------------
 def test_7b_shapes_match_published_parameter_counts(tmp_path):
     import torch

@@ -303,3 +303,29 @@ def test_fused_head_saved_bytes_are_what_trls_head_saves(tmp_path):
     # boolean-mask selection, where on the CPU autograd keeps the boolean mask itself (counted already,
     # b × (s - 1) bytes); and it leaves out the 8-byte count of labelled positions that the loss divides by.
     assert estimated == measured + 2 * 50 * 8 - 8
+
+
+@pytest.mark.parametrize("precision", ["4bit", "8bit"])
+def test_traced_activations_of_a_torchao_base_equal_real_ones(precision, tmp_path):
+    """finetune.base_quantizer torchao: its NF4 and int8 layers keep no activation (only their weight, which is no
+    activation), unlike bitsandbytes' 8-bit matmul; the trace counts what the stage's own model really saves."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from kubetune.stages.finetune import adapters_in_bf16, load_model, lora_config
+
+    model_dir = tmp_path / "mha-llama"  # as many KV heads as heads: fp32 SDPA runs fused on CPU and GPU alike
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny_config("llama", layers=2)).save_pretrained(model_dir)
+    recipe = recipe_from_dict({"model": {"name_or_path": str(model_dir), "dtype": "float32"},
+                               "finetune": {"base_precision": precision, "base_quantizer": "torchao",
+                                            "precision": "fp32", "batch_size": 2, "max_length": 16,
+                                            "lora": {"r": 4, "dropout": 0.1}}})
+    model = get_peft_model(load_model(recipe, "fp32"), lora_config(recipe.finetune.lora))
+    adapters_in_bf16(model)
+    model.train()
+    real = saved_bytes(model, 2, 16)
+    trace = Estimator(recipe, load_config(recipe.model), target="cpu").train_trace(recipe.finetune, 2, 16)
+    assert trace.saved == real
+    assert trace.int8_held == [0, 0]

@@ -134,15 +134,19 @@ def test_qlora_on_cpu_counts_quantized_weights(recipe, tiny_model_dir, precision
     assert report["memory_footprint_bytes"] < 4 * params["total"]
 
 
+@pytest.mark.parametrize("quantizer", ["bitsandbytes", "torchao"])
 @pytest.mark.parametrize("precision, frozen_rest", [("bf16", "bfloat16"), ("fp32", "float32")])
-def test_a_kbit_base_keeps_its_16bit_rest_under_bf16(recipe, precision, frozen_rest):
+def test_a_kbit_base_keeps_its_16bit_rest_under_bf16(recipe, precision, frozen_rest, quantizer):
     """bf16 training leaves the frozen embeddings and norms of a 4-bit base in bf16 (fp32 would double them: 1.9
-    GiB more for BLOOM-7B1); fp32 training upcasts them, as peft's QLoRA preparation does."""
+    GiB more for BLOOM-7B1); fp32 training upcasts them, as peft's QLoRA preparation does, and leaves the 4-bit
+    weights 4-bit (torchao's too)."""
     r = recipe(model={"dtype": "bfloat16"},
-               finetune={"max_steps": 2, "base_precision": "4bit", "precision": precision})
+               finetune={"max_steps": 2, "base_precision": "4bit", "precision": precision,
+                         "base_quantizer": quantizer})
     report = run_stage(r, "finetune").report
     assert math.isfinite(report["metrics"]["train_loss"]) and report["metrics"]["steps_run"] == 2
     by_dtype, trainable = report["parameters"]["by_dtype"], report["parameters"]["trainable"]
+    assert by_dtype["nf4"] > 0
     fp32 = by_dtype.get("float32", 0)
     if frozen_rest == "bfloat16":
         assert fp32 <= trainable and by_dtype["bfloat16"] > trainable  # at most the LoRA weights are fp32

@@ -184,9 +184,9 @@ def test_bloom_packed_finetune_trains_through_document_attention(recipe_dict_for
     assert all(shape[0] == 2 for shape in shapes)
 
 
-def _compiled_finetune(recipe_dict_for, model_dir):
-    recipe = recipe_dict_for(model_dir, finetune={"packing": True, "compile": True, "max_steps": 4,
-                                                  "max_length": 256, "batch_size": 2})
+def _compiled_finetune(recipe_dict_for, model_dir, run: str = "tiny", **finetune):
+    recipe = recipe_dict_for(model_dir, run={"name": run}, finetune={"packing": True, "compile": True, "max_steps": 4,
+                                                                     "max_length": 256, "batch_size": 2, **finetune})
     return run_stage(recipe, "finetune").report
 
 
@@ -223,6 +223,27 @@ def test_a_compiled_finetune_leaves_the_float32_precision_as_it_found_it(recipe_
     run_stage(recipe, "finetune")
     assert seen == ["tf32"]  # transformers did turn it on while training
     assert precision.settings() == before
+
+
+def test_compiled_packed_finetune_on_a_torchao_base_never_recompiles(recipe_dict_for, tiny_model_dir, monkeypatch):
+    """finetune.base_quantizer torchao: the NF4 and int8 weights are tensors Dynamo traces (their dequantize inside
+    the compiled graph), so the static packed step compiles in the first step only, into the same frames and with
+    the same graph breaks (TRL's chunked loss, peft's forward) as on the 16-bit base: torchao adds none."""
+    from kubetune.stages import finetune
+
+    monkeypatch.setattr(finetune, "COMPILE_BACKEND", "aot_eager")
+    reports = {}
+    for precision in ("none", "4bit", "8bit"):
+        torch._dynamo.reset()  # each run compiles from scratch: Dynamo's cache of the one before would not
+        quantizer = {"base_quantizer": "torchao"} if precision != "none" else {}
+        reports[precision] = _compiled_finetune(recipe_dict_for, tiny_model_dir, run=f"base-{precision}",
+                                                base_precision=precision, **quantizer)
+    for precision, kind in (("4bit", "nf4"), ("8bit", "int8")):
+        report = reports[precision]
+        assert report["parameters"]["by_dtype"][kind] > 0 and report["base_quantizer"] == "torchao"
+        assert report["compile"]["frames_first_step"] > 0
+        assert report["compile"]["frames_after_warmup"] == 0, report["compile"]
+        assert report["compile"] == reports["none"]["compile"], precision
 
 
 @pytest.mark.slow  # inductor generates and builds C++ for the forward and backward: ~2 min on 2 shared cores

@@ -212,7 +212,8 @@ class LoraSection(Section):
 
 class BitsAndBytesSection(Section):
     quant_type: Literal["nf4", "fp4"] = "nf4"
-    """4-bit data type: nf4 (normal float, fits normally distributed weights; QLoRA's choice) or fp4."""
+    """4-bit data type: nf4 (normal float, fits normally distributed weights; QLoRA's choice) or fp4 (bitsandbytes
+    only: torchao has NF4 alone)."""
     double_quant: bool = True
     """Quantize the quantization constants too: about 0.4 bits/parameter saved."""
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
@@ -224,9 +225,17 @@ class FinetuneSection(Section):
     lora: LoraSection = LoraSection()
     """Shape of the LoRA adapter that is trained (the base stays frozen)."""
     base_precision: Literal["none", "8bit", "4bit"] = "none"
-    """Load the frozen base in 8 or 4 bits with bitsandbytes (QLoRA); none = the model dtype."""
+    """Load the frozen base in 8 or 4 bits (QLoRA), quantized by base_quantizer; none = the model dtype."""
+    base_quantizer: Literal["bitsandbytes", "torchao"] = "bitsandbytes"
+    """Library that quantizes the frozen base when base_precision is 4bit or 8bit. bitsandbytes: its Linear4bit
+    (bnb settings apply) and LLM.int8 layers, kernels that torch.compile cannot see into. torchao: 4bit is its
+    NF4Tensor, the QLoRA data type as torchtune's QLoRA uses it (a scale per block of 64 weights, the scales
+    quantized in blocks of 256), 8bit its int8 weight-only tensor (one scale per output row); both are tensors
+    torch.compile traces, so with finetune.compile the dequantize fuses into the compiled step. Which is faster
+    depends on the architecture: bench/packed.py measures both."""
     bnb: BitsAndBytesSection = BitsAndBytesSection()
-    """bitsandbytes settings of the 4-bit base (base_precision: 4bit only)."""
+    """bitsandbytes settings of the 4-bit base (base_precision: 4bit, base_quantizer: bitsandbytes; torchao
+    always quantizes its scales and dequantizes to the activations' dtype, and refuses fp4)."""
     epochs: Annotated[float, Field(gt=0)] = 1.0
     """Passes over the training split (fractions allowed, 0.5 = half); ignored when max_steps is set."""
     max_steps: Annotated[int, Field(ge=1)] | None = None
@@ -288,6 +297,21 @@ class FinetuneSection(Section):
     """Log loss and learning rate every N optimizer steps."""
     seed: Seed = 42
     """Seed of the adapter's initialization, the data order and dropout."""
+
+    def quantizer_problems(self) -> list[str]:
+        """torchao quantizes a 4/8-bit base, and has NF4 but no fp4. A base_quantizer with nothing to quantize is
+        refused rather than ignored: a recipe that names torchao most likely meant a quantized base."""
+        if self.base_quantizer != "torchao":
+            return []
+        problems = []
+        if self.base_precision == "none":
+            problems.append("finetune.base_quantizer: torchao quantizes a 4bit or 8bit base, and "
+                            "finetune.base_precision is none; set base_precision: 4bit or 8bit, or leave "
+                            "base_quantizer at bitsandbytes")
+        if self.bnb.quant_type == "fp4":
+            problems.append("finetune.bnb.quant_type: fp4 is a bitsandbytes data type; torchao "
+                            "(finetune.base_quantizer) has NF4 only: use nf4")
+        return problems
 
 
 class VerifySection(Section):
@@ -762,6 +786,7 @@ class Recipe(Section):
             if spec.source.startswith("builtin:") and spec.source == self.data.source and spec.seed == self.data.seed:
                 problems.append(f"evaluate.sets.{name}.seed: equals data.seed, so the builtin generator would "
                                 "make the training rows; choose another seed")
+        problems += self.finetune.quantizer_problems()
         if self.finetune.compile and not self.finetune.packing:
             problems.append("finetune.compile: needs finetune.packing=true (one batch shape); unpacked batches vary "
                             "in length and would recompile")
@@ -788,8 +813,8 @@ class Recipe(Section):
                             f"{ft.grad_accum}) does not divide among {res.processes} processes (gpus × nodes); "
                             "make batch_size × grad_accum a multiple of it")
         if res.parallelism == "fsdp" and ft.base_precision != "none":
-            problems.append(f"resources.finetune.parallelism: fsdp cannot shard a {ft.base_precision} bitsandbytes "
-                            "base (QLoRA under FSDP2 is not supported by peft/bitsandbytes here); use ddp, or "
+            problems.append(f"resources.finetune.parallelism: fsdp cannot shard a {ft.base_precision} "
+                            f"{ft.base_quantizer} base (QLoRA under FSDP2 is not supported here); use ddp, or "
                             "finetune.base_precision: none")
         return problems
 

@@ -17,9 +17,10 @@ import time
 from typing import Any
 
 from kubetune.stage_report import PeakMemory  # the one definition of the GPU peak (gpu_bytes)
+from kubetune.torchao_base import QUANTIZED_WEIGHTS, is_quantized_weight
 
 VERSIONED_PACKAGES = ("kubetune", "torch", "transformers", "peft", "trl", "bitsandbytes", "datasets",
-                      "accelerate", "gptqmodel", "safetensors")
+                      "accelerate", "gptqmodel", "safetensors", "torchao")
 
 
 def library_versions() -> dict[str, str | None]:
@@ -243,6 +244,8 @@ def count_parameters(model) -> dict[str, Any]:
                 add(qtype, p.numel() * p.element_size() * 2)  # two 4-bit weights per byte
             elif cls == "Int8Params":
                 add("int8", p.numel())
+            elif is_quantized_weight(p):  # torchao: the tensor has the shape of the weights it holds
+                add(QUANTIZED_WEIGHTS[cls], p.numel())
             else:
                 add(str(p.dtype).removeprefix("torch."), p.numel())
             if p.requires_grad:
@@ -258,8 +261,18 @@ def memory_footprint_bytes(model) -> int:
     for t in list(model.parameters()) + list(model.buffers()):
         if id(t) not in seen:
             seen.add(id(t))
-            total += t.numel() * t.element_size()
+            total += stored_bytes(t)
     return total
+
+
+def stored_bytes(tensor) -> int:
+    """Bytes a tensor occupies: a wrapper subclass (torchao's NF4Tensor, Int8Tensor) holds its data in inner
+    tensors, while numel × element_size would count the 16-bit weights it stands for."""
+    flatten = getattr(tensor, "__tensor_flatten__", None)
+    if flatten is None:
+        return tensor.numel() * tensor.element_size()
+    names, _ = flatten()
+    return sum(stored_bytes(inner) for inner in (getattr(tensor, n) for n in names) if inner is not None)
 
 
 class Stopwatch:

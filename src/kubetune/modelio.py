@@ -1,4 +1,4 @@
-"""Loading the recipe's base model and tokenizer: dtype, device, bitsandbytes, GGUF, remote code, and the
+"""Loading the recipe's base model and tokenizer: dtype, device, bitsandbytes or torchao, GGUF, remote code, and the
 errors a user can act on. Every stage loads the base through here so that they agree.
 """
 
@@ -109,8 +109,8 @@ def upcasts_kbit_rest(training_precision: str) -> bool:
 
 
 def bnb_config(finetune_section, compute_dtype):
-    """BitsAndBytesConfig for finetune.base_precision 4bit/8bit, or None."""
-    if finetune_section.base_precision == "none":
+    """BitsAndBytesConfig for finetune.base_precision 4bit/8bit with bitsandbytes, or None (none, or torchao)."""
+    if finetune_section.base_precision == "none" or finetune_section.base_quantizer != "bitsandbytes":
         return None
     from transformers import BitsAndBytesConfig
 
@@ -120,6 +120,28 @@ def bnb_config(finetune_section, compute_dtype):
     cdtype = compute_dtype if bnb.compute_dtype == "auto" else resolve_dtype(bnb.compute_dtype)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=bnb.quant_type,
                               bnb_4bit_use_double_quant=bnb.double_quant, bnb_4bit_compute_dtype=cdtype)
+
+
+def load_finetune_base(model_section, finetune_section, *, dtype, on: str | None = None):
+    """The base as the fine-tune trains on it (and the adapter is evaluated on): in ``dtype``, or with its linear
+    layers in 4/8 bits by finetune.base_quantizer: bitsandbytes while loading, torchao right after a 16-bit load
+    (kubetune.torchao_base)."""
+    precision = finetune_section.base_precision
+    if precision == "none" or finetune_section.base_quantizer == "bitsandbytes":
+        return load_base_model(model_section, dtype=dtype, quantization_config=bnb_config(finetune_section, dtype),
+                               on=on)
+    from kubetune import torchao_base
+
+    # Loaded into host memory and quantized one layer at a time on the device, as bitsandbytes quantizes while
+    # loading: the whole 16-bit model on the GPU first would be the stage's peak (bloom-7b1: 13 GiB, for an 8.9 GiB
+    # fine-tune).
+    with plain_linear_layers():  # Falcon's layers as nn.Linear: the layers bitsandbytes would quantize
+        model = load_base_model(model_section, dtype=dtype, on="cpu")
+    dev = on or device()
+    torchao_base.quantize_base(model, precision, dev)
+    model.to(dev)
+    check_kbit_quantized(model, precision, model_section.name_or_path)
+    return model
 
 
 def load_base_model(model_section, *, dtype=None, quantization_config=None, path: str | Path | None = None,
@@ -218,15 +240,24 @@ def check_kbit_quantized(model, base_precision: str, name: str) -> None:
         return
     import torch
 
-    quantized = [n for n, m in model.named_modules() if type(m).__name__ in ("Linear4bit", "Linear8bitLt")]
+    quantized = [n for n, m in model.named_modules() if is_quantized_linear(m)]
     plain = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-             and type(m).__name__ not in ("Linear4bit", "Linear8bitLt") and not n.endswith("lm_head")]
+             and not is_quantized_linear(m) and not n.endswith("lm_head")]
     if not quantized:
         kinds = sorted({type(m).__name__ for n, m in model.named_modules() if n in set(plain)})
         raise ModelError(f"finetune.base_precision: {base_precision} quantized none of {name}'s linear layers "
-                         f"(they are {kinds}, which bitsandbytes does not replace); use base_precision: none")
+                         f"(they are {kinds}, which neither bitsandbytes nor torchao replaces); use "
+                         "base_precision: none")
     if plain:
         log.warning("%d linear layers of %s stay unquantized (e.g. %s)", len(plain), name, plain[0])
+
+
+def is_quantized_linear(module) -> bool:
+    """A bitsandbytes 4/8-bit layer, or a linear layer whose weight is a torchao NF4/int8 tensor."""
+    from kubetune.torchao_base import is_quantized_weight
+
+    return (type(module).__name__ in ("Linear4bit", "Linear8bitLt")
+            or is_quantized_weight(getattr(module, "weight", None)))
 
 
 def mask_reads_position_ids(model) -> bool:

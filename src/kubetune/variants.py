@@ -100,9 +100,8 @@ def load_variant(recipe, layout, name: str):
     elif name == "adapter":
         # The base in the precision the adapter was trained on (4/8-bit for QLoRA): that is the model the
         # fine-tune evaluated, so its scores are the adapter's own. The merged model is always 16/32-bit.
-        dtype = modelio.resolve_dtype(recipe.model.dtype)
-        base = modelio.load_base_model(recipe.model, dtype=dtype,
-                                       quantization_config=modelio.bnb_config(recipe.finetune, dtype))
+        base = modelio.load_finetune_base(recipe.model, recipe.finetune,
+                                          dtype=modelio.resolve_dtype(recipe.model.dtype))
         model = apply_adapter(base, model_dir, tokenizer)
     elif name == "merged":
         model = modelio.load_base_model(recipe.model, dtype="auto", path=model_dir)

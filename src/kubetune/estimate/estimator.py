@@ -279,7 +279,8 @@ class Estimator:
     @staticmethod
     def lora_dtype(ft) -> str:
         """peft keeps adapters in fp32 (autocast_adapter_dtype); TRL's SFTTrainer converts them to bf16 on a
-        quantized base, as the QLoRA paper does (trl/trainer/sft_trainer.py, ``_is_quantized_model``)."""
+        quantized base, as the QLoRA paper does (trl/trainer/sft_trainer.py, ``_is_quantized_model``), and the
+        fine-tune does the same on a torchao base (stages.finetune.adapters_in_bf16)."""
         return "bfloat16" if ft.base_precision != "none" else "float32"
 
     def train_trace(self, ft, batch: int, length: int) -> Trace:
@@ -287,7 +288,8 @@ class Estimator:
         dtype, autocast = self.precision(ft)
         compute = dtype if ft.bnb.compute_dtype == "auto" else ft.bnb.compute_dtype
         targets = tuple(lin.name for lin in self.shape.lora_targets(ft.lora.target_modules))
-        model_key = (ft.base_precision, compute, targets, ft.lora.r, ft.lora.dropout, autocast)
+        quantizer = ft.base_quantizer if ft.base_precision != "none" else None
+        model_key = (ft.base_precision, compute, targets, ft.lora.r, ft.lora.dropout, autocast, quantizer)
         key = (*model_key, batch, length, ft.gradient_checkpointing)
         if key in self._traces:
             return self._traces[key]
@@ -307,7 +309,7 @@ class Estimator:
             small_targets = tuple(lin.name for lin in shape.lora_targets(ft.lora.target_modules))
             setup = TrainSetup(getattr(torch, dtype), ft.base_precision, getattr(torch, compute), small_targets,
                                ft.lora.r, ft.lora.dropout, getattr(torch, autocast) if autocast else None,
-                               lora_dtype=getattr(torch, self.lora_dtype(ft)))
+                               lora_dtype=getattr(torch, self.lora_dtype(ft)), quantizer=ft.base_quantizer)
             self._models[model_key] = prepare_for_training(meta, shape, setup)
         model = self._models[model_key]
         trace = trace_backbone(model, self.shape.layers_path, batch, length,

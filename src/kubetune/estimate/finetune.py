@@ -14,7 +14,7 @@ from kubetune.distributed import resolved_parallelism, split_global_batch
 from kubetune.estimate.components import GIB, MIB, Component, StageEstimate, dtype_bytes
 from kubetune.estimate.estimator import Estimator
 from kubetune.estimate.processes import per_gpu_state
-from kubetune.estimate.storage import lora_params, weight_bytes
+from kubetune.estimate.storage import double_quantized, lora_params, weight_bytes
 from kubetune.estimate.trace import Trace
 
 # A fine-tune's batches of different lengths leave freed blocks the next batch cannot reuse. Measured reserved (NVML
@@ -77,9 +77,12 @@ def model_state(est: Estimator, ft) -> list[Component]:
         comps.append(Component(f"base weights ({dtype})", rest, f"{shape.total_params / 1e9:.2f}B params"))
     else:
         rest_dtype = "float32" if kbit_upcast(est, ft) else dtype
-        q, rest = weight_bytes(shape, dtype, ft.base_precision, ft.bnb.double_quant, rest_dtype=rest_dtype)
-        fmt = (f"{ft.bnb.quant_type}{' + double quant' if ft.bnb.double_quant else ''}"
-               if ft.base_precision == "4bit" else "LLM.int8 + fp32 row scales")
+        q, rest = weight_bytes(shape, dtype, ft.base_precision, double_quantized(ft), rest_dtype=rest_dtype)
+        if ft.base_quantizer == "torchao":
+            fmt = "torchao NF4" if ft.base_precision == "4bit" else "torchao int8 weight-only + fp32 row scales"
+        else:
+            fmt = (f"{ft.bnb.quant_type}{' + double quant' if ft.bnb.double_quant else ''}"
+                   if ft.base_precision == "4bit" else "LLM.int8 + fp32 row scales")
         n_q = sum(lin.weights for lin in shape.quantizable())
         comps.append(Component(f"base linears ({fmt})", q, f"{n_q / 1e9:.2f}B weights, "
                                                             f"{q / max(n_q, 1):.3f} bytes each"))

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from kubetune.estimate.components import GIB, Component, StageEstimate, dtype_bytes
 from kubetune.estimate.estimator import Estimator
-from kubetune.estimate.storage import gptq_weight_bytes, lora_params, weight_bytes
+from kubetune.estimate.storage import double_quantized, gptq_weight_bytes, lora_params, weight_bytes
 
 
 def estimate_memory(est: Estimator, recipe=None) -> StageEstimate:
@@ -32,7 +32,7 @@ def model_memory(est: Estimator, recipe, name: str, batch: int) -> StageEstimate
         comps.append(Component(f"weights: base ({dtype})", shape.total_params * dtype_bytes(dtype)))
     elif name == "adapter":
         dtype = est.model_dtype
-        qb, rest = weight_bytes(shape, dtype, ft.base_precision, ft.bnb.double_quant)
+        qb, rest = weight_bytes(shape, dtype, ft.base_precision, double_quantized(ft))
         what = ft.base_precision if ft.base_precision != "none" else dtype
         comps.append(Component(f"weights: base as trained ({what})", qb + rest))
         comps.append(Component("LoRA adapter (fp32)", 4 * lora_params(shape, ft.lora.target_modules, ft.lora.r)))

@@ -31,6 +31,16 @@ def int8_bytes(lin: Linear) -> int:
     return lin.weights + 4 * lin.out_features
 
 
+# torchao's formats (finetune.base_quantizer: torchao; kubetune.torchao_base) store within 0.1 % of these for layers
+# of a million weights or more (tests/test_estimate.py), so they are reused: NF4Tensor = 4 bits a weight, an int8
+# absmax per 64 weights and one 16-bit factor per block of 256 absmaxes (bitsandbytes' double-quantized nf4: the
+# same with fp32 factors and a 256-entry code); Int8Tensor = int8 weights, an fp32 scale and an int8 zero point per
+# output row (LLM.int8: the same without the zero point).
+def double_quantized(finetune_section) -> bool:
+    """Whether a 4-bit base's absmax scales are quantized too: bnb.double_quant for bitsandbytes, always in torchao."""
+    return finetune_section.bnb.double_quant or finetune_section.base_quantizer == "torchao"
+
+
 def gptq_bytes(lin: Linear, bits: int, group_size: int) -> int:
     """GPTQ packed weight: qweight (bits/weight), qzeros (bits per group and column), fp16 scales, int32 g_idx."""
     groups = math.ceil(lin.in_features / (lin.in_features if group_size == -1 else group_size))

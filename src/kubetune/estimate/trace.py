@@ -22,6 +22,7 @@ Four things differ on a GPU and are emulated here, each mirroring the code it st
   activation (it dequantizes in backward); ``MatMul8bitLt`` keeps its input A in ``ctx.tensors`` whenever the
   input needs a gradient (bitsandbytes 0.50 ``autograd/_functions.py``), where gradient checkpointing cannot
   reach it. Emulated by ``QuantLinear``; the inputs it keeps are reported per layer (``Trace.int8_held``).
+  torchao's NF4 and int8 layers (kubetune.torchao_base) save no activation either, at 4 or 8 bits.
 * **LoRA**: peft cannot be imported in under 5 s (it pulls torchao). ``Lora`` repeats peft 0.21's
   ``lora.Linear.forward`` (cast x to the adapter's fp32, dropout, A, B, scale, add) and its bitsandbytes
   variants (no cast under autocast; 4-bit clones the base output).
@@ -82,6 +83,8 @@ class TrainSetup:
     """torch dtype of mixed precision (bf16/fp16), or None for pure fp32/bf16 training."""
     lora_dtype: Any = None
     """dtype of the adapter weights: fp32 (peft's autocast_adapter_dtype), bf16 on a k-bit base (TRL converts)."""
+    quantizer: str = "bitsandbytes"
+    """finetune.base_quantizer: which library's layers hold the k-bit base."""
 
 
 # ---- emulated layers -------------------------------------------------------------------------------------------
@@ -113,14 +116,18 @@ def _emulation_classes():
             return grad.new_empty(ctx.in_shape), None, None
 
     class QuantLinear(torch.nn.Module):
-        """bitsandbytes Linear4bit / Linear8bitLt forward: cast to the compute dtype (4-bit), matmul, cast back."""
+        """bitsandbytes Linear4bit / Linear8bitLt forward: cast to the compute dtype (4-bit), matmul, cast back.
+        torchao's (``bits`` None: peft then wraps it as a plain lora.Linear): NF4's LinearNF4 and kubetune's
+        Int8WeightOnlyLinear keep only the weight, no activation, and compute in the input's dtype."""
 
-        def __init__(self, in_features: int, out_features: int, bits: int, compute_dtype):
+        def __init__(self, in_features: int, out_features: int, bits: int | None, compute_dtype):
             super().__init__()
             self.in_features, self.out_features, self.bits = in_features, out_features, bits
             self.compute_dtype = compute_dtype
 
         def forward(self, x):
+            if self.bits is None:
+                return QuantMatmul.apply(x, self.out_features, False)
             if self.bits == 4:
                 inp_dtype = x.dtype
                 x = x.to(self.compute_dtype)  # Linear4bit.forward
@@ -282,7 +289,7 @@ def prepare_for_training(model, shape, setup: TrainSetup):
     modules = dict(model.named_modules())
     quantized: set[str] = set()
     if setup.base_precision in ("8bit", "4bit"):
-        bits = 8 if setup.base_precision == "8bit" else 4
+        bits = None if setup.quantizer == "torchao" else 8 if setup.base_precision == "8bit" else 4
         for lin in shape.quantizable():
             _replace(model, modules, lin.name,
                      QuantLinear(lin.in_features, lin.out_features, bits, setup.compute_dtype))

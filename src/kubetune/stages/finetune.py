@@ -146,6 +146,7 @@ def _run(ctx) -> dict[str, Any]:
         "memory_footprint_bytes": memory_footprint_bytes(trainer.model),
         "precision": precision,
         "base_precision": ft.base_precision,
+        "base_quantizer": ft.base_quantizer if ft.base_precision != "none" else None,
         **({"adapter_sha256": adapter_sha256(trainer.model)} if world().distributed else {}),
         "device": dev,
     }
@@ -201,14 +202,12 @@ def main_process_first():
 def load_model(recipe, precision: str):
     """The frozen base, in the model dtype or (QLoRA) in 4/8 bits, ready for a LoRA adapter."""
     ft = recipe.finetune
-    dtype = modelio.resolve_dtype(recipe.model.dtype)
-    quantization = modelio.bnb_config(ft, dtype)
     # FSDP shards the model as it moves it to the GPUs: loaded whole onto each GPU first, one too large for a
     # single GPU would not get that far
     sharded = world().distributed and resolved_parallelism(recipe.resources.finetune.parallelism) == "fsdp"
-    model = modelio.load_base_model(recipe.model, dtype=dtype, quantization_config=quantization,
-                                    on="cpu" if sharded else None)
-    if quantization is not None:
+    model = modelio.load_finetune_base(recipe.model, ft, dtype=modelio.resolve_dtype(recipe.model.dtype),
+                                       on="cpu" if sharded else None)
+    if ft.base_precision != "none":
         prepare_kbit_base(model, ft.gradient_checkpointing, upcast=modelio.upcasts_kbit_rest(precision))
     check_target_modules(model, ft.lora.target_modules, recipe.model.name_or_path)
     if ft.liger_kernels:
@@ -219,7 +218,8 @@ def load_model(recipe, precision: str):
 def prepare_kbit_base(model, gradient_checkpointing: bool, upcast: bool) -> None:
     """Freeze a 4/8-bit base for LoRA; with ``upcast`` (modelio.upcasts_kbit_rest), also turn its 16-bit rest
     (norms, embeddings, lm_head) into fp32 (peft's prepare_model_for_kbit_training, the QLoRA recipe). Measured
-    without it: bench/results, cases *-noupcast."""
+    without it: bench/results, cases *-noupcast. On a torchao base peft's cast leaves the NF4/int8 weights
+    quantized (an NF4 weight then dequantizes to fp32, the dtype its matmul casts to anyway)."""
     if upcast:
         from peft import prepare_model_for_kbit_training
 
@@ -326,6 +326,8 @@ def build_trainer(recipe, model, tokenizer, train, evaluation, checkpoints: Path
                             if ft.profile_step and world().main else None)
     if trainer.step_profile:
         trainer.add_callback(trainer.step_profile.callback())
+    if ft.base_precision != "none" and ft.base_quantizer == "torchao":
+        adapters_in_bf16(trainer.model)
     trainer.compile_count = compiled.CompileCount() if ft.compile else None
     if trainer.compile_count:
         trainer.add_callback(trainer.compile_count.callback())
@@ -336,6 +338,17 @@ def build_trainer(recipe, model, tokenizer, train, evaluation, checkpoints: Path
     if metrics is not None:
         trainer.add_callback(metrics)
     return trainer
+
+
+def adapters_in_bf16(model) -> None:
+    """The LoRA weights in bf16, as TRL's SFTTrainer makes them on a bitsandbytes base (the QLoRA paper's choice;
+    TRL recognises only bitsandbytes' is_loaded_in_4bit/8bit): both quantizers then train the same adapter, and
+    bench/packed.py compares the libraries alone."""
+    import torch
+
+    for name, param in model.named_parameters():
+        if param.requires_grad and "lora_magnitude_vector" not in name:  # TRL leaves DoRA's vector in fp32
+            param.data = param.data.to(torch.bfloat16)
 
 
 def final_eval_loss(trainer) -> float:
