@@ -166,20 +166,22 @@ CASES: dict[str, dict] = {
         "finetune.batch_size=4", "finetune.max_length=1024", "finetune.gradient_checkpointing=false"]},
     "bloom-1b1/packed": {"model": "bloom-1b1", "set": PACKED + [  # the same batches, not compiled
         "finetune.batch_size=8", "finetune.max_length=1024", "finetune.gradient_checkpointing=true"]},
-    # gemma3-270m: the shipped recipe (32 rows grouped by length) and 8 rows × 1024 packed and compiled
+    # gemma3-270m: the shipped recipe (32 rows grouped by length) and 4 rows × 1024 packed and compiled (~37 examples a
+    # micro-batch, as the recipe's 32; 8 × 1024 × Gemma's 262,144-token vocabulary is 2^31 logits, which finetune.compile
+    # refuses since it crashed: bench/results/packed-h100-2026-12-06.json)
     "gemma3-270m/ours": {"model": "gemma3-270m", "set": []},
     "gemma3-270m/packed-compiled": {"model": "gemma3-270m", "set": COMPILED + [
-        "finetune.batch_size=8", "finetune.max_length=1024"]},
+        "finetune.batch_size=4", "finetune.max_length=1024"]},
     # one lever each on the compiled path: CUDA graphs (inductor's documented switch: each compiled graph replayed
     # as one launch) and LoRA dropout off (the dropout's mask and multiply over every LoRA input is gone; quality
     # must show it costs nothing before a recipe drops it)
     "gemma3-270m/packed-compiled-cudagraphs": {"model": "gemma3-270m", "set": COMPILED + [
-        "finetune.batch_size=8", "finetune.max_length=1024"], "env": {"TORCHINDUCTOR_CUDAGRAPHS": "1"}},
+        "finetune.batch_size=4", "finetune.max_length=1024"], "env": {"TORCHINDUCTOR_CUDAGRAPHS": "1"}},
     "gemma3-270m/packed-compiled-nodropout": {"model": "gemma3-270m", "set": COMPILED + [
-        "finetune.batch_size=8", "finetune.max_length=1024", "finetune.lora.dropout=0.0"]},
+        "finetune.batch_size=4", "finetune.max_length=1024", "finetune.lora.dropout=0.0"]},
     # Liger's fused norm, rotary and GeGLU kernels (finetune.liger_kernels), compiled and on the shipped eager recipe
     "gemma3-270m/packed-compiled-liger": {"model": "gemma3-270m", "set": COMPILED + [
-        "finetune.batch_size=8", "finetune.max_length=1024", "finetune.liger_kernels=true"]},
+        "finetune.batch_size=4", "finetune.max_length=1024", "finetune.liger_kernels=true"]},
     "gemma3-270m/ours-liger": {"model": "gemma3-270m", "set": ["finetune.liger_kernels=true"]},
     "bloom-1b1/packed-compiled-cudagraphs": {"model": "bloom-1b1", "set": COMPILED + [
         "finetune.batch_size=8", "finetune.max_length=1024", "finetune.gradient_checkpointing=true"],

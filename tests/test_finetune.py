@@ -332,6 +332,19 @@ def test_liger_kernels_without_liger_is_a_model_error_before_training(recipe):
         run_stage(recipe(finetune={"liger_kernels": True}), "finetune")
 
 
+def test_a_compiled_micro_batch_of_2_31_logits_is_refused_before_training(recipe):
+    """Gemma 3 at 8 × 1024 packed positions (2^31 logits) crashed its first compiled step on an H100 with an
+    illegal memory access; the same size on the tiny model's vocabulary is refused with the largest batch that fits."""
+    from kubetune.stages.finetune import COMPILED_LOGITS_LIMIT
+
+    r = recipe(finetune={"packing": True, "compile": True, "batch_size": 4096, "max_length": 2048})
+    vocab = 2**31 // (4096 * 2048) + 1  # what the tiny model must have at least for this test to mean anything
+    with pytest.raises(RecipeError, match=r"finetune\.compile: a micro-batch of 4096 × 2048 positions × .* reaches "
+                                          r"2\^31.*use batch_size ≤ \d+ per GPU"):
+        run_stage(r, "finetune")
+    assert COMPILED_LOGITS_LIMIT == 2**31 and vocab < 1000
+
+
 def test_fp16_needs_a_gpu(recipe):
     import torch
 

@@ -65,6 +65,8 @@ def _run(ctx) -> dict[str, Any]:
     model = load_model(recipe, precision)
     if ft.packing:
         packing.check_examples_kept_apart(model, recipe.model.name_or_path)
+    if ft.compile:
+        check_compiled_logits(model, split_global_batch(ft.batch_size, ft.grad_accum, world().size)[0], ft.max_length)
     splits = load_splits(recipe.data)
     prompt = PromptTemplate(recipe.prompt.template)
     train = prompt_completion(splits.train, prompt, tokenizer.eos_token)
@@ -457,6 +459,26 @@ def seal_checkpoint(path: Path) -> None:
     for folder in {f.parent for f in path.rglob("*")} | {path}:
         fsync_dir(folder)
     write_atomic(path / CHECKPOINT_MARKER, json.dumps({"step": checkpoint_step(path), "files": sizes}) + "\n")
+
+
+# Positions × vocabulary of one compiled micro-batch, from which it fails. Gemma 3 (262,144 tokens) at 8 × 1024
+# positions, exactly 2^31, stopped its first compiled step with "CUDA error: an illegal memory access" in a kernel
+# inductor generated for TRL's chunked log-probabilities (H100, bench/results/packed-h100-2026-12-06.json); BLOOM's
+# 8 × 1024 × 250,880 (2.06e9) ran. Most likely 32-bit index arithmetic over the logits; below it nothing failed.
+COMPILED_LOGITS_LIMIT = 2**31
+
+
+def check_compiled_logits(model, micro_batch: int, max_length: int) -> None:
+    """Refuse, before training, a compiled micro-batch whose logits reach COMPILED_LOGITS_LIMIT elements."""
+    vocab = model.get_output_embeddings().weight.shape[0]
+    logits = micro_batch * max_length * vocab
+    if logits >= COMPILED_LOGITS_LIMIT:
+        fits = (COMPILED_LOGITS_LIMIT - 1) // (max_length * vocab)
+        fix = (f"batch_size ≤ {fits} per GPU (grad_accum for more) or a shorter max_length" if fits else
+               f"max_length ≤ {(COMPILED_LOGITS_LIMIT - 1) // vocab:,}")
+        raise RecipeError("recipe", [f"finetune.compile: a micro-batch of {micro_batch} × {max_length} positions × "
+                                     f"{vocab:,} vocabulary = {logits:,} logits reaches 2^31, where torch.compile's "
+                                     f"code failed with an illegal memory access; use {fix}"])
 
 
 def check_truncation(trainer, rows: int, ft) -> None:
