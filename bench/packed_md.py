@@ -134,3 +134,31 @@ def section(results_dir: Path) -> list[str]:
                 "| " + " | ".join(REAL_COLUMNS) + " |", "|" + "---|" * len(REAL_COLUMNS)]
         out += ["| " + " | ".join(row) + " |" for row in real] + [""]
     return out
+
+
+def readme_lines(results_dir: Path) -> list[str]:
+    """README's issue 22 headlines: per model the newest call's compiled case against the original's recipe, and
+    the newest compiled quality run against the shipped recipe's, each naming its file."""
+    lines = []
+    newest: dict[str, tuple[str, str, dict, dict]] = {}
+    for name, data in sources(results_dir):
+        for case, cmp in (data.get("compared") or {}).items():
+            if case.endswith("/packed-compiled") and (cmp.get("against") or "").endswith("/baseline"):
+                newest[case] = (name, (data.get("environment") or {}).get("card") or "?", data["cases"], cmp)
+    for case, (name, card, cases, cmp) in newest.items():
+        fig, base = cases[case], cases[cmp["against"]]
+        lines.append(f"- {case.split('/')[0]} packed and compiled (issue 22) against the original notebook's recipe "
+                     f"in the same call on one {card}: {fig['tokens_per_s']:,.0f} vs {base['tokens_per_s']:,.0f} "
+                     f"tokens/s ({cmp['speedup']:.2f}×) at {fig['allocated_gib']:.2f} vs {base['allocated_gib']:.2f} "
+                     f"GiB allocated, MFU {100 * fig['mfu_4nt']:.1f}%, {fig['recompiles']} frames compiled after a "
+                     f"{fig['first_step_s']:.0f} s first step (`{name}`).")
+    real = real_model_rows(results_dir)
+    compiled = [r for r in real if "compiled" in r[2] and r[-1] != "–"]
+    eager = [r for r in real if "compiled" not in r[2] and r[-1] != "–"]
+    if compiled and eager:
+        c, e = compiled[-1], eager[-1]
+        lines.append(f"- Gemma 3 270M recipe packed and compiled on real weights: {c[-1]} execution accuracy "
+                     f"(shipped recipe {e[-1]}); {c[7]} real tokens/s after a {c[5]} s first step (the compile) on "
+                     f"one {c[1]}, so the {c[3]}-step fine-tune took {c[4]} s against the shipped recipe's {e[4]} s "
+                     f"({e[3]} steps, {e[1]}) ({c[0]}, {e[0]}).")
+    return lines

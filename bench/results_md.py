@@ -23,7 +23,8 @@ from pathlib import Path
 
 from bench_report import GIB, error_pct, est_cells, estimator_version, gib  # bench/bench_report.py
 from harness import MODELS  # bench/harness.py (stdlib imports only at module level)
-from packed_md import section as packed_section  # bench/packed_md.py: issue 22's packed.json files
+from packed_md import readme_lines as packed_readme_lines  # bench/packed_md.py: issue 22's packed.json files
+from packed_md import section as packed_section
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("finetune", "merge", "quantize")
@@ -635,8 +636,9 @@ def speed_phrase(row: Row, base: Row, mark: str) -> str:
             f"peak (`{row.case}` {s:,.0f} vs `{base.case}` {b:,.0f} tokens/s; {', '.join(f'`{f}`' for f in files)})")
 
 
-def readme_headlines(res: Results, quality: list[dict]) -> list[str]:
-    """The figures README.md quotes, each from the rows RESULTS.md shows, with the file it comes from."""
+def readme_headlines(res: Results, quality: list[dict], packed: list[str] = ()) -> list[str]:
+    """The figures README.md quotes, each from the rows RESULTS.md shows, with the file it comes from; ``packed``:
+    issue 22's lines (packed_md.readme_lines)."""
     lines = []
     quality = shipped_quality(quality)
     if quality:
@@ -667,6 +669,7 @@ def readme_headlines(res: Results, quality: list[dict]) -> list[str]:
         if best is not None and best.case != ours.case:
             line += "; fastest case measured " + speed_phrase(best, best_base, best_mark)
         lines.append(line + ".")
+    lines += list(packed)
     if any("†" in line for line in lines):
         lines.append("- †: the baseline was measured in another device call on the same card.")
     # nested under README's "GPU measurements" item, wrapped as the rest of the file
@@ -693,7 +696,7 @@ def generate(results_dir: Path, out: Path, readme: Path | None = None) -> str:
     text = "\n".join(lines).rstrip() + "\n"
     out.write_text(text)
     if readme is not None:
-        readme.write_text(update_readme(readme, readme_headlines(res, quality)))
+        readme.write_text(update_readme(readme, readme_headlines(res, quality, packed_readme_lines(results_dir))))
     return text
 
 
