@@ -90,6 +90,13 @@ def test_fingerprints_change_only_downstream_of_an_edit():
         assert a.fingerprint(stage) != c.fingerprint(stage)
 
 
+def test_profiling_a_step_changes_no_fingerprint():
+    """finetune.profile_step only watches a step; a finished run whose recipe gains it is still finished."""
+    a = recipe_from_dict(dict(BASE))
+    b = recipe_from_dict(dict(BASE), overrides=["finetune.profile_step=3"])
+    assert all(a.fingerprint(stage) == b.fingerprint(stage) for stage in a.stages)
+
+
 def test_json_schema_rejects_unknown_keys():
     schema = Recipe.model_json_schema()
     assert schema["additionalProperties"] is False

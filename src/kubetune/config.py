@@ -274,7 +274,8 @@ class FinetuneSection(Section):
     """Run this optimizer step (counted from 1) under torch.profiler: the report's profile says where its time went
     (wall and GPU-busy milliseconds, kernel launches, the costliest kernels) and the whole trace is saved next to the
     adapter as profile-step-N.json.gz. Pick a step after the first (which compiles, under compile); that step
-    runs a little slower. null = no profile."""
+    runs a little slower. null = no profile. Not in the fine-tune's fingerprint: adding it to a finished run's
+    recipe reruns nothing (profile under a new run.name)."""
     completion_only_loss: bool = True
     """Learn only the answer tokens, not the prompt."""
     group_by_length: bool = False
@@ -841,8 +842,8 @@ class Recipe(Section):
         """
         spec = registry.spec(stage)
         section = getattr(self, stage, None)  # a stage without settings of its own has no section
-        own = section.model_dump(exclude={"sets"} if stage == "evaluate" else None) if isinstance(
-            section, Section) else {}
+        exclude = {"sets"} if stage == "evaluate" else {"profile_step"} if stage == "finetune" else None
+        own = section.model_dump(exclude=exclude) if isinstance(section, Section) else {}  # profiling decides nothing
         parts: dict[str, Any] = {
             "stage": stage,
             "model": self.model.model_dump(exclude={"allow_pickle"}),  # how weights may load, not what they are
