@@ -253,6 +253,47 @@ def test_inductor_compiled_finetune_never_recompiles(recipe_dict_for, tiny_model
     assert report["compile"]["frames_after_warmup"] == 0, report["compile"]
 
 
+@pytest.mark.slow  # inductor generates and builds C++ for the first pod's step: ~2 min on 2 shared cores
+def test_a_restarted_compiled_finetune_reads_its_compiled_step_from_the_claim(tiny_model_dir, tmp_path):
+    """A pod's TORCHINDUCTOR_CACHE_DIR is on the claim (k8s/render.py). The fine-tune of a second pod with the same
+    shapes (a retry after preemption, a rerun) reads every compiled graph back from there instead of generating
+    it again, and its report says so. Each pod is `kubetune stage finetune` in a fresh process."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+    from tiny import tiny_recipe_dict
+
+    from kubetune.k8s.render import _cache_env
+
+    kubetune = Path(sys.executable).parent / "kubetune"
+    claim_env = {e["name"]: e["value"] for e in _cache_env(str(tmp_path / "claim"))}  # what a stage pod gets
+    caches = []
+    for pod in ("first", "second"):
+        own_tmp = tmp_path / pod / "tmp"  # each pod has its own /tmp, where inductor caches by default
+        own_tmp.mkdir(parents=True)
+        # not this process's own TORCHINDUCTOR_CACHE_DIR (inductor exports its default once used)
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith("TORCHINDUCTOR_")}
+        env = {**inherited, "TMPDIR": str(own_tmp), **claim_env}
+        data = tiny_recipe_dict(tiny_model_dir, tmp_path / "artifacts", run={"name": pod},
+                                finetune={"packing": True, "compile": True, "max_steps": 2, "max_length": 256,
+                                          "batch_size": 2})
+        recipe_file = tmp_path / f"{pod}.yaml"
+        recipe_file.write_text(yaml.safe_dump(data))
+        proc = subprocess.run([str(kubetune), "stage", "finetune", "--recipe", str(recipe_file)], env=env,
+                              capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        report = json.loads((tmp_path / "artifacts" / pod / "finetune" / "report.json").read_text())
+        assert report["compile"]["frames_after_warmup"] == 0
+        caches.append(report["compile"]["cache"])
+    first, second = caches
+    assert first["fx_graph_misses"] > 0  # the first pod generated its code
+    assert second["fx_graph_hits"] >= first["fx_graph_misses"] and second["fx_graph_misses"] == 0, caches
+
+
 @pytest.fixture(scope="module")
 def tiny_bloom_dir(tmp_path_factory):
     from tiny import build_tiny_bloom

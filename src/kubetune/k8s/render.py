@@ -271,6 +271,9 @@ def _cache_env(mount: str) -> list[dict[str, Any]]:
             {"name": "XDG_CACHE_HOME", "value": cache},
             {"name": "TORCH_HOME", "value": f"{cache}/torch"},
             {"name": "TRITON_CACHE_DIR", "value": f"{cache}/triton"},
+            # finetune.compile: inductor's FX-graph and AOTAutograd caches (its default is the pod's /tmp), so a
+            # restarted fine-tune reads its compiled step back instead of compiling it again (stages/compiled.py)
+            {"name": "TORCHINDUCTOR_CACHE_DIR", "value": f"{cache}/torchinductor"},
             # GPTQModel JIT-compiles its CUDA GPTQ block update at first use when the image has nvcc (29 s on the
             # bench's H200 machine); its default folder is under $HOME, not XDG_CACHE_HOME
             {"name": "GPTQMODEL_TORCH_EXTENSIONS_DIR", "value": f"{cache}/gptqmodel-extensions"},

@@ -19,6 +19,19 @@ def frames_compiled() -> int:
     return int(counters["frames"]["ok"])
 
 
+def cache_counts() -> dict[str, int]:
+    """Compiled graphs inductor's FX-graph cache and AOTAutograd's cache served (hits) or had to build (misses),
+    process-wide. In a pod the caches live on the claim ($TORCHINDUCTOR_CACHE_DIR, k8s/render.py), so a fine-tune
+    that restarts (preempted, retried, or rerun with the same shapes) reads its compiled code back instead of
+    generating it again."""
+    from torch._dynamo.utils import counters
+
+    return {"fx_graph_hits": int(counters["inductor"]["fxgraph_cache_hit"]),
+            "fx_graph_misses": int(counters["inductor"]["fxgraph_cache_miss"]),
+            "aot_autograd_hits": int(counters["aot_autograd"]["autograd_cache_hit"]),
+            "aot_autograd_misses": int(counters["aot_autograd"]["autograd_cache_miss"])}
+
+
 def graph_breaks() -> int:
     from torch._dynamo.utils import counters
 
@@ -32,10 +45,12 @@ class CompileCount:
     per_step: list[int] = field(default_factory=list)
     _at_begin: int = 0
     _breaks_at_start: int | None = None
+    _cache_at_start: dict[str, int] = field(default_factory=dict)
 
     def step_begins(self) -> None:
         if self._breaks_at_start is None:
             self._breaks_at_start = graph_breaks()
+            self._cache_at_start = cache_counts()
         self._at_begin = frames_compiled()
 
     def step_ends(self) -> None:
@@ -48,6 +63,8 @@ class CompileCount:
             "frames_after_warmup": sum(self.per_step[1:]),
             "steps_with_compiles": [i + 1 for i, n in enumerate(self.per_step) if n],
             "graph_breaks": graph_breaks() - (self._breaks_at_start or 0),
+            # where the compiled code came from: generated (misses) or read from the cache (hits)
+            "cache": {k: n - self._cache_at_start.get(k, 0) for k, n in cache_counts().items()},
         }
 
     def callback(self):
