@@ -94,6 +94,13 @@ def gib(n) -> str:
     return "–" if n is None else f"{n / GIB:.2f}"
 
 
+def num(value, fmt: str, scale: float = 1.0) -> str:
+    """A table cell: ``value`` × scale formatted, "–" when it was not measured (None, or no number)."""
+    if not isinstance(value, (int, float)):
+        return "–"
+    return format(int(value) if fmt == "d" else value * scale, fmt)
+
+
 def error_pct(predicted, measured) -> float | None:
     """(estimate − measured) / measured in percent, or None when either is missing."""
     return None if predicted is None or not measured else 100 * (predicted - measured) / measured

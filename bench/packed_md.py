@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from bench_report import num  # bench/bench_report.py: the tables' cells
+
 COLUMNS = ["case", "tokens/s", "step ms", "allocated GiB", "MFU (4·N·T)", "first step s (compile)",
            "frames compiled after it", "graph breaks", "× the original's recipe", "× packed-compiled"]
 
@@ -21,12 +23,6 @@ def sources(results_dir: Path) -> list[tuple[str, dict]]:
     return sorted(loaded, key=lambda item: ((item[1].get("environment") or {}).get("date") or "", item[0]))
 
 
-def _num(value, spec: str, scale: float = 1.0) -> str:
-    if not isinstance(value, (int, float)):
-        return "–"
-    return format(int(value) if spec == "d" else value * scale, spec)
-
-
 def case_rows(data: dict) -> list[list[str]]:
     rows = []
     for case, fig in data["cases"].items():
@@ -34,13 +30,13 @@ def case_rows(data: dict) -> list[list[str]]:
             rows.append([f"`{case}`", fig["error"]] + [""] * (len(COLUMNS) - 2))
             continue
         cmp = data.get("compared", {}).get(case, {})
-        rows.append([f"`{case}`", _num(fig.get("tokens_per_s"), ",.0f"), _num(fig.get("step_ms_median"), ".1f"),
-                     _num(fig.get("allocated_gib"), ".2f"), _num(fig.get("mfu_4nt"), ".1f", 100) + "%",
-                     _num(fig.get("first_step_s"), ".1f"), _num(fig.get("recompiles"), "d"),
-                     _num(fig.get("graph_breaks"), "d"),
-                     _num(cmp.get("speedup"), ".2f") + ("×" if (cmp.get("against") or "").endswith("/baseline")
+        rows.append([f"`{case}`", num(fig.get("tokens_per_s"), ",.0f"), num(fig.get("step_ms_median"), ".1f"),
+                     num(fig.get("allocated_gib"), ".2f"), num(fig.get("mfu_4nt"), ".1f", 100) + "%",
+                     num(fig.get("first_step_s"), ".1f"), num(fig.get("recompiles"), "d"),
+                     num(fig.get("graph_breaks"), "d"),
+                     num(cmp.get("speedup"), ".2f") + ("×" if (cmp.get("against") or "").endswith("/baseline")
                                                         else " (vs ours)" if cmp.get("against") else ""),
-                     _num(cmp.get("vs_packed_compiled"), ".2f")])
+                     num(cmp.get("vs_packed_compiled"), ".2f")])
     return rows
 
 
@@ -88,11 +84,11 @@ def real_model_rows(results_dir: Path) -> list[list[str]]:
         if key in rows and merged is None:
             continue
         rows[key] = ([f"`{path.name}`", (data.get("environment") or {}).get("card") or "–", settings,
-                     _num((ft.get("metrics") or {}).get("steps_run"), "d"), _num(through.get("train_seconds"), ".1f"),
-                     _num(ms[0] / 1e3 if ms else None, ".1f"), _num(through.get("train_tokens_per_s"), ",.0f"),
-                     _num(after, ",.0f"), _num((ft.get("compile") or {}).get("frames_after_warmup"), "d"),
-                     _num(prof.get("busy_fraction"), ".0f", 100) + ("%" if prof else ""),
-                     _num(merged, ".1f") + ("%" if merged is not None else "")])
+                     num((ft.get("metrics") or {}).get("steps_run"), "d"), num(through.get("train_seconds"), ".1f"),
+                     num(ms[0] / 1e3 if ms else None, ".1f"), num(through.get("train_tokens_per_s"), ",.0f"),
+                     num(after, ",.0f"), num((ft.get("compile") or {}).get("frames_after_warmup"), "d"),
+                     num(prof.get("busy_fraction"), ".0f", 100) + ("%" if prof else ""),
+                     num(merged, ".1f") + ("%" if merged is not None else "")])
     return list(rows.values())
 
 

@@ -21,7 +21,7 @@ import re
 import textwrap
 from pathlib import Path
 
-from bench_report import GIB, error_pct, est_cells, estimator_version, gib  # bench/bench_report.py
+from bench_report import GIB, error_pct, est_cells, estimator_version, gib, num  # bench/bench_report.py
 from harness import MODELS  # bench/harness.py (stdlib imports only at module level)
 from packed_md import readme_lines as packed_readme_lines  # bench/packed_md.py: issue 22's packed.json files
 from packed_md import section as packed_section
@@ -151,10 +151,6 @@ def code(items) -> str:
     if isinstance(items, dict):
         items = [f"{k}={json.dumps(v)}" for k, v in items.items()]
     return " ".join(f"`{esc(i)}`" for i in items or []) or "–"
-
-
-def num(value, fmt: str, scale: float = 1.0) -> str:
-    return "–" if value is None else format(value * scale, fmt)
 
 
 def ratio(a, b, marker: str = "") -> str:

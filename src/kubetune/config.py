@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from os.path import isabs, normpath
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, JsonValue, ValidationError, create_model,
@@ -89,6 +89,13 @@ class Section(BaseModel):
     # allow_inf_nan=False: YAML's .inf and .nan are floats to pydantic, and no setting can use them.
     model_config = ConfigDict(extra="forbid", validate_default=True, use_attribute_docstrings=True,
                               allow_inf_nan=False)
+    # Fields that decide nothing in a stage's output (how weights may load, what is watched): left out of every
+    # fingerprint, so that adding one to a finished run's recipe reruns nothing
+    not_in_fingerprint: ClassVar[frozenset[str]] = frozenset()
+
+    def fingerprinted(self) -> dict[str, Any]:
+        """The section's settings as a fingerprint hashes them (``not_in_fingerprint`` left out)."""
+        return self.model_dump(exclude=set(self.not_in_fingerprint) or None)
 
     @field_validator("*")  # after: the innermost field names itself
     @classmethod
@@ -121,6 +128,7 @@ class RunSection(Section):
 
 
 class ModelSection(Section):
+    not_in_fingerprint = frozenset({"allow_pickle"})  # how weights may load, not what they are
     name_or_path: str = Field(min_length=1)
     """Hub id (``bigscience/bloom-1b1``) or local folder of the base model."""
     revision: str | None = None
@@ -222,6 +230,7 @@ class BitsAndBytesSection(Section):
 
 
 class FinetuneSection(Section):
+    not_in_fingerprint = frozenset({"profile_step"})  # profiling a step decides nothing
     lora: LoraSection = LoraSection()
     """Shape of the LoRA adapter that is trained (the base stays frozen)."""
     base_precision: Literal["none", "8bit", "4bit"] = "none"
@@ -462,6 +471,7 @@ class EvalSetSection(Section):
 
 
 class EvaluateSection(Section):
+    not_in_fingerprint = frozenset({"sets"})  # each evaluation set has its own fingerprint
     timeout_s: Annotated[float, Field(gt=0)] = 2.0
     """Wall-clock limit for one SQL query in SQLite."""
     gates: Gates = {}
@@ -842,11 +852,10 @@ class Recipe(Section):
         """
         spec = registry.spec(stage)
         section = getattr(self, stage, None)  # a stage without settings of its own has no section
-        exclude = {"sets"} if stage == "evaluate" else {"profile_step"} if stage == "finetune" else None
-        own = section.model_dump(exclude=exclude) if isinstance(section, Section) else {}  # profiling decides nothing
+        own = section.fingerprinted() if isinstance(section, Section) else {}
         parts: dict[str, Any] = {
             "stage": stage,
-            "model": self.model.model_dump(exclude={"allow_pickle"}),  # how weights may load, not what they are
+            "model": self.model.fingerprinted(),
             "prompt": self.prompt.template,
             "own": own,
             "upstream": {u: self.fingerprint(u, eval_set if registry.spec(u).per_eval_set else HELDOUT_SET)

@@ -21,6 +21,8 @@ stage loads the base unquantized.
 
 from __future__ import annotations
 
+import functools
+
 # NF4: weights per absmax scale, and scales per block of their own (int8) quantization; QLoRA's and torchtune's
 NF4_BLOCK = 64
 NF4_SCALER_BLOCK = 256
@@ -98,33 +100,28 @@ def _int8_forward(module):
     return forward
 
 
-_INT8_LINEAR = None
-
-
+@functools.cache
 def _int8_linear_function():
     """The autograd Function of a frozen int8 weight-only linear: built on first use (importing torch at module load
     would slow every command that imports modelio)."""
-    global _INT8_LINEAR
-    if _INT8_LINEAR is None:
-        import torch
+    import torch
 
-        class Int8WeightOnlyLinear(torch.autograd.Function):
-            """y = x Wᵀ with W an Int8Tensor that needs no gradient: keeps W (1 byte a weight) for the backward, not
-            the 16-bit copy torchao's linear makes, and converts it again there."""
+    class Int8WeightOnlyLinear(torch.autograd.Function):
+        """y = x Wᵀ with W an Int8Tensor that needs no gradient: keeps W (1 byte a weight) for the backward, not
+        the 16-bit copy torchao's linear makes, and converts it again there."""
 
-            @staticmethod
-            def forward(ctx, x, weight):
-                ctx.save_for_backward(weight)
-                out = torch.nn.functional.linear(x, weight)
-                # torchao returns a view (a reshape of its product), and autograd forbids modifying a custom
-                # Function's view output in place, which Falcon does (``mlp_output += attention_output``): a copy of
-                # the output (not of the weight; asking _is_view() would break torch.compile's graph)
-                return out.clone()
+        @staticmethod
+        def forward(ctx, x, weight):
+            ctx.save_for_backward(weight)
+            out = torch.nn.functional.linear(x, weight)
+            # torchao returns a view (a reshape of its product), and autograd forbids modifying a custom
+            # Function's view output in place, which Falcon does (``mlp_output += attention_output``): a copy of
+            # the output (not of the weight; asking _is_view() would break torch.compile's graph)
+            return out.clone()
 
-            @staticmethod
-            def backward(ctx, grad):
-                (weight,) = ctx.saved_tensors
-                return grad @ weight.dequantize(grad.dtype), None
+        @staticmethod
+        def backward(ctx, grad):
+            (weight,) = ctx.saved_tensors
+            return grad @ weight.dequantize(grad.dtype), None
 
-        _INT8_LINEAR = Int8WeightOnlyLinear
-    return _INT8_LINEAR
+    return Int8WeightOnlyLinear

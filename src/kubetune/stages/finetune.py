@@ -22,7 +22,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from kubetune import modelio, precision
+from kubetune import modelio
+from kubetune.precision import kept as float32_precision_kept
 from kubetune.data import load_splits, prompt_completion
 from kubetune.distributed import resolved_parallelism, split_global_batch, world
 from kubetune.errors import DataError, ModelError, RecipeError
@@ -52,7 +53,7 @@ LOG_FILE = "training_log.json"
 def run(ctx) -> dict[str, Any]:
     # transformers turns TF32 on process-wide under torch_compile; the stages after this one in the same process
     # (kubetune run) get the float32 precision they would have had in their own pod
-    with precision.kept():
+    with float32_precision_kept():
         return _run(ctx)
 
 
@@ -327,7 +328,7 @@ def build_trainer(recipe, model, tokenizer, train, evaluation, checkpoints: Path
     trainer.step_profile = (profiled.StepProfile(ft.profile_step, Path(ctx.out), cuda=dev == "cuda")
                             if ft.profile_step and world().main else None)
     if trainer.step_profile:
-        trainer.add_callback(trainer.step_profile.callback())
+        trainer.add_callback(trainer.step_profile.callback(trainer))
     if ft.base_precision != "none" and ft.base_quantizer == "torchao":
         adapters_in_bf16(trainer.model)
     trainer.compile_count = compiled.CompileCount() if ft.compile else None

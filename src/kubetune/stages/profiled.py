@@ -71,19 +71,12 @@ class StepProfile:
     def report(self) -> dict[str, Any] | None:
         return self.summary
 
-    def callback(self):
-        from transformers import TrainerCallback
+    def callback(self, trainer):
+        """The TrainerCallback; the step about to run is ``trainer.state.global_step + 1`` (read at each step: the
+        trainer makes a new state when training starts or resumes)."""
+        from kubetune.metrics.callbacks import step_callback
 
-        profiler = self
-
-        class ProfileCallback(TrainerCallback):
-            def on_step_begin(self, args, state, control, **kwargs):
-                profiler.step_begins(state.global_step + 1)  # the step about to run
-
-            def on_step_end(self, args, state, control, **kwargs):
-                profiler.step_ends()
-
-        return ProfileCallback()
+        return step_callback(lambda: self.step_begins(trainer.state.global_step + 1), self.step_ends)
 
 
 def summarize(prof, step: int, wall_ms: float, cuda: bool) -> dict[str, Any]:
